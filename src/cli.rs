@@ -1,0 +1,79 @@
+//! The command line: `serve`, `check` (and the commands later issues add).
+
+use crate::config;
+use crate::snapshot::{self, Mode};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mxgate",
+    version,
+    about = "Inbound SMTP gateway: in-line relay with SPF, DKIM, DMARC, ARC and sender policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "mxgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration (and everything it refers to) and exit.
+    Check {
+        #[arg(long, default_value = "mxgate.yaml")]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => crate::app::serve(&config),
+        Command::Check { config } => check(&config),
+    }
+}
+
+fn check(path: &std::path::Path) -> i32 {
+    let (loaded, mut diagnostics) = match config::load(path) {
+        Ok(ok) => ok,
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            return 1;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(async { snapshot::compile(loaded, 1, Mode::Check) });
+    match result {
+        Ok((_, warnings)) => {
+            diagnostics.extend(warnings);
+            for d in &diagnostics {
+                eprintln!("{d}");
+            }
+            println!("{}: OK", path.display());
+            0
+        }
+        Err(errors) => {
+            diagnostics.extend(errors);
+            for d in &diagnostics {
+                eprintln!("{d}");
+            }
+            1
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Configuration: YAML model -> validation (every problem at once, with its position) ->
+//! a [`LoadedConfig`] that the snapshot compiler turns into runtime types.
+//!
+//! The runtime never sees YAML. This module reads files but opens no sockets.
+
+pub mod diagnostics;
+pub mod locate;
+pub mod model;
+mod validate;
+
+pub use diagnostics::{Diagnostic, Severity, SourceFile};
+pub use locate::YamlPath;
+pub use model::*;
+
+use std::path::{Path, PathBuf};
+
+/// A parsed and validated configuration, with what is needed to report later problems
+/// (file contents for positions) and to resolve relative paths.
+#[derive(Clone, Debug)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub source: SourceFile,
+    /// Relative paths in the config are relative to the config file's directory, so the
+    /// gateway behaves the same whatever directory it is started from.
+    pub base_dir: PathBuf,
+}
+
+impl LoadedConfig {
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    pub fn error(&self, path: &YamlPath, message: impl Into<String>) -> Diagnostic {
+        self.source.error(path, message)
+    }
+
+    pub fn warning(&self, path: &YamlPath, message: impl Into<String>) -> Diagnostic {
+        self.source.warning(path, message)
+    }
+}
+
+/// Reads, parses and validates the config file. On success also returns warnings.
+pub fn load(path: &Path) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let source = SourceFile::read(path).map_err(|d| vec![d])?;
+    load_source(source)
+}
+
+pub fn load_source(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let tree = source.parse_tree().map_err(|d| vec![d])?;
+    let config: Config = source
+        .deserialize(&YamlPath::root(), tree)
+        .map_err(|d| vec![d])?;
+    let base_dir = source
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let loaded = LoadedConfig {
+        config,
+        source,
+        base_dir,
+    };
+    let diagnostics = validate::validate(&loaded);
+    if diagnostics::has_errors(&diagnostics) {
+        Err(diagnostics)
+    } else {
+        Ok((loaded, diagnostics))
+    }
+}

@@ -1,0 +1,604 @@
+//! The configuration file's model: what an admin may write in `mxgate.yaml`.
+//!
+//! Key names are a contract (ops scripts and tests outside the repo use them): add keys,
+//! never rename them. Unknown keys are refused. Values that can be checked on their own
+//! (domain names, networks, backend URLs, durations) are checked while deserialising, so
+//! their errors point at the exact line and column; checks that need several values or
+//! the file system live in `validate`.
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    pub backend: Vec<BackendSpec>,
+    #[serde(default)]
+    pub relay: Relay,
+    #[serde(default)]
+    pub dns: Dns,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub dmarc: Dmarc,
+    #[serde(default)]
+    pub arc: Option<Arc>,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Our name: greeting, Received, authserv-id of Authentication-Results.
+    pub hostname: DomainName,
+    pub listen: Vec<SocketAddr>,
+    /// Recipient domains we accept mail for; nothing else (no open relay).
+    pub domains: Vec<DomainName>,
+    #[serde(default = "defaults::max_message_size")]
+    pub max_message_size: u64,
+    #[serde(default = "defaults::max_recipients")]
+    pub max_recipients: usize,
+    /// Clients relayed without sender checks. Absent or `[]`: trust nobody.
+    #[serde(default)]
+    pub trusted_networks: Vec<Network>,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Protocol errors a client may make before it gets 421 and is disconnected.
+    #[serde(default = "defaults::max_errors")]
+    pub max_errors: u32,
+    #[serde(default)]
+    pub bare_line_endings: BareLineEndings,
+    /// Messages larger than this are spooled to a temporary file instead of memory.
+    #[serde(default = "defaults::spool_threshold")]
+    pub spool_threshold: usize,
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub timeouts: ServerTimeouts,
+}
+
+/// RFC 5321 section 4.5.3.2 defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTimeouts {
+    /// Waiting for the next command (RFC 5321 4.5.3.2.7: at least 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command: Duration,
+    /// Waiting for the next block of DATA/BDAT content (4.5.3.2.5: 3 minutes).
+    #[serde(with = "humantime_serde")]
+    pub data_block: Duration,
+    /// Writing a reply to the client.
+    #[serde(with = "humantime_serde")]
+    pub write: Duration,
+    /// After SIGTERM: how long in-flight transactions may take before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerTimeouts {
+    fn default() -> Self {
+        ServerTimeouts {
+            command: Duration::from_secs(300),
+            data_block: Duration::from_secs(180),
+            write: Duration::from_secs(180),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BareLineEndings {
+    /// Turn bare CR/LF into CRLF and drop NUL bytes (Postfix 3.9's `normalize`).
+    #[default]
+    Normalize,
+    /// Answer `550 5.5.2` to a message that contains any of them.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    /// `true`: MAIL before STARTTLS gets `530 5.7.0`.
+    #[serde(default)]
+    pub require: bool,
+    /// Create a self-signed development certificate when both files are missing.
+    #[serde(default)]
+    pub generate_if_missing: bool,
+    /// How often certificate files are checked for changes.
+    #[serde(default = "defaults::reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// One mailbox server behind us: `smtp://host:port`, `lmtp://host:port`, `maildir:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum BackendSpec {
+    Smtp { host: String, port: u16 },
+    Lmtp { host: String, port: u16 },
+    Maildir { path: PathBuf },
+}
+
+impl TryFrom<String> for BackendSpec {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        if let Some(path) = value.strip_prefix("maildir:") {
+            if path.is_empty() {
+                return Err("maildir: needs a directory, e.g. maildir:./var/mail".into());
+            }
+            return Ok(BackendSpec::Maildir { path: path.into() });
+        }
+        let (scheme, rest) = value.split_once("://").ok_or_else(|| {
+            format!("invalid backend `{value}`: expected smtp://host:port, lmtp://host:port or maildir:PATH")
+        })?;
+        let (host, port) = split_host_port(rest).ok_or_else(|| {
+            format!("invalid backend `{value}`: expected host:port after {scheme}://")
+        })?;
+        match scheme {
+            "smtp" => Ok(BackendSpec::Smtp { host, port }),
+            "lmtp" => Ok(BackendSpec::Lmtp { host, port }),
+            other => Err(format!(
+                "unknown backend scheme `{other}`: expected smtp, lmtp or maildir"
+            )),
+        }
+    }
+}
+
+fn split_host_port(text: &str) -> Option<(String, u16)> {
+    let text = text.trim_end_matches('/');
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        host.parse::<IpAddr>().ok()?;
+        (host, port)
+    } else {
+        text.rsplit_once(':')?
+    };
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendSpec::Smtp { host, port } if host.contains(':') => {
+                write!(f, "smtp://[{host}]:{port}")
+            }
+            BackendSpec::Smtp { host, port } => write!(f, "smtp://{host}:{port}"),
+            BackendSpec::Lmtp { host, port } if host.contains(':') => {
+                write!(f, "lmtp://[{host}]:{port}")
+            }
+            BackendSpec::Lmtp { host, port } => write!(f, "lmtp://{host}:{port}"),
+            BackendSpec::Maildir { path } => write!(f, "maildir:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// STARTTLS to the backend: `off`, `opportunistic` (if offered) or `required`.
+    pub tls: RelayTls,
+    /// Verify the backend's certificate (against `ca_certificates`, else public roots).
+    pub verify_certificate: bool,
+    pub ca_certificates: Option<PathBuf>,
+    /// Name to verify and send as SNI; default: the backend's host.
+    pub server_name: Option<String>,
+    /// Client certificate presented to the backend (Exchange Online connectors match
+    /// gateways by certificate subject).
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Name we send in EHLO/LHLO to the backend; default `server.hostname`.
+    pub helo: Option<DomainName>,
+    /// Open connections per backend (pooled; RSET between transactions).
+    pub max_connections: usize,
+    /// How long a transaction waits for a pooled connection before answering 451.
+    #[serde(with = "humantime_serde")]
+    pub pool_wait: Duration,
+    /// Idle pooled connections older than this are closed rather than reused.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub timeouts: RelayTimeouts,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            tls: RelayTls::Opportunistic,
+            verify_certificate: false,
+            ca_certificates: None,
+            server_name: None,
+            client_certificate: None,
+            client_key: None,
+            helo: None,
+            max_connections: 100,
+            pool_wait: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            timeouts: RelayTimeouts::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayTls {
+    Off,
+    Opportunistic,
+    Required,
+}
+
+/// RFC 5321 section 4.5.3.2 client timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayTimeouts {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub greeting: Duration,
+    #[serde(with = "humantime_serde")]
+    pub mail: Duration,
+    #[serde(with = "humantime_serde")]
+    pub rcpt: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_init: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_block: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_done: Duration,
+}
+
+impl Default for RelayTimeouts {
+    fn default() -> Self {
+        RelayTimeouts {
+            connect: Duration::from_secs(30),
+            greeting: Duration::from_secs(300),
+            mail: Duration::from_secs(300),
+            rcpt: Duration::from_secs(300),
+            data_init: Duration::from_secs(120),
+            data_block: Duration::from_secs(180),
+            data_done: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dns {
+    /// `ip:port` list, UDP with TCP fallback; absent = the system's resolv.conf.
+    pub nameservers: Option<Vec<SocketAddr>>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub attempts: usize,
+    pub cache_entries: u64,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            nameservers: None,
+            timeout: Duration::from_secs(5),
+            attempts: 2,
+            cache_entries: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Run SPF, DKIM, DMARC, ARC and iprev on mail from untrusted clients.
+    pub enabled: bool,
+    /// Write explanatory comments in Authentication-Results. Set `false` for Exchange
+    /// Online, which rejects ARC results whose comments contain `;`.
+    pub comments: bool,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            enabled: true,
+            comments: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dmarc {
+    /// Apply the sender's published policy (reject / quarantine).
+    pub enforce: bool,
+    /// Header added to quarantined mail, `Name: value`.
+    pub quarantine_header: String,
+    /// What a DNS temperror during DMARC evaluation does: `tempfail` (451 4.7.5, the
+    /// sender retries) or `accept` (deliver, recording temperror).
+    pub on_temperror: TempErrorAction,
+    /// Reject messages without exactly one From header field naming a domain.
+    pub reject_invalid_from: bool,
+}
+
+impl Default for Dmarc {
+    fn default() -> Self {
+        Dmarc {
+            enforce: true,
+            quarantine_header: "X-Spam-Flag: YES".into(),
+            on_temperror: TempErrorAction::Tempfail,
+            reject_invalid_from: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TempErrorAction {
+    Tempfail,
+    Accept,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arc {
+    /// Seal relayed messages; default: on when a key is configured.
+    #[serde(default)]
+    pub seal: Option<bool>,
+    /// `d=` of our seals: what downstream admins list as a trusted sealer.
+    pub domain: Option<DomainName>,
+    pub selector: Option<String>,
+    pub private_key: Option<PathBuf>,
+    /// Further keys (rotation): `mxgate check` verifies each is published; sealing uses
+    /// `selector` / `private_key`.
+    #[serde(default)]
+    pub keys: Vec<ArcKey>,
+    /// Sealers whose ARC chains we honour when DMARC fails.
+    #[serde(default)]
+    pub trusted_sealers: Vec<DomainName>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArcKey {
+    pub selector: String,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Glob patterns of policy files, relative to the config file.
+    pub files: Vec<String>,
+    /// How often config and policy files are checked for changes (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `mxgate=debug`.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A DNS domain name, lowercased and in A-label (ASCII) form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DomainName(String);
+
+impl DomainName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim().trim_end_matches('.');
+        let ascii = idna::domain_to_ascii(trimmed)
+            .map_err(|_| format!("`{text}` is not a valid domain name"))?;
+        if ascii.is_empty() || ascii.len() > 253 {
+            return Err(format!("`{text}` is not a valid domain name"));
+        }
+        for label in ascii.split('.') {
+            let ok = !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-');
+            if !ok {
+                return Err(format!("`{text}` is not a valid domain name"));
+            }
+        }
+        Ok(DomainName(ascii))
+    }
+}
+
+impl TryFrom<String> for DomainName {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        DomainName::parse(&value)
+    }
+}
+
+impl fmt::Display for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An IP network; a bare address means that one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Network(pub IpNet);
+
+impl Network {
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let ip = canonical_ip(*ip);
+        self.0.contains(&ip)
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        let text = value.trim();
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(Network(net.trunc()));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Network(IpNet::from(ip)));
+        }
+        Err(format!(
+            "`{value}` is not an IP address or network (expected e.g. 192.0.2.0/24 or 2001:db8::/32)"
+        ))
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`, what a dual-stack socket reports)
+/// are treated as the IPv4 address they carry.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn max_message_size() -> u64 {
+        25 * 1024 * 1024
+    }
+    pub fn max_recipients() -> usize {
+        100
+    }
+    pub fn max_connections() -> usize {
+        1000
+    }
+    pub fn max_connections_per_ip() -> usize {
+        20
+    }
+    pub fn max_errors() -> u32 {
+        10
+    }
+    pub fn spool_threshold() -> usize {
+        1024 * 1024
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_specs() {
+        assert_eq!(
+            BackendSpec::try_from("smtp://127.0.0.1:2526".to_string()).unwrap(),
+            BackendSpec::Smtp {
+                host: "127.0.0.1".into(),
+                port: 2526
+            }
+        );
+        assert_eq!(
+            BackendSpec::try_from("lmtp://[::1]:24".to_string()).unwrap(),
+            BackendSpec::Lmtp {
+                host: "::1".into(),
+                port: 24
+            }
+        );
+        assert_eq!(
+            BackendSpec::try_from("maildir:./var/mail".to_string()).unwrap(),
+            BackendSpec::Maildir {
+                path: "./var/mail".into()
+            }
+        );
+        for bad in [
+            "smtp://host",
+            "ftp://h:1",
+            "maildir:",
+            "127.0.0.1:25",
+            "smtp://:25",
+        ] {
+            assert!(BackendSpec::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn domain_names_are_normalised() {
+        assert_eq!(
+            DomainName::parse("MX.Example.TEST.").unwrap().as_str(),
+            "mx.example.test"
+        );
+        assert_eq!(
+            DomainName::parse("bücher.example").unwrap().as_str(),
+            "xn--bcher-kva.example"
+        );
+        assert!(DomainName::parse("bad domain").is_err());
+        assert!(DomainName::parse("").is_err());
+        assert!(DomainName::parse("-x.test").is_err());
+    }
+
+    #[test]
+    fn networks() {
+        let net = Network::try_from("192.0.2.0/24".to_string()).unwrap();
+        assert!(net.contains(&"192.0.2.9".parse().unwrap()));
+        assert!(net.contains(&"::ffff:192.0.2.9".parse().unwrap()));
+        assert!(!net.contains(&"192.0.3.1".parse().unwrap()));
+        let host = Network::try_from("2001:db8::1".to_string()).unwrap();
+        assert!(host.contains(&"2001:db8::1".parse().unwrap()));
+        assert!(Network::try_from("300.1.1.1/8".to_string()).is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! Checks that need more than one value. File contents (certificates, keys, policy
+//! files) are checked when the snapshot is compiled, where they are loaded anyway.
+
+use super::{Diagnostic, LoadedConfig, YamlPath};
+use std::collections::HashSet;
+
+pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let config = &loaded.config;
+    let root = YamlPath::root();
+    let server = root.key("server");
+
+    if config.server.listen.is_empty() {
+        out.push(loaded.error(
+            &server.key("listen"),
+            "server.listen needs at least one address",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (n, addr) in config.server.listen.iter().enumerate() {
+        if !seen.insert(addr) {
+            out.push(loaded.error(
+                &server.key("listen").index(n),
+                format!("{addr} is listed twice"),
+            ));
+        }
+    }
+    if config.server.domains.is_empty() {
+        out.push(loaded.error(
+            &server.key("domains"),
+            "server.domains needs at least one recipient domain (mxgate is not an open relay)",
+        ));
+    }
+    if config.server.max_message_size == 0 {
+        out.push(loaded.error(&server.key("max_message_size"), "must be greater than 0"));
+    }
+    if config.server.max_recipients == 0 {
+        out.push(loaded.error(&server.key("max_recipients"), "must be at least 1"));
+    } else if config.server.max_recipients < 100 {
+        out.push(loaded.warning(
+            &server.key("max_recipients"),
+            "RFC 5321 section 4.5.3.1.8 asks servers to accept at least 100 recipients",
+        ));
+    }
+    if config.server.max_connections == 0 {
+        out.push(loaded.error(&server.key("max_connections"), "must be at least 1"));
+    }
+    if config.server.max_connections_per_ip == 0 {
+        out.push(loaded.error(&server.key("max_connections_per_ip"), "must be at least 1"));
+    }
+    if config.server.max_errors == 0 {
+        out.push(loaded.error(&server.key("max_errors"), "must be at least 1"));
+    }
+    if config.server.spool_threshold == 0 {
+        out.push(loaded.error(&server.key("spool_threshold"), "must be greater than 0"));
+    }
+    for (name, value) in [
+        ("command", config.server.timeouts.command),
+        ("data_block", config.server.timeouts.data_block),
+        ("write", config.server.timeouts.write),
+    ] {
+        if value.is_zero() {
+            out.push(loaded.error(&server.key("timeouts").key(name), "must be greater than 0"));
+        }
+    }
+
+    if config.backend.is_empty() {
+        out.push(loaded.error(
+            &root.key("backend"),
+            "backend needs at least one mailbox server (smtp://, lmtp:// or maildir:)",
+        ));
+    }
+
+    let relay = root.key("relay");
+    match (&config.relay.client_certificate, &config.relay.client_key) {
+        (Some(_), None) => out.push(loaded.error(
+            &relay.key("client_certificate"),
+            "relay.client_certificate needs relay.client_key",
+        )),
+        (None, Some(_)) => out.push(loaded.error(
+            &relay.key("client_key"),
+            "relay.client_key needs relay.client_certificate",
+        )),
+        _ => {}
+    }
+    if config.relay.max_connections == 0 {
+        out.push(loaded.error(&relay.key("max_connections"), "must be at least 1"));
+    }
+
+    let dns = root.key("dns");
+    if config.dns.nameservers.as_ref().is_some_and(Vec::is_empty) {
+        out.push(loaded.error(
+            &dns.key("nameservers"),
+            "dns.nameservers is empty; remove the key to use the system resolver",
+        ));
+    }
+    if config.dns.cache_entries == 0 {
+        out.push(loaded.error(&dns.key("cache_entries"), "must be greater than 0"));
+    }
+    if config.dns.attempts == 0 {
+        out.push(loaded.error(&dns.key("attempts"), "must be at least 1"));
+    }
+
+    if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
+        out.push(loaded.error(
+            &root.key("dmarc").key("quarantine_header"),
+            "expected `Header-Name: value`",
+        ));
+    }
+
+    if let Some(arc) = &config.arc {
+        let at = root.key("arc");
+        let configured = [
+            arc.domain.is_some(),
+            arc.selector.is_some(),
+            arc.private_key.is_some(),
+        ];
+        let wants_seal = arc.seal.unwrap_or(configured.iter().any(|c| *c));
+        if wants_seal && configured.iter().any(|c| !c) {
+            out.push(loaded.error(
+                &at,
+                "sealing needs arc.domain, arc.selector and arc.private_key (or set arc.seal: false)",
+            ));
+        }
+        if let Some(selector) = &arc.selector
+            && !valid_selector(selector)
+        {
+            out.push(loaded.error(
+                &at.key("selector"),
+                format!("`{selector}` is not a valid selector"),
+            ));
+        }
+        for (n, key) in arc.keys.iter().enumerate() {
+            if !valid_selector(&key.selector) {
+                out.push(loaded.error(
+                    &at.key("keys").index(n).key("selector"),
+                    format!("`{}` is not a valid selector", key.selector),
+                ));
+            }
+        }
+    }
+
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        out.push(loaded.error(
+            &root.key("log").key("level"),
+            format!("invalid log filter: {err}"),
+        ));
+    }
+    out
+}
+
+fn valid_selector(selector: &str) -> bool {
+    !selector.is_empty()
+        && selector.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{SourceFile, load_source};
+
+    fn load(text: &str) -> Result<(), Vec<String>> {
+        load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text: text.into(),
+        })
+        .map(|_| ())
+        .map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
+    }
+
+    const MINIMAL: &str = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\nbackend:\n  - maildir:./var/mail\n";
+
+    #[test]
+    fn minimal_config_loads() {
+        load(MINIMAL).unwrap();
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let text = "server:\n  hostname: mx.example.test\n  listen: []\n  domains: []\nbackend: []\ndmarc:\n  quarantine_header: nonsense\n";
+        let errors = load(text).unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors[0].starts_with("mxgate.yaml:3:11: "), "{errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with("mxgate.yaml:7:22: ")),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_position() {
+        let text =
+            format!("{MINIMAL}tls:\n  certificate: a.pem\n  private_key: b.pem\n  requre: true\n");
+        let errors = load(&text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("mxgate.yaml:10:3: tls.requre: unknown field `requre`"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_position() {
+        let text = MINIMAL.replace("maildir:./var/mail", "ftp://x:1");
+        let errors = load(&text).unwrap_err();
+        assert!(
+            errors[0].starts_with("mxgate.yaml:6:5: backend[0]: unknown backend scheme"),
+            "{errors:?}"
+        );
+    }
+}

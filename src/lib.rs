@@ -1,0 +1,30 @@
+//! mxgate: an inbound SMTP gateway that relays in-line to the mailbox server behind it,
+//! after judging each message with SPF, DKIM, DMARC, ARC and iprev and a sender policy.
+//!
+//! Layers (imports point downward):
+//! - pure: `smtp::reply`, `smtp::data`, `config`, `rewrite`, `policy`
+//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`
+//! - orchestration: `smtp::session`, `pipeline`
+//! - process: `server`, `snapshot`, `app`, `cli`
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod relay;
+pub mod rewrite;
+pub mod server;
+pub mod smtp;
+pub mod snapshot;
+pub mod spool;
+pub mod tls;
+
+/// Registers every metric so that `/metrics` lists them from the start, at zero.
+pub fn metrics_init() {
+    smtp::metrics::init();
+    pipeline::metrics::init();
+    relay::metrics::init();
+    server::reload::init();
+}

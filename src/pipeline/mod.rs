@@ -1,0 +1,89 @@
+//! The only module that knows the order of the stages a message goes through:
+//! connect -> HELO -> MAIL -> RCPT -> DATA -> end of data -> verdict -> relay.
+//!
+//! The SMTP session calls one stage function per command and sends back the [`Reply`]
+//! it returns. Checks return data, the policy turns data into a decision, and the
+//! decision becomes a reply and header changes in one place (`verdict`).
+
+mod deliver;
+pub mod metrics;
+mod record;
+mod stages;
+
+pub use record::{Outcome, TransactionRecord};
+pub use stages::MailParams;
+
+use crate::relay::BackendTx;
+use crate::snapshot::Snapshot;
+use crate::tls::TlsInfo;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::time::Instant;
+
+/// Everything known about one client connection.
+pub struct Connection {
+    pub snapshot: Arc<Snapshot>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// The client address, IPv4-mapped IPv6 unwrapped.
+    pub client_ip: IpAddr,
+    pub tls: Option<TlsInfo>,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+    /// In `server.trusted_networks`: relayed without sender checks.
+    pub trusted: bool,
+    pub started: Instant,
+}
+
+/// One mail transaction: from MAIL to the final reply (or RSET / disconnect).
+pub struct Transaction {
+    pub id: String,
+    pub mail_from: String,
+    pub params: MailParams,
+    /// Recipients accepted (by us and by the backend).
+    pub rcpts: Vec<String>,
+    backend: Option<BackendTx>,
+    pub record: TransactionRecord,
+    pub started: Instant,
+}
+
+impl Connection {
+    pub fn new(snapshot: Arc<Snapshot>, peer: SocketAddr, local: SocketAddr) -> Self {
+        let client_ip = crate::config::canonical_ip(peer.ip());
+        let trusted = snapshot.is_trusted(&client_ip);
+        Connection {
+            snapshot,
+            peer,
+            local,
+            client_ip,
+            tls: None,
+            helo: None,
+            esmtp: false,
+            trusted,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.snapshot.hostname
+    }
+
+    /// STARTTLS completed: the session starts over (RFC 3207 section 4.2).
+    pub fn on_tls_established(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+        self.helo = None;
+        self.esmtp = false;
+    }
+}
+
+/// A transaction id: unique per process and sortable by time, short enough for logs.
+pub fn new_transaction_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:011X}{:04X}", micros & 0xFFF_FFFF_FFFF, n & 0xFFFF)
+}

@@ -1,0 +1,179 @@
+//! Envelope stages: connect, HELO, MAIL, RCPT, DATA.
+
+use super::{Connection, Transaction, TransactionRecord, new_transaction_id};
+use crate::relay::{Begin, Envelope};
+use crate::smtp::extensions::{unoffered_mail_parameter, unoffered_rcpt_parameter};
+use crate::smtp::reply::Reply;
+use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
+use tokio::time::Instant;
+
+/// The ESMTP parameters of MAIL that matter downstream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+}
+
+impl Connection {
+    /// A client connected. `Err` is the reply that refuses it.
+    pub fn on_connect(&mut self) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    pub fn on_helo(&mut self, name: &str, esmtp: bool) -> Result<(), Reply> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 255 {
+            return Err(Reply::bad_helo());
+        }
+        self.helo = Some(name.to_string());
+        self.esmtp = esmtp;
+        Ok(())
+    }
+
+    pub async fn on_mail(&mut self, mail: MailFrom<String>) -> Result<Transaction, Reply> {
+        let snapshot = &self.snapshot;
+        if let Some(tls) = &snapshot.tls
+            && tls.require
+            && self.tls.is_none()
+        {
+            return Err(Reply::tls_required());
+        }
+        if let Some(param) = unoffered_mail_parameter(&mail) {
+            return Err(Reply::unsupported_parameter(param));
+        }
+        let smtputf8 = mail.flags & MAIL_SMTPUTF8 != 0;
+        if !mail.address.is_ascii() && !smtputf8 {
+            return Err(Reply::smtputf8_required());
+        }
+        let size = (mail.size > 0).then_some(mail.size as u64);
+        if size.is_some_and(|s| s > snapshot.limits.max_message_size) {
+            return Err(Reply::message_too_big_declared(
+                snapshot.limits.max_message_size,
+            ));
+        }
+        let id = new_transaction_id();
+        let record = TransactionRecord::new(&id, self, &mail.address);
+        Ok(Transaction {
+            id,
+            mail_from: mail.address,
+            params: MailParams {
+                size,
+                eight_bit: mail.flags & MAIL_BODY_8BITMIME != 0,
+                smtputf8,
+            },
+            rcpts: Vec::new(),
+            backend: None,
+            record,
+            started: Instant::now(),
+        })
+    }
+
+    pub async fn on_rcpt(&mut self, tx: &mut Transaction, rcpt: RcptTo<String>) -> Reply {
+        if let Some(param) = unoffered_rcpt_parameter(&rcpt) {
+            return Reply::unsupported_parameter(param);
+        }
+        if !rcpt.address.is_ascii() && !tx.params.smtputf8 {
+            return Reply::smtputf8_required();
+        }
+        if tx.rcpts.len() >= self.snapshot.limits.max_recipients {
+            return Reply::too_many_recipients();
+        }
+        let Some(address) = self.local_recipient(&rcpt.address) else {
+            tx.record.rejected_rcpts += 1;
+            return Reply::relay_denied(&rcpt.address);
+        };
+        let reply = match &mut tx.backend {
+            Some(backend) => match backend.rcpt(&address).await {
+                Ok(reply) => reply.to_reply(),
+                Err(err) => {
+                    tx.record.note_relay_error(&err);
+                    err.reply()
+                }
+            },
+            None => {
+                let envelope = Envelope {
+                    mail_from: tx.mail_from.clone(),
+                    smtputf8: tx.params.smtputf8,
+                    eight_bit: tx.params.eight_bit,
+                    size: tx.params.size,
+                };
+                match self.snapshot.relay.begin(&envelope, &address).await {
+                    Ok(Begin::Open(mut backend, reply)) => {
+                        if tx.params.smtputf8
+                            && backend.lacks_smtputf8()
+                            && !is_ascii_envelope(tx, &address)
+                        {
+                            backend.abort().await;
+                            return Reply::smtputf8_unsupported_by_backend();
+                        }
+                        tx.record.backend = Some(backend.backend_label().to_string());
+                        tx.backend = Some(*backend);
+                        reply.to_reply()
+                    }
+                    Ok(Begin::MailRefused(reply)) => reply.to_reply(),
+                    Err(err) => {
+                        tx.record.note_relay_error(&err);
+                        err.reply()
+                    }
+                }
+            }
+        };
+        if reply.is_positive() {
+            tx.rcpts.push(address);
+        } else {
+            tx.record.rejected_rcpts += 1;
+        }
+        reply
+    }
+
+    /// DATA or the first BDAT: is there anyone to deliver to?
+    pub fn on_data(&self, tx: &Transaction) -> Result<(), Reply> {
+        if tx.rcpts.is_empty() {
+            return Err(Reply::no_valid_recipients());
+        }
+        Ok(())
+    }
+
+    /// The transaction ended without a message being relayed (RSET, QUIT, a new EHLO,
+    /// disconnect, or a rejection): release the backend and log it.
+    pub async fn on_abort(&mut self, mut tx: Transaction, reason: &'static str) {
+        if let Some(backend) = tx.backend.take() {
+            backend.abort().await;
+        }
+        tx.record.finish_aborted(reason, tx.started.elapsed());
+    }
+
+    /// The message was received but cannot be taken (too big, bare line endings, spool
+    /// failure): release the backend, record the refusal, return the reply.
+    pub async fn refuse_message(&mut self, mut tx: Transaction, reply: Reply) -> Reply {
+        if let Some(backend) = tx.backend.take() {
+            backend.abort().await;
+        }
+        tx.record.rcpts = tx.rcpts.clone();
+        let outcome = crate::pipeline::Outcome::from_reply(&reply, false);
+        tx.record.finish(outcome, &reply, tx.started.elapsed());
+        reply
+    }
+
+    /// The recipient in the form we relay it, if it is in one of our domains.
+    /// `<postmaster>` without a domain must be accepted (RFC 5321 section 4.5.1).
+    fn local_recipient(&self, address: &str) -> Option<String> {
+        if address.eq_ignore_ascii_case("postmaster") {
+            let domain = self.snapshot.loaded.config.server.domains.first()?;
+            return Some(format!("postmaster@{domain}"));
+        }
+        let (local, domain) = address.rsplit_once('@')?;
+        if local.is_empty() {
+            return None;
+        }
+        let domain = idna::domain_to_ascii(domain.trim_end_matches('.')).ok()?;
+        self.snapshot
+            .accepts_domain(&domain)
+            .then(|| address.to_string())
+    }
+}
+
+fn is_ascii_envelope(tx: &Transaction, rcpt: &str) -> bool {
+    tx.mail_from.is_ascii() && rcpt.is_ascii()
+}

@@ -1,0 +1,67 @@
+//! Backend metrics. Labels: the backend as configured (bounded by the config) and a
+//! small fixed set of result words.
+
+use super::{Delivery, RelayError};
+use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
+use prometheus::{HistogramVec, IntCounterVec};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+static DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_backend_deliveries_total",
+        "Messages handed to a backend, by backend and result (accepted, rejected, tempfailed, or an error kind).",
+        &["backend", "result"],
+    )
+});
+
+static DELIVERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "mxgate_backend_delivery_duration_seconds",
+        "Time from sending DATA to the backend until its final reply.",
+        &["backend"],
+        LATENCY_BUCKETS,
+    )
+});
+
+static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_backend_errors_total",
+        "Backend connection failures that caused a failover, by backend and kind.",
+        &["backend", "kind"],
+    )
+});
+
+pub fn init() {
+    LazyLock::force(&DELIVERIES);
+    LazyLock::force(&DELIVERY_SECONDS);
+    LazyLock::force(&ERRORS);
+}
+
+pub fn backend_error(backend: &str, kind: &str) {
+    ERRORS.with_label_values(&[backend, kind]).inc();
+}
+
+pub fn delivery(backend: &str, result: &Result<Delivery, RelayError>, elapsed: Duration) {
+    let label = match result {
+        Ok(Delivery::Stored(_)) => "accepted",
+        Ok(Delivery::Single(reply)) => reply_label(reply.code),
+        Ok(Delivery::PerRecipient(replies)) => {
+            let worst = replies.iter().map(|(_, r)| r.code).max().unwrap_or(250);
+            reply_label(worst)
+        }
+        Err(err) => err.label(),
+    };
+    DELIVERIES.with_label_values(&[backend, label]).inc();
+    DELIVERY_SECONDS
+        .with_label_values(&[backend])
+        .observe(elapsed.as_secs_f64());
+}
+
+fn reply_label(code: u16) -> &'static str {
+    match code {
+        200..=299 => "accepted",
+        400..=499 => "tempfailed",
+        _ => "rejected",
+    }
+}

@@ -1,0 +1,106 @@
+//! A bounded pool of warm connections to one backend.
+//!
+//! EHLO and STARTTLS are paid once per connection, not per message. The number of open
+//! connections is capped by a semaphore; a transaction that finds every connection busy
+//! waits up to `pool_wait` and then fails with [`RelayError::Busy`] (451 to the client).
+//! A connection is only returned to the pool when its SMTP session is known to be clean
+//! (after a final reply or RSET); anything else is dropped, which closes it.
+
+use super::client::ClientConn;
+use super::{RelayError, RelaySettings};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+pub struct Pool {
+    host: String,
+    port: u16,
+    lmtp: bool,
+    settings: Arc<RelaySettings>,
+    idle: Mutex<Vec<ClientConn>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    pub fn new(host: String, port: u16, lmtp: bool, settings: Arc<RelaySettings>) -> Self {
+        Pool {
+            host,
+            port,
+            lmtp,
+            permits: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A connection for one transaction: a warm one unless `fresh` is asked for.
+    pub async fn acquire(self: &Arc<Self>, fresh: bool) -> Result<Lease, RelayError> {
+        let permit = match tokio::time::timeout(
+            self.settings.pool_wait,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(RelayError::Busy),
+        };
+        if !fresh {
+            while let Some(conn) = self.pop_idle() {
+                if conn.idle_since.elapsed() < self.settings.idle_timeout {
+                    return Ok(Lease {
+                        conn,
+                        pool: self.clone(),
+                        _permit: permit,
+                        reused: true,
+                    });
+                }
+                tokio::spawn(conn.quit());
+            }
+        }
+        let conn = ClientConn::open(&self.host, self.port, self.lmtp, &self.settings).await?;
+        Ok(Lease {
+            conn,
+            pool: self.clone(),
+            _permit: permit,
+            reused: false,
+        })
+    }
+
+    fn pop_idle(&self) -> Option<ClientConn> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn put_idle(&self, mut conn: ClientConn) {
+        conn.idle_since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+}
+
+/// A connection checked out of the pool for one transaction.
+pub struct Lease {
+    conn: ClientConn,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+    /// Came from the idle list (may have been closed by the backend meanwhile).
+    pub reused: bool,
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut ClientConn {
+        &mut self.conn
+    }
+
+    pub fn settings(&self) -> &Arc<RelaySettings> {
+        &self.pool.settings
+    }
+
+    /// Hands a clean connection back to the pool.
+    pub fn release(self) {
+        if !self.conn.broken {
+            self.pool.put_idle(self.conn);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Header changes: what we add (Received, Authentication-Results, ARC set, policy tags)
+//! and what we leave out (forged Authentication-Results). Pure functions over bytes; the
+//! body is never touched, so DKIM signatures and ARC seals survive.
+
+pub mod headers;
+pub mod received;

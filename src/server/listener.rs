@@ -1,0 +1,181 @@
+//! Accepting connections: limits, the per-connection snapshot, STARTTLS upgrade.
+//!
+//! Each accepted connection takes a slot (global and per client IP, checked and taken
+//! in one step so two connections cannot both squeeze under the limit) and the snapshot
+//! that is current at that moment; it keeps both until it ends.
+
+use super::shutdown::{Phase, ShutdownListener};
+use crate::pipeline::Connection;
+use crate::smtp::metrics as smtp_metrics;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::{Ending, Session};
+use crate::snapshot::Snapshot;
+use crate::tls::TlsInfo;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Open connections, globally and per client address.
+#[derive(Default)]
+pub struct ConnectionSlots {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+pub struct Slot {
+    slots: Arc<ConnectionSlots>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlots {
+    pub fn current(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> Result<Slot, Reply> {
+        let previous = self.total.fetch_add(1, Ordering::AcqRel);
+        if previous >= max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            smtp_metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["global_limit"])
+                .inc();
+            return Err(Reply::too_many_connections());
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= max_per_ip {
+            drop(per_ip);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            smtp_metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["per_ip_limit"])
+                .inc();
+            return Err(Reply::too_many_connections_from_ip());
+        }
+        *count += 1;
+        smtp_metrics::CONNECTIONS_CURRENT.inc();
+        Ok(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        drop(per_ip);
+        self.slots.total.fetch_sub(1, Ordering::AcqRel);
+        smtp_metrics::CONNECTIONS_CURRENT.dec();
+    }
+}
+
+/// Accepts connections on one socket until shutdown starts.
+pub async fn accept_loop(
+    listener: TcpListener,
+    snapshots: Arc<ArcSwap<Snapshot>>,
+    slots: Arc<ConnectionSlots>,
+    mut shutdown: ShutdownListener,
+) {
+    let label = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.reached(Phase::Draining) => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        smtp_metrics::CONNECTIONS_TOTAL
+            .with_label_values(&[&label])
+            .inc();
+        let snapshot = snapshots.load_full();
+        let session_shutdown = shutdown.clone();
+        let slots = slots.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, snapshot, slots, session_shutdown).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    snapshot: Arc<Snapshot>,
+    slots: Arc<ConnectionSlots>,
+    shutdown: ShutdownListener,
+) {
+    let _ = tcp.set_nodelay(true);
+    let config = &snapshot.loaded.config.server;
+    let ip = crate::config::canonical_ip(peer.ip());
+    let _slot = match slots.take(ip, config.max_connections, config.max_connections_per_ip) {
+        Ok(slot) => slot,
+        Err(reply) => {
+            smtp_metrics::reply(&reply);
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = tcp.write_all(&reply.to_wire()).await;
+                let _ = tcp.shutdown().await;
+            })
+            .await;
+            return;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let local = tcp.local_addr().unwrap_or(peer);
+    let conn = Connection::new(snapshot, peer, local);
+    let ending = Session::new(tcp, conn, shutdown.clone()).run(true).await;
+    if let Ending::StartTls(tcp, mut conn) = ending {
+        let Some(tls) = &conn.snapshot.tls else {
+            return;
+        };
+        let acceptor = tls.acceptor.clone();
+        let limit = conn.snapshot.limits.timeouts.command;
+        match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let info = TlsInfo::from_connection(stream.get_ref().1);
+                smtp_metrics::TLS_HANDSHAKES
+                    .with_label_values(&[info.version_label()])
+                    .inc();
+                conn.on_tls_established(info);
+                let _ = Session::new(stream, conn, shutdown).run(false).await;
+            }
+            Ok(Err(err)) => {
+                smtp_metrics::TLS_HANDSHAKES
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::info!(client_ip = %conn.client_ip, error = %err, "TLS handshake failed");
+            }
+            Err(_) => {
+                smtp_metrics::TLS_HANDSHAKES
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::info!(client_ip = %conn.client_ip, "TLS handshake timed out");
+            }
+        }
+    }
+    smtp_metrics::SESSION_SECONDS.observe(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,186 @@
+//! Reloading: on SIGHUP, or when any file the snapshot was built from changes, build a
+//! new snapshot and swap it in atomically. A config that fails to load or compile is
+//! logged with all its errors and the running snapshot stays.
+//!
+//! Files are polled (modification time and size) rather than watched with inotify:
+//! polling sees atomic renames, symlink swaps (Kubernetes ConfigMaps) and edits on
+//! network file systems alike, and costs a few `stat` calls every few seconds.
+
+use crate::config::{self, Diagnostic};
+use crate::metrics::{counter_vec, gauge, unix_now};
+use crate::snapshot::{self, Mode, Snapshot};
+use arc_swap::ArcSwap;
+use prometheus::{IntCounterVec, IntGauge};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
+
+static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_config_reloads_total",
+        "Configuration reloads, by result (success, failure).",
+        &["result"],
+    )
+});
+static GENERATION: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_config_generation",
+        "Generation of the running configuration snapshot (1 at start, +1 per successful reload).",
+    )
+});
+static LAST_SUCCESS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_config_last_reload_success_timestamp_seconds",
+        "When the running configuration was loaded.",
+    )
+});
+static CERT_EXPIRY: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_tls_certificate_expiry_timestamp_seconds",
+        "Expiry (not after) of the STARTTLS certificate in use, seconds since the epoch.",
+    )
+});
+
+pub fn init() {
+    LazyLock::force(&RELOADS);
+    LazyLock::force(&GENERATION);
+    LazyLock::force(&LAST_SUCCESS);
+    LazyLock::force(&CERT_EXPIRY);
+}
+
+/// Records that `snapshot` is now the running one.
+pub fn note_running(snapshot: &Snapshot) {
+    GENERATION.set(snapshot.generation as i64);
+    LAST_SUCCESS.set(unix_now());
+    if let Some(expiry) = snapshot.tls.as_ref().and_then(|t| t.not_after) {
+        CERT_EXPIRY.set(expiry);
+    }
+}
+
+pub struct Reloader {
+    config_path: PathBuf,
+    snapshots: Arc<ArcSwap<Snapshot>>,
+}
+
+type Stamps = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+
+impl Reloader {
+    pub fn new(config_path: PathBuf, snapshots: Arc<ArcSwap<Snapshot>>) -> Self {
+        Reloader {
+            config_path,
+            snapshots,
+        }
+    }
+
+    /// Builds and installs a new snapshot. On failure nothing changes.
+    pub fn reload(&self, reason: &str) -> Result<u64, Vec<Diagnostic>> {
+        let current = self.snapshots.load_full();
+        let generation = current.generation + 1;
+        let result = config::load(&self.config_path).and_then(|(loaded, mut warnings)| {
+            snapshot::compile(loaded, generation, Mode::Serve).map(|(snapshot, more)| {
+                warnings.extend(more);
+                (snapshot, warnings)
+            })
+        });
+        match result {
+            Ok((snapshot, warnings)) => {
+                for warning in &warnings {
+                    tracing::warn!("{warning}");
+                }
+                if snapshot.loaded.config.server.listen != current.loaded.config.server.listen {
+                    tracing::warn!("server.listen changed: listeners change only on restart");
+                }
+                let changes = describe_changes(&current, &snapshot);
+                note_running(&snapshot);
+                self.snapshots.store(Arc::new(snapshot));
+                RELOADS.with_label_values(&["success"]).inc();
+                tracing::info!(generation, reason, changes = %changes, "configuration reloaded");
+                Ok(generation)
+            }
+            Err(errors) => {
+                RELOADS.with_label_values(&["failure"]).inc();
+                for error in &errors {
+                    tracing::error!("{error}");
+                }
+                tracing::error!(
+                    reason,
+                    errors = errors.len(),
+                    running_generation = current.generation,
+                    "configuration reload failed; the running configuration stays"
+                );
+                Err(errors)
+            }
+        }
+    }
+
+    fn stamps(&self) -> Stamps {
+        let snapshot = self.snapshots.load();
+        let mut files = snapshot.watch_list();
+        files.push(self.config_path.clone());
+        files.sort();
+        files.dedup();
+        files
+            .into_iter()
+            .map(|path| {
+                let stamp = stamp(&path);
+                (path, stamp)
+            })
+            .collect()
+    }
+
+    /// Runs until the process stops: reloads on SIGHUP and on file changes.
+    pub async fn run(self, interval: Duration) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGHUP");
+                None
+            }
+        };
+        let mut stamps = self.stamps();
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup => {
+                    let _ = self.reload("SIGHUP");
+                    stamps = self.stamps();
+                }
+                _ = tokio::time::sleep(interval) => {
+                    let now = self.stamps();
+                    if now != stamps {
+                        // Let an editor finish writing before reading.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = self.reload("file changed");
+                        stamps = self.stamps();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn describe_changes(old: &Snapshot, new: &Snapshot) -> String {
+    let mut parts = Vec::new();
+    if old.loaded.source.text != new.loaded.source.text {
+        parts.push("config file".to_string());
+    }
+    if old.tls.as_ref().and_then(|t| t.not_after) != new.tls.as_ref().and_then(|t| t.not_after) {
+        parts.push("certificate".to_string());
+    }
+    if parts.is_empty() {
+        "files touched, content unchanged".to_string()
+    } else {
+        parts.join(", ")
+    }
+}

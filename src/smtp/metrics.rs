@@ -1,0 +1,63 @@
+//! SMTP-level metrics: connections and replies. Labels: listener address (from the
+//! config, bounded), reply class, TLS version.
+
+use crate::metrics::{LATENCY_BUCKETS, counter_vec, gauge, histogram};
+use crate::smtp::reply::Reply;
+use prometheus::{Histogram, IntCounterVec, IntGauge};
+use std::sync::LazyLock;
+
+static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_smtp_replies_total",
+        "SMTP replies sent to clients, by class (2xx, 3xx, 4xx, 5xx).",
+        &["class"],
+    )
+});
+
+pub static CONNECTIONS_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_connections_total",
+        "Client connections accepted, by listener.",
+        &["listener"],
+    )
+});
+
+pub static CONNECTIONS_CURRENT: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("mxgate_connections_current", "Client connections open now."));
+
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_connections_refused_total",
+        "Connections refused at connect, by reason (global_limit, per_ip_limit, policy).",
+        &["reason"],
+    )
+});
+
+pub static TLS_HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_tls_handshakes_total",
+        "STARTTLS handshakes, by TLS version (1.2, 1.3) or `failed`.",
+        &["version"],
+    )
+});
+
+pub static SESSION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "mxgate_session_duration_seconds",
+        "Time from connect to disconnect.",
+        LATENCY_BUCKETS,
+    )
+});
+
+pub fn init() {
+    LazyLock::force(&REPLIES);
+    LazyLock::force(&CONNECTIONS_TOTAL);
+    LazyLock::force(&CONNECTIONS_CURRENT);
+    LazyLock::force(&CONNECTIONS_REFUSED);
+    LazyLock::force(&TLS_HANDSHAKES);
+    LazyLock::force(&SESSION_SECONDS);
+}
+
+pub fn reply(reply: &Reply) {
+    REPLIES.with_label_values(&[reply.class_label()]).inc();
+}

@@ -1,0 +1,608 @@
+//! Every SMTP reply mxgate sends is spelled in this module, and nowhere else.
+//!
+//! Handlers return outcomes or typed errors; this module turns them into a code, an
+//! enhanced status code (RFC 3463) and text. Text that comes from the outside (addresses,
+//! the backend's own reply text) passes through [`clean`] so that a peer can never make
+//! us emit a CR, an LF or a control character inside a reply line.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// An RFC 3463 enhanced status code such as `5.7.1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status(pub u8, pub u16, pub u16);
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// One complete SMTP reply: a code, an optional enhanced status and one or more lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    code: u16,
+    status: Option<Status>,
+    lines: Vec<Cow<'static, str>>,
+}
+
+impl Reply {
+    fn new(code: u16, status: Option<Status>, text: impl Into<Cow<'static, str>>) -> Self {
+        Reply {
+            code,
+            status,
+            lines: vec![text.into()],
+        }
+    }
+
+    fn with(code: u16, status: (u8, u16, u16), text: impl Into<Cow<'static, str>>) -> Self {
+        Reply::new(code, Some(Status(status.0, status.1, status.2)), text)
+    }
+
+    pub fn code(&self) -> u16 {
+        self.code
+    }
+
+    pub fn status(&self) -> Option<Status> {
+        self.status
+    }
+
+    pub fn lines(&self) -> &[Cow<'static, str>] {
+        &self.lines
+    }
+
+    /// The text of the reply, lines joined by a space (for logs and `explain`).
+    pub fn text(&self) -> String {
+        self.lines.join(" ")
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// A 421 reply ends the session (RFC 5321 section 3.8).
+    pub fn closes_session(&self) -> bool {
+        self.code == 421
+    }
+
+    /// `2xx`, `4xx` or `5xx`: the label metrics use.
+    pub fn class_label(&self) -> &'static str {
+        match self.code / 100 {
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        }
+    }
+
+    /// Serialises the reply in wire format, one `code-text` line per continuation.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let last = self.lines.len().saturating_sub(1);
+        for (n, line) in self.lines.iter().enumerate() {
+            out.extend_from_slice(itoa3(self.code).as_slice());
+            out.push(if n == last { b' ' } else { b'-' });
+            if let Some(status) = self.status {
+                out.extend_from_slice(status.to_string().as_bytes());
+                if !line.is_empty() {
+                    out.push(b' ');
+                }
+            }
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        self.write_to(&mut out);
+        out
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(status) => write!(f, "{} {} {}", self.code, status, self.text()),
+            None => write!(f, "{} {}", self.code, self.text()),
+        }
+    }
+}
+
+fn itoa3(code: u16) -> [u8; 3] {
+    let code = code.min(999);
+    [
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
+}
+
+/// Makes outside text safe to put on a reply line: control characters (CR and LF among
+/// them) become spaces and the length is capped, so no peer can inject reply lines.
+pub fn clean(text: &str) -> String {
+    const MAX: usize = 400;
+    let mut out = String::with_capacity(text.len().min(MAX));
+    for ch in text.chars() {
+        if out.len() >= MAX {
+            out.push_str("...");
+            break;
+        }
+        out.push(if ch.is_control() { ' ' } else { ch });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Session and protocol replies.
+// ---------------------------------------------------------------------------------------
+
+impl Reply {
+    pub fn greeting(hostname: &str) -> Self {
+        Reply::new(220, None, format!("{hostname} ESMTP mxgate"))
+    }
+
+    /// The EHLO reply: the greeting line followed by one line per extension keyword.
+    pub fn ehlo(hostname: &str, client: &str, extensions: Vec<Cow<'static, str>>) -> Self {
+        let mut lines = Vec::with_capacity(extensions.len() + 1);
+        lines.push(Cow::Owned(format!("{hostname} greets {}", clean(client))));
+        lines.extend(extensions);
+        Reply {
+            code: 250,
+            status: None,
+            lines,
+        }
+    }
+
+    pub fn helo(hostname: &str) -> Self {
+        Reply::new(250, None, hostname.to_string())
+    }
+
+    pub fn ok() -> Self {
+        Reply::with(250, (2, 0, 0), "OK")
+    }
+
+    pub fn mail_ok() -> Self {
+        Reply::with(250, (2, 1, 0), "Sender OK")
+    }
+
+    pub fn rcpt_ok() -> Self {
+        Reply::with(250, (2, 1, 5), "Recipient OK")
+    }
+
+    pub fn start_data() -> Self {
+        Reply::new(354, None, "End data with <CR><LF>.<CR><LF>")
+    }
+
+    pub fn bdat_chunk_ok(size: usize) -> Self {
+        Reply::with(250, (2, 0, 0), format!("{size} octets received"))
+    }
+
+    pub fn quit(hostname: &str) -> Self {
+        Reply::with(221, (2, 0, 0), format!("{hostname} closing connection"))
+    }
+
+    pub fn vrfy() -> Self {
+        Reply::with(
+            252,
+            (2, 5, 0),
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        )
+    }
+
+    pub fn help() -> Self {
+        Reply::with(
+            214,
+            (2, 0, 0),
+            "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+        )
+    }
+
+    pub fn ready_to_start_tls() -> Self {
+        Reply::with(220, (2, 0, 0), "Ready to start TLS")
+    }
+
+    pub fn tls_not_available() -> Self {
+        Reply::with(454, (4, 7, 0), "TLS not available")
+    }
+
+    pub fn tls_already_active() -> Self {
+        Reply::with(503, (5, 5, 1), "TLS already active")
+    }
+
+    pub fn tls_required() -> Self {
+        Reply::with(530, (5, 7, 0), "Must issue a STARTTLS command first")
+    }
+
+    pub fn tls_required_for_sender() -> Self {
+        Reply::with(
+            530,
+            (5, 7, 0),
+            "Must issue a STARTTLS command first: this sender requires TLS",
+        )
+    }
+
+    pub fn bad_sequence(what: &'static str) -> Self {
+        Reply::with(503, (5, 5, 1), format!("Bad sequence of commands: {what}"))
+    }
+
+    pub fn not_implemented(command: &'static str) -> Self {
+        Reply::with(502, (5, 5, 1), format!("{command} not implemented"))
+    }
+
+    pub fn unknown_command() -> Self {
+        Reply::with(500, (5, 5, 2), "Command unrecognized")
+    }
+
+    pub fn line_too_long() -> Self {
+        Reply::with(500, (5, 5, 2), "Line too long")
+    }
+
+    pub fn syntax(expected: &str) -> Self {
+        Reply::with(501, (5, 5, 4), format!("Syntax: {}", clean(expected)))
+    }
+
+    pub fn bad_helo() -> Self {
+        Reply::with(501, (5, 5, 4), "Syntax: EHLO domain-or-address-literal")
+    }
+
+    pub fn invalid_parameter(param: &str) -> Self {
+        Reply::with(
+            501,
+            (5, 5, 4),
+            format!("Invalid parameter {}", clean(param)),
+        )
+    }
+
+    pub fn unsupported_parameter(param: &str) -> Self {
+        Reply::with(
+            555,
+            (5, 5, 4),
+            format!("Unsupported parameter {}", clean(param)),
+        )
+    }
+
+    pub fn bad_sender_syntax() -> Self {
+        Reply::with(553, (5, 1, 7), "Bad sender address syntax")
+    }
+
+    pub fn bad_recipient_syntax() -> Self {
+        Reply::with(553, (5, 1, 3), "Bad recipient address syntax")
+    }
+
+    pub fn smtputf8_required() -> Self {
+        Reply::with(
+            553,
+            (5, 6, 7),
+            "Non-ASCII address requires the SMTPUTF8 parameter",
+        )
+    }
+
+    pub fn smtputf8_unsupported_by_backend() -> Self {
+        Reply::with(
+            553,
+            (5, 6, 7),
+            "Non-ASCII addresses are not supported by the mailbox server",
+        )
+    }
+
+    pub fn relay_denied(rcpt: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!(
+                "<{}>: Relay access denied: we do not accept mail for this domain",
+                clean(rcpt)
+            ),
+        )
+    }
+
+    pub fn too_many_recipients() -> Self {
+        Reply::with(452, (4, 5, 3), "Too many recipients")
+    }
+
+    pub fn no_valid_recipients() -> Self {
+        Reply::with(554, (5, 5, 1), "No valid recipients")
+    }
+
+    pub fn message_too_big_declared(max: u64) -> Self {
+        Reply::with(
+            552,
+            (5, 3, 4),
+            format!("Message size exceeds fixed maximum message size of {max} bytes"),
+        )
+    }
+
+    pub fn message_too_big() -> Self {
+        Reply::with(
+            552,
+            (5, 3, 4),
+            "Message size exceeds fixed maximum message size",
+        )
+    }
+
+    pub fn bare_line_ending() -> Self {
+        Reply::with(
+            550,
+            (5, 5, 2),
+            "Message contains a bare CR or LF or a NUL byte; lines must end with CRLF (see https://www.postfix.org/smtp-smuggling.html)",
+        )
+    }
+
+    pub fn too_many_errors() -> Self {
+        Reply::with(421, (4, 7, 0), "Too many errors, closing connection")
+    }
+
+    pub fn timeout() -> Self {
+        Reply::with(421, (4, 4, 2), "Timeout, closing connection")
+    }
+
+    pub fn shutting_down() -> Self {
+        Reply::with(421, (4, 3, 2), "Service shutting down, try again later")
+    }
+
+    pub fn too_many_connections() -> Self {
+        Reply::with(421, (4, 7, 0), "Too many connections, try again later")
+    }
+
+    pub fn too_many_connections_from_ip() -> Self {
+        Reply::with(
+            421,
+            (4, 7, 0),
+            "Too many connections from your address, try again later",
+        )
+    }
+
+    pub fn local_error() -> Self {
+        Reply::with(451, (4, 3, 0), "Local error in processing, try again later")
+    }
+
+    pub fn spool_error() -> Self {
+        Reply::with(
+            452,
+            (4, 3, 1),
+            "Insufficient system storage, try again later",
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Relay (backend) replies.
+// ---------------------------------------------------------------------------------------
+
+impl Reply {
+    /// A reply that the backend sent, passed through to the client. The backend's own code
+    /// and enhanced status are kept; text is cleaned. A reply outside 2xx..5xx (a broken
+    /// backend) becomes a temporary failure rather than something the client misreads.
+    pub fn from_backend(code: u16, status: Option<Status>, lines: &[&str]) -> Self {
+        if !(200..600).contains(&code) {
+            return Reply::backend_protocol_error();
+        }
+        let mut out: Vec<Cow<'static, str>> = lines
+            .iter()
+            .take(20)
+            .map(|line| Cow::Owned(clean(line)))
+            .collect();
+        if out.is_empty() {
+            out.push(Cow::Borrowed(""));
+        }
+        Reply {
+            code,
+            status,
+            lines: out,
+        }
+    }
+
+    pub fn backend_unavailable() -> Self {
+        Reply::with(
+            451,
+            (4, 4, 1),
+            "Mailbox server unavailable, try again later",
+        )
+    }
+
+    pub fn backend_timeout() -> Self {
+        Reply::with(
+            451,
+            (4, 4, 2),
+            "Mailbox server did not answer in time, try again later",
+        )
+    }
+
+    pub fn backend_connection_lost() -> Self {
+        Reply::with(
+            451,
+            (4, 4, 2),
+            "Connection to the mailbox server was lost, try again later",
+        )
+    }
+
+    pub fn backend_busy() -> Self {
+        Reply::with(451, (4, 4, 5), "Mailbox server busy, try again later")
+    }
+
+    pub fn backend_protocol_error() -> Self {
+        Reply::with(
+            451,
+            (4, 5, 0),
+            "Mailbox server sent an invalid reply, try again later",
+        )
+    }
+
+    pub fn delivered(id: &str) -> Self {
+        Reply::with(250, (2, 0, 0), format!("OK: queued as {id}"))
+    }
+
+    /// An LMTP backend answered each recipient separately and they disagree, but some
+    /// failed temporarily: ask the client to retry the whole message. Recipients that
+    /// were already delivered may see it twice; none loses it.
+    pub fn partial_delivery_retry(failed: &[String]) -> Self {
+        Reply::with(
+            451,
+            (4, 3, 0),
+            format!(
+                "Delivery failed temporarily for {}; try again later",
+                list_recipients(failed)
+            ),
+        )
+    }
+
+    /// An LMTP backend rejected some recipients permanently and accepted others. The
+    /// client is told of the failure (so the sender learns of it and nothing is silently
+    /// lost); the text says who was delivered.
+    pub fn partial_delivery_failed(
+        code: u16,
+        status: Option<Status>,
+        failed: &[String],
+        delivered: &[String],
+    ) -> Self {
+        Reply::new(
+            code.clamp(500, 599),
+            status.or(Some(Status(5, 0, 0))),
+            format!(
+                "Delivery failed for {}; delivered to {}",
+                list_recipients(failed),
+                list_recipients(delivered)
+            ),
+        )
+    }
+}
+
+fn list_recipients(rcpts: &[String]) -> String {
+    let mut out = String::new();
+    for (n, rcpt) in rcpts.iter().take(10).enumerate() {
+        if n > 0 {
+            out.push_str(", ");
+        }
+        out.push('<');
+        out.push_str(&clean(rcpt));
+        out.push('>');
+    }
+    if rcpts.len() > 10 {
+        out.push_str(&format!(" and {} more", rcpts.len() - 10));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication and policy replies.
+// ---------------------------------------------------------------------------------------
+
+impl Reply {
+    pub fn dmarc_reject(domain: &str, failure: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!(
+                "Message rejected: DMARC policy of {} is reject and the message failed DMARC ({})",
+                clean(domain),
+                clean(failure)
+            ),
+        )
+    }
+
+    pub fn dmarc_temperror(domain: &str) -> Self {
+        Reply::with(
+            451,
+            (4, 7, 5),
+            format!(
+                "Temporary DNS error while evaluating DMARC for {}, try again later",
+                clean(domain)
+            ),
+        )
+    }
+
+    pub fn auth_temperror(what: &str) -> Self {
+        Reply::with(
+            451,
+            (4, 7, 5),
+            format!(
+                "Temporary DNS error while evaluating {}, try again later",
+                clean(what)
+            ),
+        )
+    }
+
+    /// RFC 7489 section 6.6.1: a message without exactly one From header field that names
+    /// a domain cannot be evaluated by DMARC; such messages are rejected.
+    pub fn from_header_invalid(detail: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!(
+                "Message rejected: {} (RFC 5322 requires exactly one From header field; RFC 7489 6.6.1)",
+                clean(detail)
+            ),
+        )
+    }
+
+    /// A policy rule's own reply: admins choose code and text; the class is forced to match
+    /// the action so a typo cannot turn a rejection into an acceptance.
+    pub fn policy(code: u16, status: Option<Status>, text: &str) -> Self {
+        Reply::new(code, status, clean(text))
+    }
+
+    pub fn policy_reject_default(rule: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!("Message rejected by policy ({})", clean(rule)),
+        )
+    }
+
+    pub fn policy_tempfail_default(rule: &str) -> Self {
+        Reply::with(
+            451,
+            (4, 7, 1),
+            format!(
+                "Message deferred by policy ({}), try again later",
+                clean(rule)
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_line_with_status() {
+        assert_eq!(Reply::mail_ok().to_wire(), b"250 2.1.0 Sender OK\r\n");
+    }
+
+    #[test]
+    fn multi_line_ehlo_uses_continuations() {
+        let reply = Reply::ehlo(
+            "mx.test",
+            "client",
+            vec!["PIPELINING".into(), "8BITMIME".into()],
+        );
+        assert_eq!(
+            String::from_utf8(reply.to_wire()).unwrap(),
+            "250-mx.test greets client\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+        );
+    }
+
+    #[test]
+    fn outside_text_cannot_inject_lines() {
+        let reply = Reply::relay_denied("a@b\r\n250 OK");
+        let wire = reply.to_wire();
+        assert_eq!(wire.iter().filter(|&&b| b == b'\n').count(), 1);
+        let reply = Reply::from_backend(550, Some(Status(5, 1, 1)), &["no\rsuch\nuser"]);
+        assert_eq!(reply.to_wire(), b"550 5.1.1 no such user\r\n");
+    }
+
+    #[test]
+    fn broken_backend_code_becomes_tempfail() {
+        assert_eq!(Reply::from_backend(999, None, &["x"]).code(), 451);
+        assert_eq!(Reply::from_backend(150, None, &["x"]).code(), 451);
+    }
+}

@@ -1,0 +1,629 @@
+//! One SMTP session as an explicit state machine over a byte stream.
+//!
+//! Commands are parsed by smtp-proto; replies are queued and flushed when the input
+//! runs out (RFC 2920 pipelining). Message content goes through the smuggling-safe
+//! readers in `data`. Every wait on the client has a deadline. On STARTTLS the rest of
+//! the read buffer is dropped (CVE-2011-0411) and the caller starts a fresh session on
+//! the TLS stream (RFC 3207 section 4.2), which never offers STARTTLS again.
+//!
+//! What a command *means* for the mail is decided by `pipeline`; this module only knows
+//! the protocol.
+
+use super::data::{Anomalies, BdatReader, DataReader, Progress};
+use super::extensions::ehlo_keywords;
+use super::metrics;
+use super::reply::Reply;
+use crate::config::BareLineEndings;
+use crate::pipeline::{Connection, Transaction};
+use crate::server::shutdown::{Phase, ShutdownListener};
+use crate::spool::{MessageBytes, Spool, SpoolError};
+use smtp_proto::Request;
+use smtp_proto::request::receiver::RequestReceiver;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Where the session is in the protocol.
+enum State {
+    /// Connected (or just after STARTTLS): EHLO/HELO expected.
+    Fresh,
+    /// Greeted, no transaction.
+    Ready,
+    /// MAIL accepted; RCPT, DATA or BDAT expected.
+    Envelope(Box<Transaction>),
+    /// Receiving DATA content.
+    Data(Box<Transaction>, DataReader, Spool),
+    /// Reading the octets of a BDAT chunk.
+    Chunk {
+        message: Box<Chunked>,
+        remaining: usize,
+        last: bool,
+    },
+    /// Between BDAT chunks: the next BDAT (or RSET) is expected.
+    BetweenChunks(Box<Chunked>),
+    /// Reading and dropping a BDAT chunk sent outside a transaction; afterwards the
+    /// session is back in `Fresh` or `Ready` and answers `reply`.
+    Discard {
+        remaining: usize,
+        greeted: bool,
+        reply: Reply,
+    },
+    /// Transitional value while a state is being taken apart.
+    Busy,
+}
+
+/// A message being received in BDAT chunks.
+struct Chunked {
+    tx: Transaction,
+    reader: BdatReader,
+    spool: Spool,
+    /// Set when the message can no longer be accepted; reported when the chunk ends.
+    failure: Option<Reply>,
+}
+
+/// How a session ended.
+pub enum Ending<S> {
+    Closed,
+    /// The client asked for TLS: the caller handshakes on this stream and starts a new
+    /// session with the same connection.
+    StartTls(S, Connection),
+}
+
+enum Flow {
+    Continue,
+    Close,
+    StartTls,
+}
+
+pub struct Session<S> {
+    io: S,
+    conn: Connection,
+    state: State,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    receiver: RequestReceiver,
+    errors: u32,
+    shutdown: ShutdownListener,
+}
+
+const READ_CHUNK: usize = 8 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(io: S, conn: Connection, shutdown: ShutdownListener) -> Self {
+        Session {
+            io,
+            conn,
+            state: State::Fresh,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::with_capacity(256),
+            receiver: RequestReceiver::default(),
+            errors: 0,
+            shutdown,
+        }
+    }
+
+    /// Runs the session from the 220 greeting (or, after STARTTLS, from the handshake).
+    pub async fn run(mut self, greet: bool) -> Ending<S> {
+        if greet {
+            match self.conn.on_connect() {
+                Ok(()) => {
+                    let greeting = Reply::greeting(self.conn.hostname());
+                    self.reply(greeting);
+                }
+                Err(reply) => {
+                    self.reply(reply);
+                    let _ = self.flush().await;
+                    return Ending::Closed;
+                }
+            }
+        }
+        let flow = self.serve().await;
+        // A transaction still open here was not completed: release its backend.
+        self.abort_transaction("disconnect").await;
+        match flow {
+            Flow::StartTls => Ending::StartTls(self.io, self.conn),
+            Flow::Close | Flow::Continue => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
+                Ending::Closed
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> Flow {
+        loop {
+            match self.process_input().await {
+                Flow::Continue => {}
+                Flow::StartTls => {
+                    if self.flush().await.is_err() {
+                        return Flow::Close;
+                    }
+                    return Flow::StartTls;
+                }
+                Flow::Close => {
+                    let _ = self.flush().await;
+                    return Flow::Close;
+                }
+            }
+            if self.flush().await.is_err() {
+                return Flow::Close;
+            }
+            if self.is_idle() && self.shutdown.phase() >= Phase::Draining {
+                self.reply(Reply::shutting_down());
+                let _ = self.flush().await;
+                return Flow::Close;
+            }
+            match self.read_more().await {
+                Ok(true) => {}
+                Ok(false) => return Flow::Close,
+                Err(reply) => {
+                    self.reply(reply);
+                    let _ = self.flush().await;
+                    return Flow::Close;
+                }
+            }
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        matches!(self.state, State::Fresh | State::Ready)
+    }
+
+    /// Reads more input. `Ok(false)`: the client closed. `Err`: the reply to send
+    /// before closing (timeout, shutdown).
+    async fn read_more(&mut self) -> Result<bool, Reply> {
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+            if self.rbuf.capacity() > 256 * 1024 {
+                self.rbuf = Vec::new();
+            }
+        }
+        self.rbuf.reserve(READ_CHUNK);
+        let timeouts = &self.conn.snapshot.limits.timeouts;
+        let limit = if self.is_idle() || matches!(self.state, State::Envelope(_)) {
+            timeouts.command
+        } else {
+            timeouts.data_block
+        };
+        // Idle sessions stop at the start of a drain; sessions inside a transaction get
+        // until the grace period is over.
+        let stop_at = if self.is_idle() {
+            Phase::Draining
+        } else {
+            Phase::Forced
+        };
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            read = tokio::time::timeout(limit, self.io.read_buf(&mut self.rbuf)) => match read {
+                Err(_) => Err(Reply::timeout()),
+                Ok(Ok(0)) | Ok(Err(_)) => Ok(false),
+                Ok(Ok(_)) => Ok(true),
+            },
+            _ = shutdown.reached(stop_at) => Err(Reply::shutting_down()),
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let limit = self.conn.snapshot.limits.timeouts.write;
+        let result = tokio::time::timeout(limit, async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        })
+        .await;
+        self.wbuf.clear();
+        match result {
+            Ok(result) => result,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Queues a reply; counts errors and reports whether the session must end.
+    fn reply(&mut self, reply: Reply) -> bool {
+        metrics::reply(&reply);
+        reply.write_to(&mut self.wbuf);
+        if reply.closes_session() {
+            return true;
+        }
+        if reply.code() >= 400 {
+            self.errors += 1;
+            if self.errors >= self.conn.snapshot.limits.max_errors {
+                let limit = Reply::too_many_errors();
+                metrics::reply(&limit);
+                limit.write_to(&mut self.wbuf);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn reply_flow(&mut self, reply: Reply) -> Flow {
+        if self.reply(reply) {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// Consumes buffered input until it runs out or the session must stop.
+    async fn process_input(&mut self) -> Flow {
+        while self.rpos < self.rbuf.len() {
+            let flow = match &self.state {
+                State::Data(..) => self.process_data().await,
+                State::Chunk { .. } => self.process_chunk().await,
+                State::Discard { .. } => self.process_discard(),
+                _ => self.process_command().await,
+            };
+            match flow {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn process_command(&mut self) -> Flow {
+        let input = &self.rbuf[self.rpos..];
+        let mut iter = input.iter();
+        let parsed = self.receiver.ingest(&mut iter).map(|r| r.into_owned());
+        let consumed = input.len() - iter.len();
+        self.rpos += consumed;
+        match parsed {
+            Ok(request) => self.handle(request).await,
+            Err(smtp_proto::Error::NeedsMoreData { .. }) => {
+                // The rest of the input is a partial line, kept by the receiver.
+                self.rpos = self.rbuf.len();
+                Flow::Continue
+            }
+            Err(err) => {
+                let reply = protocol_error_reply(err);
+                self.reply_flow(reply)
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request<String>) -> Flow {
+        match request {
+            Request::Ehlo { host } => self.hello(&host, true).await,
+            Request::Helo { host } => self.hello(&host, false).await,
+            Request::Mail { from } => {
+                let state = std::mem::replace(&mut self.state, State::Busy);
+                match state {
+                    State::Ready => match self.conn.on_mail(from).await {
+                        Ok(tx) => {
+                            self.state = State::Envelope(Box::new(tx));
+                            self.reply_flow(Reply::mail_ok())
+                        }
+                        Err(reply) => {
+                            self.state = State::Ready;
+                            self.reply_flow(reply)
+                        }
+                    },
+                    State::Fresh => {
+                        self.state = State::Fresh;
+                        self.reply_flow(Reply::bad_sequence("send HELO/EHLO first"))
+                    }
+                    other => {
+                        self.state = other;
+                        self.reply_flow(Reply::bad_sequence("nested MAIL command"))
+                    }
+                }
+            }
+            Request::Rcpt { to } => {
+                if let State::Envelope(tx) = &mut self.state {
+                    let reply = self.conn.on_rcpt(tx, to).await;
+                    self.reply_flow(reply)
+                } else {
+                    self.reply_flow(Reply::bad_sequence("need MAIL before RCPT"))
+                }
+            }
+            Request::Data => self.start_data(),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => {
+                self.start_bdat(chunk_size, is_last);
+                // An empty chunk (`BDAT 0 LAST`) is complete at once.
+                match &self.state {
+                    State::Chunk { remaining: 0, .. } => self.end_of_chunk().await,
+                    State::Discard { remaining: 0, .. } => self.process_discard(),
+                    _ => Flow::Continue,
+                }
+            }
+            Request::Rset => {
+                self.abort_transaction("rset").await;
+                if !matches!(self.state, State::Fresh) {
+                    self.state = State::Ready;
+                }
+                self.reply_flow(Reply::ok())
+            }
+            Request::Noop { .. } => self.reply_flow(Reply::ok()),
+            Request::Quit => {
+                let reply = Reply::quit(self.conn.hostname());
+                self.reply(reply);
+                Flow::Close
+            }
+            Request::Vrfy { .. } => self.reply_flow(Reply::vrfy()),
+            Request::Help { .. } => self.reply_flow(Reply::help()),
+            Request::StartTls => self.start_tls(),
+            Request::Expn { .. } => self.reply_flow(Reply::not_implemented("EXPN")),
+            Request::Etrn { .. } => self.reply_flow(Reply::not_implemented("ETRN")),
+            Request::Atrn { .. } => self.reply_flow(Reply::not_implemented("ATRN")),
+            Request::Burl { .. } => self.reply_flow(Reply::not_implemented("BURL")),
+            Request::Auth { .. } => {
+                self.reply_flow(Reply::bad_sequence("authentication is not offered"))
+            }
+            Request::Lhlo { .. } => self.reply_flow(Reply::unknown_command()),
+        }
+    }
+
+    async fn hello(&mut self, host: &str, esmtp: bool) -> Flow {
+        // A new EHLO/HELO resets any transaction (RFC 5321 section 4.1.4).
+        self.abort_transaction("helo").await;
+        match self.conn.on_helo(host, esmtp) {
+            Err(reply) => self.reply_flow(reply),
+            Ok(()) => {
+                self.state = State::Ready;
+                let hostname = self.conn.hostname().to_string();
+                let reply = if esmtp {
+                    let starttls = self.conn.tls.is_none() && self.conn.snapshot.tls.is_some();
+                    let keywords =
+                        ehlo_keywords(self.conn.snapshot.limits.max_message_size, starttls);
+                    Reply::ehlo(&hostname, host, keywords)
+                } else {
+                    Reply::helo(&hostname)
+                };
+                self.reply_flow(reply)
+            }
+        }
+    }
+
+    fn start_tls(&mut self) -> Flow {
+        if self.conn.tls.is_some() {
+            return self.reply_flow(Reply::tls_already_active());
+        }
+        if self.conn.snapshot.tls.is_none() {
+            return self.reply_flow(Reply::tls_not_available());
+        }
+        match self.state {
+            State::Fresh => self.reply_flow(Reply::bad_sequence("send EHLO first")),
+            State::Ready => {
+                self.reply(Reply::ready_to_start_tls());
+                // Whatever the client pipelined after STARTTLS arrived in plaintext and
+                // must not be executed inside the TLS session (CVE-2011-0411).
+                self.rbuf.clear();
+                self.rpos = 0;
+                self.receiver = RequestReceiver::default();
+                Flow::StartTls
+            }
+            _ => self.reply_flow(Reply::bad_sequence("mail transaction in progress")),
+        }
+    }
+
+    fn new_spool(&self, hint: usize) -> Spool {
+        let limits = &self.conn.snapshot.limits;
+        Spool::new(
+            limits.max_message_size,
+            limits.spool_threshold,
+            limits.spool_dir.clone(),
+            hint,
+        )
+    }
+
+    fn start_data(&mut self) -> Flow {
+        let state = std::mem::replace(&mut self.state, State::Busy);
+        match state {
+            State::Envelope(tx) => match self.conn.on_data(&tx) {
+                Ok(()) => {
+                    let hint = tx.params.size.unwrap_or(0) as usize;
+                    self.state = State::Data(tx, DataReader::new(), self.new_spool(hint));
+                    self.reply_flow(Reply::start_data())
+                }
+                Err(reply) => {
+                    self.state = State::Envelope(tx);
+                    self.reply_flow(reply)
+                }
+            },
+            State::Fresh => {
+                self.state = State::Fresh;
+                self.reply_flow(Reply::bad_sequence("send HELO/EHLO first"))
+            }
+            other => {
+                self.state = other;
+                self.reply_flow(Reply::bad_sequence("need MAIL and RCPT before DATA"))
+            }
+        }
+    }
+
+    fn start_bdat(&mut self, chunk_size: usize, last: bool) {
+        let state = std::mem::replace(&mut self.state, State::Busy);
+        self.state = match state {
+            State::Envelope(tx) => {
+                let failure = self.conn.on_data(&tx).err();
+                let hint = tx.params.size.unwrap_or(0) as usize;
+                let spool = self.new_spool(hint.max(chunk_size));
+                State::Chunk {
+                    message: Box::new(Chunked {
+                        tx: *tx,
+                        reader: BdatReader::new(),
+                        spool,
+                        failure,
+                    }),
+                    remaining: chunk_size,
+                    last,
+                }
+            }
+            State::BetweenChunks(message) => State::Chunk {
+                message,
+                remaining: chunk_size,
+                last,
+            },
+            State::Fresh => State::Discard {
+                remaining: chunk_size,
+                greeted: false,
+                reply: Reply::bad_sequence("send HELO/EHLO first"),
+            },
+            other => {
+                let greeted = !matches!(other, State::Fresh);
+                State::Discard {
+                    remaining: chunk_size,
+                    greeted,
+                    reply: Reply::bad_sequence("need MAIL and RCPT before BDAT"),
+                }
+            }
+        };
+    }
+
+    async fn process_data(&mut self) -> Flow {
+        let State::Data(_, reader, spool) = &mut self.state else {
+            return Flow::Continue;
+        };
+        let input = &self.rbuf[self.rpos..];
+        match reader.feed(input, spool) {
+            Progress::NeedMore => {
+                self.rpos = self.rbuf.len();
+                Flow::Continue
+            }
+            Progress::End { consumed } => {
+                self.rpos += consumed;
+                let State::Data(tx, reader, spool) =
+                    std::mem::replace(&mut self.state, State::Ready)
+                else {
+                    return Flow::Continue;
+                };
+                let reply = self.finish_message(*tx, spool, reader.anomalies()).await;
+                self.reply_flow(reply)
+            }
+        }
+    }
+
+    /// Reads BDAT chunk octets; at the end of the chunk answers it.
+    async fn process_chunk(&mut self) -> Flow {
+        let State::Chunk {
+            message, remaining, ..
+        } = &mut self.state
+        else {
+            return Flow::Continue;
+        };
+        let available = self.rbuf.len() - self.rpos;
+        let take = available.min(*remaining);
+        let chunk = &self.rbuf[self.rpos..self.rpos + take];
+        let Chunked { reader, spool, .. } = message.as_mut();
+        reader.feed(chunk, spool);
+        self.rpos += take;
+        *remaining -= take;
+        if *remaining > 0 {
+            return Flow::Continue;
+        }
+        self.end_of_chunk().await
+    }
+
+    /// A zero-length chunk ends immediately; otherwise called when the octets are in.
+    async fn end_of_chunk(&mut self) -> Flow {
+        let State::Chunk { message, last, .. } = std::mem::replace(&mut self.state, State::Ready)
+        else {
+            return Flow::Continue;
+        };
+        let mut message = *message;
+        let failure = message
+            .failure
+            .take()
+            .or_else(|| message.spool.overflowed().then(Reply::message_too_big));
+        if let Some(reply) = failure {
+            let reply = self.conn.refuse_message(message.tx, reply).await;
+            return self.reply_flow(reply);
+        }
+        if !last {
+            let size = message.spool.len() as usize;
+            self.state = State::BetweenChunks(Box::new(message));
+            return self.reply_flow(Reply::bdat_chunk_ok(size));
+        }
+        let Chunked {
+            tx,
+            mut reader,
+            mut spool,
+            ..
+        } = message;
+        reader.finish(&mut spool);
+        let reply = self.finish_message(tx, spool, reader.anomalies()).await;
+        self.reply_flow(reply)
+    }
+
+    fn process_discard(&mut self) -> Flow {
+        let State::Discard { remaining, .. } = &mut self.state else {
+            return Flow::Continue;
+        };
+        let take = (self.rbuf.len() - self.rpos).min(*remaining);
+        self.rpos += take;
+        *remaining -= take;
+        if *remaining > 0 {
+            return Flow::Continue;
+        }
+        let State::Discard { greeted, reply, .. } = std::mem::replace(&mut self.state, State::Busy)
+        else {
+            return Flow::Continue;
+        };
+        self.state = if greeted { State::Ready } else { State::Fresh };
+        self.reply_flow(reply)
+    }
+
+    async fn finish_message(
+        &mut self,
+        tx: Transaction,
+        spool: Spool,
+        anomalies: Anomalies,
+    ) -> Reply {
+        if anomalies.any() && self.conn.snapshot.limits.bare_line_endings == BareLineEndings::Reject
+        {
+            return self
+                .conn
+                .refuse_message(tx, Reply::bare_line_ending())
+                .await;
+        }
+        let bytes: MessageBytes = match spool.finish() {
+            Ok(bytes) => bytes,
+            Err(SpoolError::TooBig) => {
+                return self.conn.refuse_message(tx, Reply::message_too_big()).await;
+            }
+            Err(SpoolError::Io(err)) => {
+                tracing::error!(error = %err, "cannot spool message");
+                return self.conn.refuse_message(tx, Reply::spool_error()).await;
+            }
+        };
+        self.conn.on_message(tx, bytes).await
+    }
+
+    /// Ends a transaction that did not reach the end of data.
+    async fn abort_transaction(&mut self, reason: &'static str) {
+        let state = std::mem::replace(&mut self.state, State::Busy);
+        let (tx, next) = match state {
+            State::Envelope(tx) | State::Data(tx, ..) => (Some(*tx), State::Ready),
+            State::Chunk { message, .. } | State::BetweenChunks(message) => {
+                (Some(message.tx), State::Ready)
+            }
+            other => (None, other),
+        };
+        self.state = next;
+        if let Some(tx) = tx {
+            self.conn.on_abort(tx, reason).await;
+        }
+    }
+}
+
+/// The reply to a command smtp-proto could not parse.
+fn protocol_error_reply(err: smtp_proto::Error) -> Reply {
+    use smtp_proto::Error as E;
+    match err {
+        E::UnknownCommand => Reply::unknown_command(),
+        E::InvalidSenderAddress => Reply::bad_sender_syntax(),
+        E::InvalidRecipientAddress => Reply::bad_recipient_syntax(),
+        E::SyntaxError { syntax } => Reply::syntax(syntax),
+        E::InvalidParameter { param } => Reply::invalid_parameter(param),
+        E::UnsupportedParameter { param } => Reply::unsupported_parameter(&param),
+        E::ResponseTooLong => Reply::line_too_long(),
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reply::unknown_command(),
+    }
+}

@@ -1,0 +1,269 @@
+//! The compiled, immutable runtime configuration.
+//!
+//! A [`Snapshot`] is built from a validated config: certificates loaded, backends and
+//! their pools created, policy compiled, keys parsed. A connection takes the current
+//! snapshot when it is accepted and keeps it to the end, so a reload never changes the
+//! rules under a transaction. A reload that fails to compile changes nothing.
+
+use crate::config::{
+    BackendSpec, BareLineEndings, Diagnostic, LoadedConfig, Network, RelayTls, ServerTimeouts,
+    YamlPath,
+};
+use crate::relay::{Relay, RelaySettings};
+use crate::tls;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct Snapshot {
+    /// Increases with every successful (re)load.
+    pub generation: u64,
+    pub loaded: LoadedConfig,
+    pub hostname: String,
+    pub domains: HashSet<String>,
+    pub trusted_networks: Vec<Network>,
+    pub limits: Limits,
+    pub tls: Option<ServerTls>,
+    pub relay: Relay,
+    /// Every file the snapshot was built from; a change to any of them triggers a reload.
+    pub watched_files: Vec<PathBuf>,
+}
+
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    pub spool_threshold: usize,
+    pub spool_dir: Option<PathBuf>,
+    pub bare_line_endings: BareLineEndings,
+    pub timeouts: ServerTimeouts,
+}
+
+pub struct ServerTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub require: bool,
+    /// Expiry of the leaf certificate (seconds since the epoch), for metrics and alerts.
+    pub not_after: Option<i64>,
+}
+
+/// `serve` creates what is missing (development certificate, Maildir); `check` only
+/// looks and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Check,
+}
+
+impl Snapshot {
+    /// Files whose change should trigger a reload (re-evaluated on every poll, so a new
+    /// file matching a policy glob is noticed).
+    pub fn watch_list(&self) -> Vec<PathBuf> {
+        self.watched_files.clone()
+    }
+
+    pub fn is_trusted(&self, ip: &std::net::IpAddr) -> bool {
+        self.trusted_networks.iter().any(|net| net.contains(ip))
+    }
+
+    /// Whether we accept mail for this (lowercase, A-label) domain.
+    pub fn accepts_domain(&self, domain: &str) -> bool {
+        self.domains.contains(domain)
+    }
+}
+
+/// Builds a snapshot. Returns every problem found, each with its file position.
+pub fn compile(
+    loaded: LoadedConfig,
+    generation: u64,
+    mode: Mode,
+) -> Result<(Snapshot, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let mut diagnostics = Vec::new();
+    let mut watched = vec![loaded.source.path.clone()];
+    let config = &loaded.config;
+    let root = YamlPath::root();
+
+    let server_tls = match &config.tls {
+        None => None,
+        Some(tls_config) => {
+            let at = root.key("tls");
+            let cert = loaded.resolve(&tls_config.certificate);
+            let key = loaded.resolve(&tls_config.private_key);
+            watched.push(cert.clone());
+            watched.push(key.clone());
+            let missing = !cert.exists() && !key.exists();
+            if missing && tls_config.generate_if_missing && mode == Mode::Serve {
+                match tls::generate_development_certificate(
+                    config.server.hostname.as_str(),
+                    &cert,
+                    &key,
+                ) {
+                    Ok(()) => tracing::warn!(
+                        certificate = %cert.display(),
+                        "generated a self-signed development certificate; see certs/README.md for real certificates"
+                    ),
+                    Err(err) => diagnostics.push(loaded.error(&at.key("certificate"), err)),
+                }
+            }
+            if missing && tls_config.generate_if_missing && mode == Mode::Check {
+                diagnostics.push(loaded.warning(
+                    &at.key("certificate"),
+                    "certificate files are missing; `serve` will generate a development certificate",
+                ));
+                None
+            } else {
+                match tls::server_config(&cert, &key) {
+                    Ok(server_config) => Some(ServerTls {
+                        acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                        require: tls_config.require,
+                        not_after: tls::certificate_not_after(&cert),
+                    }),
+                    Err(err) => {
+                        diagnostics.push(loaded.error(&at.key("certificate"), err));
+                        None
+                    }
+                }
+            }
+        }
+    };
+
+    let relay = match compile_relay(&loaded, mode, &mut diagnostics, &mut watched) {
+        Some(relay) => relay,
+        None => return Err(diagnostics),
+    };
+
+    if crate::config::diagnostics::has_errors(&diagnostics) {
+        return Err(diagnostics);
+    }
+    let snapshot = Snapshot {
+        generation,
+        hostname: config.server.hostname.to_string(),
+        domains: config
+            .server
+            .domains
+            .iter()
+            .map(|d| d.to_string())
+            .collect(),
+        trusted_networks: config.server.trusted_networks.clone(),
+        limits: Limits {
+            max_message_size: config.server.max_message_size,
+            max_recipients: config.server.max_recipients,
+            max_errors: config.server.max_errors,
+            spool_threshold: config.server.spool_threshold,
+            spool_dir: config.server.spool_dir.as_ref().map(|d| loaded.resolve(d)),
+            bare_line_endings: config.server.bare_line_endings,
+            timeouts: config.server.timeouts.clone(),
+        },
+        tls: server_tls,
+        relay,
+        watched_files: watched,
+        loaded,
+    };
+    Ok((snapshot, diagnostics))
+}
+
+fn compile_relay(
+    loaded: &LoadedConfig,
+    mode: Mode,
+    diagnostics: &mut Vec<Diagnostic>,
+    watched: &mut Vec<PathBuf>,
+) -> Option<Relay> {
+    let config = &loaded.config;
+    let at = YamlPath::root().key("relay");
+    let relay_config = &config.relay;
+
+    let verification = if !relay_config.verify_certificate {
+        tls::ServerVerification::None
+    } else {
+        match &relay_config.ca_certificates {
+            None => tls::ServerVerification::Roots(None),
+            Some(path) => {
+                let path = loaded.resolve(path);
+                watched.push(path.clone());
+                match tls::read_ca_certificates(&path) {
+                    Ok(certs) => tls::ServerVerification::Roots(Some(certs)),
+                    Err(err) => {
+                        diagnostics.push(loaded.error(&at.key("ca_certificates"), err));
+                        tls::ServerVerification::None
+                    }
+                }
+            }
+        }
+    };
+    let identity = match (&relay_config.client_certificate, &relay_config.client_key) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (loaded.resolve(cert), loaded.resolve(key));
+            watched.push(cert.clone());
+            watched.push(key.clone());
+            match tls::read_identity(&cert, &key) {
+                Ok(identity) => Some(identity),
+                Err(err) => {
+                    diagnostics.push(loaded.error(&at.key("client_certificate"), err));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let client_tls = match tls::client_config(verification, identity) {
+        Ok(config) => config,
+        Err(err) => {
+            diagnostics.push(loaded.error(&at, err));
+            return None;
+        }
+    };
+    if relay_config.tls == RelayTls::Required
+        && let Some(name) = &relay_config.server_name
+        && tls::server_name(name).is_err()
+    {
+        diagnostics.push(loaded.error(
+            &at.key("server_name"),
+            format!("`{name}` is not a valid TLS server name"),
+        ));
+    }
+    let settings = Arc::new(RelaySettings {
+        helo: relay_config
+            .helo
+            .as_ref()
+            .unwrap_or(&config.server.hostname)
+            .to_string(),
+        tls_mode: relay_config.tls,
+        client_tls,
+        server_name: relay_config.server_name.clone(),
+        timeouts: relay_config.timeouts.clone(),
+        max_connections: relay_config.max_connections,
+        pool_wait: relay_config.pool_wait,
+        idle_timeout: relay_config.idle_timeout,
+    });
+
+    let mut specs = Vec::with_capacity(config.backend.len());
+    for (n, spec) in config.backend.iter().enumerate() {
+        let path = match spec {
+            BackendSpec::Maildir { path } => {
+                let path = loaded.resolve(path);
+                if mode == Mode::Check && !path.exists() {
+                    diagnostics.push(loaded.warning(
+                        &YamlPath::root().key("backend").index(n),
+                        format!(
+                            "{} does not exist yet; `serve` will create it",
+                            path.display()
+                        ),
+                    ));
+                }
+                path
+            }
+            _ => PathBuf::new(),
+        };
+        specs.push((spec.clone(), path));
+    }
+    if mode == Mode::Check {
+        // Do not create directories while only checking.
+        specs.retain(|(spec, path)| !matches!(spec, BackendSpec::Maildir { .. }) || path.exists());
+    }
+    match Relay::new(&specs, settings, config.server.hostname.as_str()) {
+        Ok(relay) => Some(relay),
+        Err(err) => {
+            diagnostics.push(loaded.error(&YamlPath::root().key("backend"), err));
+            None
+        }
+    }
+}
