@@ -1,16 +1,22 @@
 //! `mxgate serve`: load, bind, run, reload, drain.
+//!
+//! [`start`] binds every listener and spawns the tasks; [`Running::stop`] drains. The
+//! binary wraps them with signal handling; tests use them directly (listeners may be on
+//! port 0: [`Running`] reports the bound addresses, and `serve` prints them on stdout).
 
-use crate::config;
+use crate::config::{self, Diagnostic, LoadedConfig};
 use crate::server::listener::{ConnectionSlots, accept_loop};
 use crate::server::reload::{self, Reloader};
 use crate::server::shutdown::{Phase, Shutdown};
 use crate::snapshot::{self, Mode, Snapshot};
 use arc_swap::ArcSwap;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 /// Runs the gateway until SIGTERM/SIGINT. Returns the process exit code.
 pub fn serve(config_path: &Path) -> i32 {
@@ -37,60 +43,97 @@ pub fn serve(config_path: &Path) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(run(config_path, loaded))
-}
-
-async fn run(config_path: &Path, loaded: config::LoadedConfig) -> i32 {
-    crate::metrics_init();
-    let snapshot = match snapshot::compile(loaded, 1, Mode::Serve) {
-        Ok((snapshot, warnings)) => {
-            for warning in &warnings {
-                tracing::warn!("{warning}");
-            }
-            snapshot
-        }
-        Err(errors) => {
-            for error in &errors {
-                eprintln!("{error}");
-            }
-            return 1;
-        }
-    };
-    reload::note_running(&snapshot);
-    let listen = snapshot.loaded.config.server.listen.clone();
-    let metrics_listen = snapshot.loaded.config.metrics.as_ref().map(|m| m.listen);
-    let grace = snapshot.limits.timeouts.shutdown_grace;
-    let reload_interval = snapshot
-        .loaded
-        .config
-        .policy
-        .reload_interval
-        .or(snapshot
-            .loaded
-            .config
-            .tls
-            .as_ref()
-            .map(|t| t.reload_interval))
-        .unwrap_or(Duration::from_secs(5));
-    let snapshots = Arc::new(ArcSwap::from_pointee(snapshot));
-
-    let mut listeners = Vec::with_capacity(listen.len());
-    for addr in &listen {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => listeners.push(listener),
-            Err(err) => {
-                eprintln!("cannot listen on {addr}: {err}");
+    runtime.block_on(async {
+        let running = match start(config_path, loaded).await {
+            Ok(running) => running,
+            Err(errors) => {
+                for error in &errors {
+                    eprintln!("{error}");
+                }
                 return 1;
             }
+        };
+        // Machine-readable, for scripts (and tests) that listen on port 0.
+        for addr in &running.smtp {
+            println!("listening smtp {addr}");
+        }
+        if let Some(addr) = running.metrics {
+            println!("listening metrics {addr}");
+        }
+        println!("ready");
+        wait_for_stop_signal().await;
+        running.stop().await;
+        0
+    })
+}
+
+/// A started gateway.
+pub struct Running {
+    pub smtp: Vec<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+    config_path: PathBuf,
+    shutdown: Shutdown,
+    bound: Arc<AtomicBool>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    metrics_stop: tokio::sync::watch::Sender<bool>,
+    grace: Duration,
+}
+
+/// Compiles the snapshot, binds every listener and starts serving.
+pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, Vec<Diagnostic>> {
+    crate::metrics_init();
+    let (snapshot, warnings) = snapshot::compile(loaded, 1, Mode::Serve)?;
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    reload::note_running(&snapshot);
+    let config = &snapshot.loaded.config;
+    let listen = config.server.listen.clone();
+    let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
+    let grace = snapshot.limits.timeouts.shutdown_grace;
+    let reload_interval = config
+        .policy
+        .reload_interval
+        .or(config.tls.as_ref().map(|t| t.reload_interval))
+        .unwrap_or(Duration::from_secs(5));
+    let source = snapshot.loaded.source.clone();
+    let snapshots = Arc::new(ArcSwap::from_pointee(snapshot));
+    let bind_error = |key: &str, n: Option<usize>, addr: SocketAddr, err: std::io::Error| {
+        let mut path = config::YamlPath::root();
+        path = match key {
+            "listen" => path.key("server").key("listen").index(n.unwrap_or(0)),
+            _ => path.key("metrics").key("listen"),
+        };
+        vec![source.error(&path, format!("cannot listen on {addr}: {err}"))]
+    };
+
+    let mut listeners = Vec::with_capacity(listen.len());
+    for (n, addr) in listen.iter().enumerate() {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(err) => return Err(bind_error("listen", Some(n), *addr, err)),
         }
     }
+    let metrics_listener = match metrics_listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(err) => return Err(bind_error("metrics", None, addr, err)),
+        },
+        None => None,
+    };
 
-    let mut shutdown = Shutdown::new();
+    let shutdown = Shutdown::new();
     let slots = Arc::new(ConnectionSlots::default());
     let bound = Arc::new(AtomicBool::new(true));
-    let mut accept_tasks = Vec::new();
+    let mut smtp = Vec::with_capacity(listeners.len());
+    let mut accept_tasks = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for SMTP");
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, "listening for SMTP");
+            smtp.push(addr);
+        }
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
             snapshots.clone(),
@@ -99,46 +142,64 @@ async fn run(config_path: &Path, loaded: config::LoadedConfig) -> i32 {
         )));
     }
 
+    let mut background = Vec::new();
     let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = metrics_listen {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                tracing::info!(address = %addr, "serving metrics");
-                let readiness = readiness(snapshots.clone(), bound.clone());
-                tokio::spawn(crate::metrics::serve(listener, readiness, metrics_stop_rx));
-            }
-            Err(err) => {
-                eprintln!("cannot listen for metrics on {addr}: {err}");
-                return 1;
-            }
-        }
+    let mut metrics = None;
+    if let Some(listener) = metrics_listener {
+        metrics = listener.local_addr().ok();
+        tracing::info!(address = ?metrics, "serving metrics");
+        let readiness = readiness(snapshots.clone(), bound.clone());
+        background.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            readiness,
+            metrics_stop_rx,
+        )));
     }
-
-    tokio::spawn(probe_backends(snapshots.clone()));
+    background.push(tokio::spawn(probe_backends(snapshots.clone())));
     let reloader = Reloader::new(config_path.to_path_buf(), snapshots.clone());
-    let reload_task = tokio::spawn(reloader.run(reload_interval));
+    background.push(tokio::spawn(reloader.run(reload_interval)));
 
-    wait_for_stop_signal().await;
-    tracing::info!(grace = ?grace, "shutting down: no new connections, finishing transactions in flight");
-    bound.store(false, Ordering::Relaxed);
-    shutdown.set(Phase::Draining);
-    for task in accept_tasks {
-        let _ = task.await;
-    }
-    reload_task.abort();
-    let drained = tokio::time::timeout(grace, wait_drained(&mut shutdown)).await;
-    if drained.is_err() {
-        tracing::warn!("grace period over: closing the remaining sessions");
-        shutdown.set(Phase::Forced);
-        let _ = tokio::time::timeout(Duration::from_secs(10), shutdown.drained()).await;
-    }
-    let _ = metrics_stop.send(true);
-    tracing::info!("stopped");
-    0
+    Ok(Running {
+        smtp,
+        metrics,
+        snapshots,
+        config_path: config_path.to_path_buf(),
+        shutdown,
+        bound,
+        accept_tasks,
+        background,
+        metrics_stop,
+        grace,
+    })
 }
 
-async fn wait_drained(shutdown: &mut Shutdown) {
-    shutdown.drained().await;
+impl Running {
+    /// Reloads the configuration now (what SIGHUP does).
+    pub fn reload(&self) -> Result<u64, Vec<Diagnostic>> {
+        Reloader::new(self.config_path.clone(), self.snapshots.clone()).reload("request")
+    }
+
+    /// Stops accepting, lets transactions in flight finish within the grace period,
+    /// then closes what is left.
+    pub async fn stop(mut self) {
+        tracing::info!(grace = ?self.grace, "shutting down: no new connections, finishing transactions in flight");
+        self.bound.store(false, Ordering::Relaxed);
+        self.shutdown.set(Phase::Draining);
+        for task in self.accept_tasks.drain(..) {
+            let _ = task.await;
+        }
+        let drained = tokio::time::timeout(self.grace, self.shutdown.drained()).await;
+        if drained.is_err() {
+            tracing::warn!("grace period over: closing the remaining sessions");
+            self.shutdown.set(Phase::Forced);
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.shutdown.drained()).await;
+        }
+        let _ = self.metrics_stop.send(true);
+        for task in self.background.drain(..) {
+            task.abort();
+        }
+        tracing::info!("stopped");
+    }
 }
 
 async fn wait_for_stop_signal() {
@@ -179,9 +240,12 @@ fn readiness(
         }
         let snapshot = snapshots.load();
         let now = crate::metrics::unix_now();
-        let recent = snapshot.relay.backends().iter().any(|b| {
-            now - b.last_success_unix() <= crate::relay::PROBE_INTERVAL.as_secs() as i64 * 2 + 5
-        });
+        let window = crate::relay::PROBE_INTERVAL.as_secs() as i64 * 2 + 5;
+        let recent = snapshot
+            .relay
+            .backends()
+            .iter()
+            .any(|b| now - b.last_success_unix() <= window);
         if recent {
             Ok(())
         } else {

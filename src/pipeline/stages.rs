@@ -157,9 +157,10 @@ impl Connection {
     }
 
     /// The recipient in the form we relay it, if it is in one of our domains.
-    /// `<postmaster>` without a domain must be accepted (RFC 5321 section 4.5.1).
+    /// `<postmaster>` without a domain must be accepted (RFC 5321 section 4.5.1);
+    /// smtp-proto reports it as an empty address.
     fn local_recipient(&self, address: &str) -> Option<String> {
-        if address.eq_ignore_ascii_case("postmaster") {
+        if address.is_empty() || address.eq_ignore_ascii_case("postmaster") {
             let domain = self.snapshot.loaded.config.server.domains.first()?;
             return Some(format!("postmaster@{domain}"));
         }

@@ -82,11 +82,19 @@ pub struct Session<S> {
     rpos: usize,
     wbuf: Vec<u8>,
     receiver: RequestReceiver,
+    /// Octets of the command line the receiver holds so far (for the length limit).
+    partial_line: usize,
+    /// Dropping the rest of an overlong line.
+    skipping_line: bool,
     errors: u32,
     shutdown: ShutdownListener,
 }
 
 const READ_CHUNK: usize = 8 * 1024;
+
+/// Longest command line accepted, CRLF included. RFC 5321 section 4.5.3.1.4 sets 512
+/// octets as the minimum a server must accept; parameters push real clients past it.
+const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn new(io: S, conn: Connection, shutdown: ShutdownListener) -> Self {
@@ -98,6 +106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             rpos: 0,
             wbuf: Vec::with_capacity(256),
             receiver: RequestReceiver::default(),
+            partial_line: 0,
+            skipping_line: false,
             errors: 0,
             shutdown,
         }
@@ -267,18 +277,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn process_command(&mut self) -> Flow {
         let input = &self.rbuf[self.rpos..];
+        let line_end = memchr::memchr(b'\n', input);
+        if self.skipping_line {
+            match line_end {
+                Some(pos) => {
+                    self.rpos += pos + 1;
+                    self.skipping_line = false;
+                }
+                None => self.rpos = self.rbuf.len(),
+            }
+            return Flow::Continue;
+        }
+        let line_len = self.partial_line + line_end.map_or(input.len(), |p| p + 1);
+        if line_len > MAX_COMMAND_LINE {
+            // Refuse the whole line once, whether it arrived in one piece or several.
+            self.receiver = RequestReceiver::default();
+            self.partial_line = 0;
+            match line_end {
+                Some(pos) => self.rpos += pos + 1,
+                None => {
+                    self.rpos = self.rbuf.len();
+                    self.skipping_line = true;
+                }
+            }
+            return self.reply_flow(Reply::line_too_long());
+        }
         let mut iter = input.iter();
         let parsed = self.receiver.ingest(&mut iter).map(|r| r.into_owned());
         let consumed = input.len() - iter.len();
         self.rpos += consumed;
         match parsed {
-            Ok(request) => self.handle(request).await,
+            Ok(request) => {
+                self.partial_line = 0;
+                self.handle(request).await
+            }
             Err(smtp_proto::Error::NeedsMoreData { .. }) => {
                 // The rest of the input is a partial line, kept by the receiver.
+                self.partial_line += input.len();
                 self.rpos = self.rbuf.len();
                 Flow::Continue
             }
             Err(err) => {
+                self.partial_line = 0;
                 let reply = protocol_error_reply(err);
                 self.reply_flow(reply)
             }
@@ -397,6 +437,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.rbuf.clear();
                 self.rpos = 0;
                 self.receiver = RequestReceiver::default();
+                self.partial_line = 0;
                 Flow::StartTls
             }
             _ => self.reply_flow(Reply::bad_sequence("mail transaction in progress")),

@@ -1,0 +1,418 @@
+//! The SMTP conversation over a real socket: extensions, command sequencing, limits and
+//! error replies with enhanced status codes.
+
+mod support;
+
+use support::client::SmtpClient;
+use support::gateway::{Gateway, TestConfig};
+
+fn trusted_local() -> TestConfig {
+    TestConfig {
+        trusted: vec!["127.0.0.0/8".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ehlo_offers_the_extensions() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (_client, ehlo) = gw.ehlo().await;
+    let keywords: Vec<&str> = ehlo.lines[1..].iter().map(String::as_str).collect();
+    for want in [
+        "PIPELINING",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "STARTTLS",
+    ] {
+        assert!(keywords.contains(&want), "{want} missing from {keywords:?}");
+    }
+    assert!(keywords.contains(&"SIZE 26214400"), "{keywords:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivers_a_message_to_the_maildir() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client
+        .send_mail(
+            "alice@sender.test",
+            &["bob@example.test"],
+            "Subject: hello\n\nbody line\n..dot line\n",
+        )
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(reply.status(), "2.0.0");
+    let delivered = gw.delivered();
+    assert_eq!(delivered.len(), 1);
+    let message = &delivered[0];
+    assert!(message.starts_with("Return-Path: <alice@sender.test>\nDelivered-To: bob@example.test\nReceived: from client.example.net (unknown [127.0.0.1])"), "{message}");
+    assert!(
+        message.ends_with("Subject: hello\n\nbody line\n.dot line\n"),
+        "{message}"
+    );
+    assert_eq!(client.cmd("QUIT").await.code, 221);
+    assert!(client.is_closed().await);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_out_of_sequence_get_503() {
+    let gw = Gateway::start(trusted_local()).await;
+    let mut client = gw.connect().await;
+    let reply = client.cmd("MAIL FROM:<a@b.test>").await;
+    assert_eq!((reply.code, reply.status()), (503, "5.5.1"), "{reply}");
+    assert_eq!(client.cmd("EHLO c.test").await.code, 250);
+    let reply = client.cmd("RCPT TO:<x@example.test>").await;
+    assert_eq!((reply.code, reply.status()), (503, "5.5.1"), "{reply}");
+    let reply = client.cmd("DATA").await;
+    assert_eq!((reply.code, reply.status()), (503, "5.5.1"), "{reply}");
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    let reply = client.cmd("MAIL FROM:<a@b.test>").await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (503, "5.5.1"),
+        "nested MAIL: {reply}"
+    );
+    let reply = client.cmd("DATA").await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (554, "5.5.1"),
+        "DATA without recipients: {reply}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn informational_commands() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client.cmd("VRFY bob").await;
+    assert_eq!((reply.code, reply.status()), (252, "2.5.0"), "{reply}");
+    let reply = client.cmd("HELP").await;
+    assert_eq!(reply.code, 214, "{reply}");
+    let reply = client.cmd("NOOP").await;
+    assert_eq!((reply.code, reply.status()), (250, "2.0.0"));
+    let reply = client.cmd("RSET").await;
+    assert_eq!((reply.code, reply.status()), (250, "2.0.0"));
+    let reply = client.cmd("EXPN staff").await;
+    assert_eq!((reply.code, reply.status()), (502, "5.5.1"), "{reply}");
+    let reply = client.cmd("FROB").await;
+    assert_eq!((reply.code, reply.status()), (500, "5.5.2"), "{reply}");
+    let reply = client.cmd("AUTH PLAIN AGJvYgBzZWNyZXQ=").await;
+    assert_eq!(reply.code / 100, 5, "{reply}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helo_gets_plain_reply_and_no_extensions() {
+    let gw = Gateway::start(trusted_local()).await;
+    let mut client = gw.connect().await;
+    let reply = client.cmd("HELO old.client.test").await;
+    assert_eq!(reply.code, 250);
+    assert_eq!(reply.lines.len(), 1, "{reply}");
+    let reply = client
+        .send_mail("a@b.test", &["c@example.test"], "Subject: x\n\nhi\n")
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(
+        gw.delivered()[0].contains("with SMTP"),
+        "HELO sessions are recorded as SMTP"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_our_domains_are_accepted() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    for rcpt in [
+        "victim@elsewhere.test",
+        "x@sub.example.test",
+        "x@example.test.evil",
+    ] {
+        let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (550, "5.7.1"),
+            "{rcpt}: {reply}"
+        );
+    }
+    // An address literal is refused too (as bad syntax, by the parser).
+    let reply = client.cmd("RCPT TO:<x@[127.0.0.1]>").await;
+    assert_eq!(reply.code / 100, 5, "{reply}");
+    let reply = client.cmd("RCPT TO:<Bob@EXAMPLE.TEST>").await;
+    assert_eq!(reply.code, 250, "domains are case-insensitive: {reply}");
+    let reply = client.cmd("RCPT TO:<postmaster>").await;
+    assert_eq!(
+        reply.code, 250,
+        "RFC 5321 requires accepting <postmaster>: {reply}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recipient_limit() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_recipients: 3\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    for n in 0..3 {
+        assert_eq!(
+            client
+                .cmd(&format!("RCPT TO:<u{n}@example.test>"))
+                .await
+                .code,
+            250
+        );
+    }
+    let reply = client.cmd("RCPT TO:<u4@example.test>").await;
+    assert_eq!((reply.code, reply.status()), (452, "4.5.3"), "{reply}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn size_limits() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_message_size: 2000\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, ehlo) = gw.ehlo().await;
+    assert!(ehlo.lines.contains(&"SIZE 2000".to_string()), "{ehlo}");
+    let reply = client.cmd("MAIL FROM:<a@b.test> SIZE=2001").await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (552, "5.3.4"),
+        "declared size: {reply}"
+    );
+    let body = format!("Subject: big\n\n{}\n", "x".repeat(3000));
+    let reply = client
+        .send_mail("a@b.test", &["c@example.test"], &body)
+        .await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (552, "5.3.4"),
+        "actual size: {reply}"
+    );
+    // The session is still usable after the oversized message was read to its end.
+    let reply = client
+        .send_mail("a@b.test", &["c@example.test"], "Subject: small\n\nok\n")
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(gw.delivered().len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlong_command_line_is_refused() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    let line = format!("MAIL FROM:<{}@b.test>", "a".repeat(5000));
+    let reply = client.cmd(&line).await;
+    assert_eq!((reply.code, reply.status()), (500, "5.5.2"), "{reply}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn too_many_errors_close_the_session() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_errors: 3\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("BOGUS1").await.code, 500);
+    assert_eq!(client.cmd("BOGUS2").await.code, 500);
+    client.send(b"BOGUS3\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 500);
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.7.0"), "{reply}");
+    assert!(client.is_closed().await);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unoffered_parameters_are_refused() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    for line in [
+        "MAIL FROM:<a@b.test> RET=FULL",
+        "MAIL FROM:<a@b.test> BODY=BINARYMIME",
+        "MAIL FROM:<a@b.test> ENVID=x",
+    ] {
+        let reply = client.cmd(line).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (555, "5.5.4"),
+            "{line}: {reply}"
+        );
+    }
+    assert_eq!(
+        client
+            .cmd("MAIL FROM:<a@b.test> BODY=8BITMIME SMTPUTF8")
+            .await
+            .code,
+        250
+    );
+    let reply = client.cmd("RCPT TO:<c@example.test> NOTIFY=NEVER").await;
+    assert_eq!((reply.code, reply.status()), (555, "5.5.4"), "{reply}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_ascii_address_needs_smtputf8() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client.cmd("MAIL FROM:<jörg@sender.test>").await;
+    assert_eq!((reply.code, reply.status()), (553, "5.6.7"), "{reply}");
+    assert_eq!(
+        client
+            .cmd("MAIL FROM:<jörg@sender.test> SMTPUTF8")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(client.cmd("RCPT TO:<björn@example.test>").await.code, 250);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_transaction_in_one_write() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = SmtpClient::connect(gw.smtp).await;
+    client
+        .send(
+            b"EHLO pipe.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<nobody@else.test>\r\nRCPT TO:<y@example.test>\r\nDATA\r\n",
+        )
+        .await;
+    let codes: Vec<u16> = {
+        let mut codes = Vec::new();
+        for _ in 0..6 {
+            codes.push(client.read_reply().await.code);
+        }
+        codes
+    };
+    assert_eq!(codes, vec![250, 250, 250, 550, 250, 354]);
+    client
+        .send(b"Subject: p\r\n\r\npipelined\r\n.\r\nQUIT\r\n")
+        .await;
+    assert_eq!(client.read_reply().await.code, 250);
+    assert_eq!(client.read_reply().await.code, 221);
+    let delivered = gw.delivered();
+    assert_eq!(delivered.len(), 1);
+    assert!(delivered[0].contains("Delivered-To: x@example.test\nDelivered-To: y@example.test\n"));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bdat_chunks() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<c@example.test>").await.code, 250);
+    let part1 = b"Subject: chunks\r\n\r\nfirst ";
+    let part2 = b"second\r\n.not stuffed in BDAT\r\n";
+    client
+        .send(format!("BDAT {}\r\n", part1.len()).as_bytes())
+        .await;
+    client.send(part1).await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    client
+        .send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes())
+        .await;
+    client.send(part2).await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let delivered = gw.delivered();
+    assert!(
+        delivered[0].ends_with("Subject: chunks\n\nfirst second\n.not stuffed in BDAT\n"),
+        "{}",
+        delivered[0]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bdat_outside_a_transaction_is_read_and_refused() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    // The 12 octets must be consumed as data, not parsed as commands.
+    client
+        .send(b"BDAT 12 LAST\r\nQUIT\r\nQUIT\r\nNOOP\r\n")
+        .await;
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (503, "5.5.1"), "{reply}");
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "NOOP after the chunk: {reply}");
+    let reply = client.cmd("BDAT 0 LAST").await;
+    assert_eq!(reply.code, 503, "{reply}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rset_and_new_ehlo_abort_the_transaction() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<c@example.test>").await.code, 250);
+    assert_eq!(client.cmd("RSET").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<c@example.test>").await.code, 503);
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    assert_eq!(client.cmd("EHLO again.test").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 503);
+    assert!(gw.delivered().is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mxgate_check_reports_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "server:\n  hostname: mx.test\n  listen: [\"127.0.0.1:0\"]\n  domains: []\n  trusted_networks: [\"10.0.0.0/33\"]\nbackend: []\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let first = stderr.lines().next().unwrap();
+    let expected = format!(
+        "{}:5:22: server.trusted_networks[0]: `10.0.0.0/33` is not an IP address or network",
+        path.display()
+    );
+    assert!(first.starts_with(&expected), "{stderr}");
+    std::fs::write(
+        &path,
+        "server:\n  hostname: mx.test\n  listen: [\"127.0.0.1:0\"]\n  domains: []\nbackend: []\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 2, "both errors at once: {stderr}");
+    assert!(
+        stderr.contains(":4:12: server.domains needs at least one"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":5:10: backend needs at least one"),
+        "{stderr}"
+    );
+}

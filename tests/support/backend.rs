@@ -1,0 +1,316 @@
+//! A scriptable mailbox server for relay tests: speaks SMTP or LMTP on 127.0.0.1:0,
+//! records what it receives byte for byte, and can be told to refuse, stall or drop.
+//! It stands in for Postfix/Dovecot (external systems), never for mxgate code.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    pub lmtp: bool,
+    pub greeting: String,
+    pub pipelining: bool,
+    pub mail_reply: String,
+    /// Reply per recipient; others get `250 2.1.5 OK`.
+    pub rcpt_replies: HashMap<String, String>,
+    pub data_reply: String,
+    /// LMTP: final reply per recipient; others get `data_reply`.
+    pub lmtp_replies: HashMap<String, String>,
+    /// Wait this long before the final reply to DATA.
+    pub data_delay: Option<Duration>,
+    /// Close the connection after this many bytes of DATA content.
+    pub drop_mid_data: Option<usize>,
+    /// Close after the end of data instead of replying.
+    pub drop_after_data: bool,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            lmtp: false,
+            greeting: "220 backend.test ESMTP".into(),
+            pipelining: true,
+            mail_reply: "250 2.1.0 Ok".into(),
+            rcpt_replies: HashMap::new(),
+            data_reply: "250 2.0.0 Ok: queued as BACKEND1".into(),
+            lmtp_replies: HashMap::new(),
+            data_delay: None,
+            drop_mid_data: None,
+            drop_after_data: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpts: Vec<String>,
+    /// DATA content exactly as it came over the wire (dot-stuffed), without the final
+    /// `.` CRLF.
+    pub raw: Vec<u8>,
+}
+
+impl Received {
+    /// The content with dot-stuffing removed.
+    pub fn content(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.raw.len());
+        for line in self.raw.split_inclusive(|&b| b == b'\n') {
+            match line.strip_prefix(b".") {
+                Some(rest) => out.extend_from_slice(rest),
+                None => out.extend_from_slice(line),
+            }
+        }
+        out
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.content()).into_owned()
+    }
+}
+
+#[derive(Default)]
+pub struct Log {
+    pub messages: Vec<Received>,
+    pub connections: usize,
+    pub commands: Vec<String>,
+}
+
+pub struct FakeBackend {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Log>>,
+    pub behaviour: Arc<Mutex<Behaviour>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeBackend {
+    pub async fn start(behaviour: Behaviour) -> FakeBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let (task_log, task_behaviour) = (log.clone(), behaviour.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                task_log.lock().unwrap().connections += 1;
+                let behaviour = task_behaviour.lock().unwrap().clone();
+                let log = task_log.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, behaviour, log).await;
+                });
+            }
+        });
+        FakeBackend {
+            addr,
+            log,
+            behaviour,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.behaviour.lock().unwrap().lmtp {
+            "lmtp"
+        } else {
+            "smtp"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.log.lock().unwrap().messages.clone()
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.log.lock().unwrap().commands.clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.log.lock().unwrap().connections
+    }
+
+    pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
+        change(&mut self.behaviour.lock().unwrap());
+    }
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address where nothing listens.
+pub async fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    b: Behaviour,
+    log: Arc<Mutex<Log>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut current = Received::default();
+    write_line(&mut stream, &b.greeting).await?;
+    if !b.greeting.starts_with("220") {
+        return Ok(());
+    }
+    loop {
+        let Some(line) = read_line(&mut stream, &mut buf).await? else {
+            return Ok(());
+        };
+        log.lock().unwrap().commands.push(line.clone());
+        let upper = line.to_ascii_uppercase();
+        if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
+            let mut caps = vec!["backend.test".to_string()];
+            if b.pipelining {
+                caps.push("PIPELINING".into());
+            }
+            caps.extend([
+                "8BITMIME".into(),
+                "SMTPUTF8".into(),
+                "SIZE 100000000".into(),
+                "ENHANCEDSTATUSCODES".into(),
+            ]);
+            let last = caps.len() - 1;
+            let mut out = String::new();
+            for (n, cap) in caps.iter().enumerate() {
+                out.push_str(&format!(
+                    "250{}{cap}\r\n",
+                    if n == last { ' ' } else { '-' }
+                ));
+            }
+            stream.write_all(out.as_bytes()).await?;
+        } else if upper.starts_with("MAIL FROM:") {
+            current = Received {
+                mail_from: angle(&line),
+                ..Default::default()
+            };
+            write_line(&mut stream, &b.mail_reply).await?;
+        } else if upper.starts_with("RCPT TO:") {
+            let rcpt = angle(&line);
+            let reply = b
+                .rcpt_replies
+                .get(&rcpt)
+                .cloned()
+                .unwrap_or_else(|| "250 2.1.5 OK".into());
+            if reply.starts_with('2') {
+                current.rcpts.push(rcpt);
+            }
+            write_line(&mut stream, &reply).await?;
+        } else if upper == "DATA" {
+            if current.rcpts.is_empty() {
+                write_line(&mut stream, "554 5.5.1 no valid recipients").await?;
+                continue;
+            }
+            write_line(&mut stream, "354 go ahead").await?;
+            let Some(raw) = read_data(&mut stream, &mut buf, b.drop_mid_data).await? else {
+                return Ok(());
+            };
+            current.raw = raw;
+            if b.drop_after_data {
+                return Ok(());
+            }
+            if let Some(delay) = b.data_delay {
+                tokio::time::sleep(delay).await;
+            }
+            let message = std::mem::take(&mut current);
+            if b.lmtp {
+                for rcpt in &message.rcpts {
+                    let reply = b
+                        .lmtp_replies
+                        .get(rcpt)
+                        .cloned()
+                        .unwrap_or_else(|| b.data_reply.clone());
+                    write_line(&mut stream, &reply).await?;
+                }
+            } else {
+                write_line(&mut stream, &b.data_reply).await?;
+            }
+            log.lock().unwrap().messages.push(message);
+        } else if upper == "RSET" {
+            current = Received::default();
+            write_line(&mut stream, "250 2.0.0 Ok").await?;
+        } else if upper == "NOOP" {
+            write_line(&mut stream, "250 2.0.0 Ok").await?;
+        } else if upper == "QUIT" {
+            write_line(&mut stream, "221 2.0.0 Bye").await?;
+            return Ok(());
+        } else {
+            write_line(&mut stream, "502 5.5.2 unexpected command").await?;
+            panic!("fake backend got an unexpected command: {line:?}");
+        }
+    }
+}
+
+fn angle(line: &str) -> String {
+    let start = line.find('<').map_or(0, |p| p + 1);
+    let end = line[start..].find('>').map_or(line.len(), |p| start + p);
+    line[start..end].to_string()
+}
+
+async fn write_line<S: AsyncWrite + Unpin>(stream: &mut S, line: &str) -> std::io::Result<()> {
+    stream.write_all(format!("{line}\r\n").as_bytes()).await?;
+    stream.flush().await
+}
+
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut chunk = [0u8; 16384];
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+async fn read_line<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<String>> {
+    loop {
+        if let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..pos]).into_owned();
+            buf.drain(..pos + 2);
+            return Ok(Some(line));
+        }
+        if !fill(stream, buf).await? {
+            return Ok(None);
+        }
+    }
+}
+
+/// Reads DATA content up to the strict `CRLF.CRLF` terminator.
+async fn read_data<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    drop_after: Option<usize>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    loop {
+        if let Some(limit) = drop_after
+            && buf.len() >= limit
+        {
+            return Ok(None);
+        }
+        // The content may be empty, in which case the terminator is just ".\r\n".
+        if buf.starts_with(b".\r\n") {
+            buf.drain(..3);
+            return Ok(Some(Vec::new()));
+        }
+        if let Some(pos) = buf.windows(5).position(|w| w == b"\r\n.\r\n") {
+            let raw = buf[..pos + 2].to_vec();
+            buf.drain(..pos + 5);
+            return Ok(Some(raw));
+        }
+        if !fill(stream, buf).await? {
+            return Ok(None);
+        }
+    }
+}
