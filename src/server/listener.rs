@@ -154,7 +154,12 @@ async fn serve_connection(
         };
         let acceptor = tls.acceptor.clone();
         let limit = conn.snapshot.limits.timeouts.command;
-        match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        let mut stop = shutdown.clone();
+        let handshake = tokio::select! {
+            result = tokio::time::timeout(limit, acceptor.accept(tcp)) => result,
+            _ = stop.reached(Phase::Forced) => return,
+        };
+        match handshake {
             Ok(Ok(stream)) => {
                 let info = TlsInfo::from_connection(stream.get_ref().1);
                 smtp_metrics::TLS_HANDSHAKES
