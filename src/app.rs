@@ -84,7 +84,7 @@ pub struct Running {
 /// Compiles the snapshot, binds every listener and starts serving.
 pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, Vec<Diagnostic>> {
     crate::metrics_init();
-    let (snapshot, warnings) = snapshot::compile(loaded, 1, Mode::Serve)?;
+    let (snapshot, warnings) = snapshot::compile(loaded, 1, Mode::Serve, None)?;
     for warning in &warnings {
         tracing::warn!("{warning}");
     }

@@ -58,7 +58,7 @@ fn check(path: &std::path::Path) -> i32 {
             return 1;
         }
     };
-    let result = runtime.block_on(async { snapshot::compile(loaded, 1, Mode::Check) });
+    let result = runtime.block_on(async { snapshot::compile(loaded, 1, Mode::Check, None) });
     match result {
         Ok((_, warnings)) => {
             diagnostics.extend(warnings);

@@ -8,6 +8,7 @@
 //! - process: `server`, `snapshot`, `app`, `cli`
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod logging;
@@ -24,6 +25,7 @@ pub mod tls;
 /// Registers every metric so that `/metrics` lists them from the start, at zero.
 pub fn metrics_init() {
     smtp::metrics::init();
+    auth::metrics::init();
     pipeline::metrics::init();
     relay::metrics::init();
     server::reload::init();

@@ -5,10 +5,12 @@
 //! snapshot when it is accepted and keeps it to the end, so a reload never changes the
 //! rules under a transaction. A reload that fails to compile changes nothing.
 
+use crate::auth::Authenticator;
 use crate::config::{
     BackendSpec, BareLineEndings, Diagnostic, LoadedConfig, Network, RelayTls, ServerTimeouts,
     YamlPath,
 };
+use crate::pipeline::verdict::DmarcSettings;
 use crate::relay::{Relay, RelaySettings};
 use crate::tls;
 use std::collections::HashSet;
@@ -25,6 +27,11 @@ pub struct Snapshot {
     pub limits: Limits,
     pub tls: Option<ServerTls>,
     pub relay: Relay,
+    /// Sender checks; `None` when `auth.enabled` is false.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Write comments in Authentication-Results.
+    pub auth_comments: bool,
+    pub dmarc: DmarcSettings,
     /// Every file the snapshot was built from; a change to any of them triggers a reload.
     pub watched_files: Vec<PathBuf>,
 }
@@ -76,6 +83,7 @@ pub fn compile(
     loaded: LoadedConfig,
     generation: u64,
     mode: Mode,
+    previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut diagnostics = Vec::new();
     let mut watched = vec![loaded.source.path.clone()];
@@ -131,6 +139,17 @@ pub fn compile(
         None => return Err(diagnostics),
     };
 
+    let auth = compile_auth(&loaded, previous, &mut diagnostics);
+    let quarantine_header =
+        crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header)
+            .unwrap_or_else(|| ("X-Spam-Flag".into(), "YES".into()));
+    let dmarc = DmarcSettings {
+        enforce: config.dmarc.enforce,
+        quarantine_header,
+        on_temperror: config.dmarc.on_temperror,
+        reject_invalid_from: config.dmarc.reject_invalid_from,
+    };
+
     if crate::config::diagnostics::has_errors(&diagnostics) {
         return Err(diagnostics);
     }
@@ -155,6 +174,9 @@ pub fn compile(
         },
         tls: server_tls,
         relay,
+        auth,
+        auth_comments: config.auth.comments,
+        dmarc,
         watched_files: watched,
         loaded,
     };
@@ -263,6 +285,38 @@ fn compile_relay(
         Ok(relay) => Some(relay),
         Err(err) => {
             diagnostics.push(loaded.error(&YamlPath::root().key("backend"), err));
+            None
+        }
+    }
+}
+
+/// The authenticator: reused from the previous snapshot when the DNS settings did not
+/// change, so a reload keeps the warm DNS cache.
+fn compile_auth(
+    loaded: &LoadedConfig,
+    previous: Option<&Snapshot>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Arc<Authenticator>> {
+    let config = &loaded.config;
+    if !config.auth.enabled {
+        return None;
+    }
+    let hostname = config.server.hostname.as_str();
+    if let Some(existing) = previous.and_then(|p| p.auth.clone())
+        && existing.dns_config == config.dns
+        && existing.host_domain() == hostname
+    {
+        return Some(existing);
+    }
+    match Authenticator::new(&config.dns, hostname) {
+        Ok((auth, warning)) => {
+            if let Some(warning) = warning {
+                diagnostics.push(loaded.warning(&YamlPath::root().key("dns"), warning));
+            }
+            Some(Arc::new(auth))
+        }
+        Err(err) => {
+            diagnostics.push(loaded.error(&YamlPath::root().key("dns"), err));
             None
         }
     }

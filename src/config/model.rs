@@ -279,7 +279,7 @@ impl Default for RelayTimeouts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dns {
     /// `ip:port` list, UDP with TCP fallback; absent = the system's resolv.conf.

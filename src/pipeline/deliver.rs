@@ -1,28 +1,68 @@
 //! End of data: build the outgoing header fields and relay; the backend's answer
 //! becomes the client's final reply.
 
+use super::assess::assess;
 use super::record::Outcome;
+use super::verdict::{self, Action, Verdict};
 use super::{Connection, Transaction, metrics};
+use crate::auth::results::{AuthReport, AuthResult};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
+use crate::rewrite::auth_results::{ResultsInput, results_value};
+use crate::rewrite::headers::{header_fields, sanitize, write_folded};
 use crate::rewrite::received::{ReceivedFields, write_received};
+use crate::rewrite::strip::forged_results;
 use crate::smtp::reply::Reply;
 use crate::spool::MessageBytes;
+use mail_auth::AuthenticatedMessage;
 use tokio::time::Instant;
 
 impl Connection {
-    /// The whole message has been received: relay it and return the final reply.
+    /// The whole message has been received: check it, decide, and relay it (or refuse
+    /// it). Returns the final reply.
     pub async fn on_message(&mut self, mut tx: Transaction, message: MessageBytes) -> Reply {
         let end_of_data = Instant::now();
         metrics::message_received(message.len());
         tx.record.size = message.len() as u64;
         tx.record.rcpts = tx.rcpts.clone();
 
-        let mut prefix = Vec::with_capacity(1024);
+        let mut prefix = Vec::with_capacity(2048);
+        let mut client_name = None;
+        let verdict = match self.auth.clone() {
+            None => Verdict::deliver(if self.trusted {
+                "trusted network: no sender checks"
+            } else {
+                "sender checks disabled"
+            }),
+            Some(auth) => {
+                let envelope = self.envelope_checks(&mut tx).await;
+                client_name = envelope.iprev.confirmed.first().cloned();
+                let parsed = AuthenticatedMessage::parse(&message);
+                let (report, _verification) = assess(&auth, parsed.as_ref(), envelope).await;
+                let verdict = verdict::decide(&self.snapshot.dmarc, &report);
+                record_checks(&mut tx, &report, &verdict);
+                if verdict.reply.is_some() {
+                    metrics::end_of_data(end_of_data.elapsed());
+                    return self.refuse_with(tx, verdict).await;
+                }
+                let value = results_value(&ResultsInput {
+                    authserv_id: self.hostname(),
+                    comments: self.snapshot.auth_comments,
+                    client_ip: self.client_ip,
+                    report: &report,
+                    dmarc_override: verdict.dmarc_override.as_ref(),
+                });
+                write_folded(&mut prefix, "Authentication-Results", &value);
+                verdict
+            }
+        };
+        for (name, value) in &verdict.headers {
+            write_folded(&mut prefix, name, &sanitize(value, 900));
+        }
         write_received(
             &mut prefix,
             &ReceivedFields {
                 helo: self.helo.as_deref(),
-                client_name: None,
+                client_name: client_name.as_deref(),
                 client_ip: self.client_ip,
                 by: self.hostname(),
                 esmtp: self.esmtp,
@@ -33,10 +73,12 @@ impl Connection {
                 timestamp: crate::metrics::unix_now(),
             },
         );
+        let (fields, _) = header_fields(&message);
+        let skip = forged_results(&fields, self.hostname());
         let outbound = OutboundMessage {
             prefix: &prefix,
             original: &message,
-            skip: &[],
+            skip: &skip,
         };
         let reply = match tx.backend.take() {
             None => Reply::no_valid_recipients(),
@@ -49,12 +91,60 @@ impl Connection {
             },
         };
         metrics::end_of_data(end_of_data.elapsed());
+        let quarantined = verdict.action == Action::Quarantine;
         tx.record.finish(
-            Outcome::from_reply(&reply, false),
+            Outcome::from_reply(&reply, quarantined),
             &reply,
             tx.started.elapsed(),
         );
         reply
+    }
+
+    /// A verdict that refuses the message: release the backend, record, reply.
+    async fn refuse_with(&mut self, tx: Transaction, verdict: Verdict) -> Reply {
+        let reply = verdict.reply.unwrap_or_else(Reply::local_error);
+        self.refuse_message(tx, reply).await
+    }
+}
+
+/// What the transaction log and the metrics get from the checks.
+fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
+    let record = &mut tx.record;
+    record.auth.push(("iprev", report.iprev.result.to_string()));
+    record.auth.push((
+        "spf",
+        format!("{}({})", report.spf.result, report.spf.domain),
+    ));
+    record
+        .auth
+        .push(("helo_spf", report.helo_spf.result.to_string()));
+    for dkim in &report.dkim {
+        record
+            .auth
+            .push(("dkim", format!("{}({})", dkim.result, dkim.domain)));
+    }
+    if report.dkim.is_empty() {
+        record.auth.push(("dkim", "none".into()));
+    }
+    record.auth.push(("arc", report.arc.result.to_string()));
+    record.auth.push((
+        "dmarc",
+        format!("{}({})", report.dmarc.result, report.dmarc.domain),
+    ));
+    record.action = Some(verdict.action.as_str());
+    let label = match (report.dmarc.result, verdict.action) {
+        (AuthResult::Fail, Action::Reject) => Some("reject"),
+        (AuthResult::Fail, Action::Quarantine) => Some("quarantine"),
+        (AuthResult::Fail, _) if verdict.dmarc_override.is_some() => Some("override"),
+        (AuthResult::Fail, _) => Some("none"),
+        (AuthResult::TempError, Action::Tempfail) => Some("tempfail"),
+        (AuthResult::TempError, _) => Some("none"),
+        _ => None,
+    };
+    if let Some(label) = label {
+        crate::auth::metrics::DMARC_ACTIONS
+            .with_label_values(&[label])
+            .inc();
     }
 }
 

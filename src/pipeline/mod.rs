@@ -5,17 +5,24 @@
 //! it returns. Checks return data, the policy turns data into a decision, and the
 //! decision becomes a reply and header changes in one place (`verdict`).
 
+mod assess;
 mod deliver;
 pub mod metrics;
+mod pending;
 mod record;
 mod stages;
+pub mod verdict;
 
+pub use assess::{EnvelopeChecks, assess};
 pub use record::{Outcome, TransactionRecord};
 pub use stages::MailParams;
 
+use crate::auth::Authenticator;
+use crate::auth::results::{IprevCheck, SpfCheck};
 use crate::relay::BackendTx;
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;
+use pending::Pending;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +41,10 @@ pub struct Connection {
     /// In `server.trusted_networks`: relayed without sender checks.
     pub trusted: bool,
     pub started: Instant,
+    /// The sender checks, unless the client is trusted or checks are disabled.
+    auth: Option<Arc<Authenticator>>,
+    iprev: Option<Pending<IprevCheck>>,
+    helo_spf: Option<Pending<SpfCheck>>,
 }
 
 /// One mail transaction: from MAIL to the final reply (or RSET / disconnect).
@@ -44,6 +55,8 @@ pub struct Transaction {
     /// Recipients accepted (by us and by the backend).
     pub rcpts: Vec<String>,
     backend: Option<BackendTx>,
+    /// SPF for MAIL FROM, started when MAIL was accepted.
+    spf: Option<Pending<SpfCheck>>,
     pub record: TransactionRecord,
     pub started: Instant,
 }
@@ -52,7 +65,11 @@ impl Connection {
     pub fn new(snapshot: Arc<Snapshot>, peer: SocketAddr, local: SocketAddr) -> Self {
         let client_ip = crate::config::canonical_ip(peer.ip());
         let trusted = snapshot.is_trusted(&client_ip);
+        let auth = if trusted { None } else { snapshot.auth.clone() };
         Connection {
+            auth,
+            iprev: None,
+            helo_spf: None,
             snapshot,
             peer,
             local,

@@ -1,6 +1,6 @@
 //! Envelope stages: connect, HELO, MAIL, RCPT, DATA.
 
-use super::{Connection, Transaction, TransactionRecord, new_transaction_id};
+use super::{Connection, Pending, Transaction, TransactionRecord, new_transaction_id};
 use crate::relay::{Begin, Envelope};
 use crate::smtp::extensions::{unoffered_mail_parameter, unoffered_rcpt_parameter};
 use crate::smtp::reply::Reply;
@@ -16,8 +16,13 @@ pub struct MailParams {
 }
 
 impl Connection {
-    /// A client connected. `Err` is the reply that refuses it.
+    /// A client connected. `Err` is the reply that refuses it. The iprev check starts
+    /// now and runs while the client talks.
     pub fn on_connect(&mut self) -> Result<(), Reply> {
+        if let Some(auth) = self.auth.clone() {
+            let ip = self.client_ip;
+            self.iprev = Some(Pending::spawn(async move { auth.iprev(ip).await }));
+        }
         Ok(())
     }
 
@@ -25,6 +30,12 @@ impl Connection {
         let name = name.trim();
         if name.is_empty() || name.len() > 255 {
             return Err(Reply::bad_helo());
+        }
+        if self.helo.as_deref() != Some(name) {
+            self.helo_spf = self.auth.clone().map(|auth| {
+                let (ip, helo) = (self.client_ip, name.to_string());
+                Pending::spawn(async move { auth.spf_helo(ip, &helo).await })
+            });
         }
         self.helo = Some(name.to_string());
         self.esmtp = esmtp;
@@ -54,6 +65,12 @@ impl Connection {
         }
         let id = new_transaction_id();
         let record = TransactionRecord::new(&id, self, &mail.address);
+        let spf = self.auth.clone().map(|auth| {
+            let ip = self.client_ip;
+            let helo = self.helo.clone().unwrap_or_default();
+            let from = mail.address.clone();
+            Pending::spawn(async move { auth.spf_mail_from(ip, &helo, &from).await })
+        });
         Ok(Transaction {
             id,
             mail_from: mail.address,
@@ -64,6 +81,7 @@ impl Connection {
             },
             rcpts: Vec::new(),
             backend: None,
+            spf,
             record,
             started: Instant::now(),
         })

@@ -364,7 +364,7 @@ async fn mail_and_rcpt(
     let settings = lease.settings().clone();
     let conn = lease.conn();
     let mail = mail_command(envelope, &conn.caps);
-    let rcpt_line = format!("RCPT TO:<{rcpt}>\r\n");
+    let rcpt_line = format!("RCPT TO:<{}>\r\n", smtp_path(rcpt));
     let (mail_reply, rcpt_reply) = if conn.caps.pipelining {
         let mut both = mail.into_bytes();
         both.extend_from_slice(rcpt_line.as_bytes());
@@ -407,8 +407,36 @@ async fn mail_and_rcpt(
     Ok(Begin::Open(Box::new(tx), rcpt_reply))
 }
 
+/// An address as it must be written in MAIL/RCPT: smtp-proto hands us the local part
+/// unquoted, so one that is not a dot-atom (`"john doe"@x`) is quoted again.
+pub fn smtp_path(address: &str) -> String {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return address.to_string();
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(atext));
+    if dot_atom {
+        return address.to_string();
+    }
+    let mut quoted = String::with_capacity(local.len() + domain.len() + 4);
+    quoted.push('"');
+    for c in local.chars().filter(|c| !c.is_control()) {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push_str("\"@");
+    quoted.push_str(domain);
+    quoted
+}
+
 fn mail_command(envelope: &Envelope, caps: &Capabilities) -> String {
-    let mut line = format!("MAIL FROM:<{}>", envelope.mail_from);
+    let mut line = format!("MAIL FROM:<{}>", smtp_path(&envelope.mail_from));
     if let (Some(size), Some(_)) = (envelope.size, caps.size) {
         line.push_str(&format!(" SIZE={size}"));
     }
@@ -454,7 +482,7 @@ impl BackendTx {
             None => local_rcpt_ok(),
             Some(lease) => {
                 let limit = lease.settings().timeouts.rcpt;
-                let line = format!("RCPT TO:<{rcpt}>\r\n");
+                let line = format!("RCPT TO:<{}>\r\n", smtp_path(rcpt));
                 lease.conn().command(line.as_bytes(), limit).await?
             }
         };
@@ -534,4 +562,23 @@ async fn send_remote(
     };
     lease.release();
     Ok(delivery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::smtp_path;
+
+    #[test]
+    fn local_parts_are_quoted_when_needed() {
+        assert_eq!(smtp_path("alice@x.test"), "alice@x.test");
+        assert_eq!(smtp_path("first.last+tag@x.test"), "first.last+tag@x.test");
+        assert_eq!(smtp_path("john doe@x.test"), "\"john doe\"@x.test");
+        assert_eq!(
+            smtp_path("a;b@x.test"),
+            "\"a;b@x.test".replace("@x", "\"@x")
+        );
+        assert_eq!(smtp_path("a\"b@x.test"), "\"a\\\"b\"@x.test");
+        assert_eq!(smtp_path(""), "");
+        assert_eq!(smtp_path("jörg@x.test"), "jörg@x.test");
+    }
 }

@@ -166,7 +166,7 @@ async fn serve_connection(
                     .with_label_values(&[info.version_label()])
                     .inc();
                 conn.on_tls_established(info);
-                let _ = Session::new(stream, conn, shutdown).run(false).await;
+                let _ = Session::new(stream, *conn, shutdown).run(false).await;
             }
             Ok(Err(err)) => {
                 smtp_metrics::TLS_HANDSHAKES

@@ -77,10 +77,12 @@ impl Reloader {
         let current = self.snapshots.load_full();
         let generation = current.generation + 1;
         let result = config::load(&self.config_path).and_then(|(loaded, mut warnings)| {
-            snapshot::compile(loaded, generation, Mode::Serve).map(|(snapshot, more)| {
-                warnings.extend(more);
-                (snapshot, warnings)
-            })
+            snapshot::compile(loaded, generation, Mode::Serve, Some(&current)).map(
+                |(snapshot, more)| {
+                    warnings.extend(more);
+                    (snapshot, warnings)
+                },
+            )
         });
         match result {
             Ok((snapshot, warnings)) => {

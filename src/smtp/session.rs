@@ -65,7 +65,7 @@ pub enum Ending<S> {
     Closed,
     /// The client asked for TLS: the caller handshakes on this stream and starts a new
     /// session with the same connection.
-    StartTls(S, Connection),
+    StartTls(S, Box<Connection>),
 }
 
 enum Flow {
@@ -132,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // A transaction still open here was not completed: release its backend.
         self.abort_transaction("disconnect").await;
         match flow {
-            Flow::StartTls => Ending::StartTls(self.io, self.conn),
+            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.conn)),
             Flow::Close | Flow::Continue => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
                 Ending::Closed

@@ -49,6 +49,21 @@ impl SmtpClient {
     /// Connects and reads the greeting.
     pub async fn connect(addr: SocketAddr) -> (SmtpClient, Reply) {
         let tcp = TcpStream::connect(addr).await.expect("connect to gateway");
+        SmtpClient::start(tcp).await
+    }
+
+    /// Connects from a chosen loopback address (any of 127.0.0.0/8 works on Linux), so
+    /// tests can play senders at different IPs.
+    pub async fn connect_from(addr: SocketAddr, source: &str) -> (SmtpClient, Reply) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(source.parse().unwrap(), 0))
+            .expect("bind source address");
+        let tcp = socket.connect(addr).await.expect("connect to gateway");
+        SmtpClient::start(tcp).await
+    }
+
+    async fn start(tcp: TcpStream) -> (SmtpClient, Reply) {
         tcp.set_nodelay(true).ok();
         let mut client = SmtpClient {
             io: Box::pin(tcp),

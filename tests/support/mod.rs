@@ -5,7 +5,10 @@
 
 pub mod backend;
 pub mod client;
+pub mod dkim;
+pub mod dns;
 pub mod gateway;
+pub mod net;
 
 /// Initialises logging once when `RUST_LOG` is set (for debugging a failing test).
 pub fn init_logging() {

@@ -1,0 +1,46 @@
+//! Authentication metrics: results by check and result word, and check latency.
+
+use super::results::AuthResult;
+use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
+use prometheus::{HistogramVec, IntCounterVec};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+static RESULTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_auth_results_total",
+        "Authentication results by check (spf, helo_spf, dkim, dmarc, arc, iprev) and RFC 8601 result.",
+        &["check", "result"],
+    )
+});
+
+static CHECK_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "mxgate_auth_check_duration_seconds",
+        "Time an authentication check took, DNS included, by check.",
+        &["check"],
+        LATENCY_BUCKETS,
+    )
+});
+
+pub static DMARC_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_dmarc_actions_total",
+        "What DMARC evaluation did to messages: reject, quarantine, tempfail, none (policy p=none or enforcement off), override (a trusted ARC sealer or a policy rule overrode a failure).",
+        &["action"],
+    )
+});
+
+pub fn init() {
+    LazyLock::force(&RESULTS);
+    LazyLock::force(&CHECK_SECONDS);
+    LazyLock::force(&DMARC_ACTIONS);
+    super::dns::init_metrics();
+}
+
+pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
+    RESULTS.with_label_values(&[name, result.as_str()]).inc();
+    CHECK_SECONDS
+        .with_label_values(&[name])
+        .observe(elapsed.as_secs_f64());
+}

@@ -1,0 +1,335 @@
+//! Sender authentication: iprev, SPF (HELO and MAIL FROM), DKIM, ARC and DMARC, all by
+//! mail-auth over the shared DNS cache. Checks return data ([`results`]); they decide
+//! nothing. The verdict is made in `pipeline`.
+
+mod dmarc;
+pub mod dns;
+pub mod metrics;
+pub mod results;
+
+use dns::DnsCaches;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    ArcOutput, AuthenticatedMessage, DkimOutput, DkimResult, IprevResult, MessageAuthenticator,
+    SpfOutput, SpfResult,
+};
+use results::{ArcCheck, AuthResult, DkimCheck, DmarcCheck, FromHeader, IprevCheck, SpfCheck};
+use std::net::IpAddr;
+use std::time::Instant;
+
+/// How many PTR names are tried for forward confirmation.
+const MAX_PTR_NAMES: usize = 4;
+
+pub struct Authenticator {
+    resolver: MessageAuthenticator,
+    caches: DnsCaches,
+    /// Our own name, for SPF's `%{r}` macro.
+    host_domain: String,
+    /// The DNS settings this was built from (a reload reuses the cache if unchanged).
+    pub dns_config: crate::config::Dns,
+}
+
+/// The outputs of the message checks, borrowing the parsed message (the ARC sealer needs
+/// them later), plus the plain-data summary.
+pub struct MessageVerification<'m> {
+    pub dkim_outputs: Vec<DkimOutput<'m>>,
+    pub arc_output: ArcOutput<'m>,
+    pub dkim: Vec<DkimCheck>,
+    pub arc: ArcCheck,
+    pub dmarc: DmarcCheck,
+    pub from: FromHeader,
+}
+
+impl Authenticator {
+    /// Builds the checks over a new resolver; also returns a warning when the DNS
+    /// configuration is unusable.
+    pub fn new(
+        config: &crate::config::Dns,
+        host_domain: &str,
+    ) -> Result<(Authenticator, Option<String>), String> {
+        let (resolver, warning) = dns::resolver(config)?;
+        Ok((
+            Authenticator {
+                resolver,
+                caches: DnsCaches::new(config.cache_entries, config.timeout),
+                host_domain: host_domain.to_string(),
+                dns_config: config.clone(),
+            },
+            warning,
+        ))
+    }
+
+    pub fn host_domain(&self) -> &str {
+        &self.host_domain
+    }
+
+    pub fn caches(&self) -> &DnsCaches {
+        &self.caches
+    }
+
+    /// iprev (RFC 8601 section 3): PTR, then A/AAAA of those names back to the client.
+    pub async fn iprev(&self, ip: IpAddr) -> IprevCheck {
+        let started = Instant::now();
+        let output = self.resolver.verify_iprev(self.caches.parameters(ip)).await;
+        let ptr: Vec<String> = output
+            .ptr
+            .as_ref()
+            .map(|names| {
+                names
+                    .iter()
+                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut confirmed = Vec::new();
+        if matches!(output.result, IprevResult::Pass) {
+            for name in ptr.iter().take(MAX_PTR_NAMES) {
+                let found = self
+                    .resolver
+                    .ip_lookup(
+                        &format!("{name}."),
+                        match ip {
+                            IpAddr::V4(_) => mail_auth::IpLookupStrategy::Ipv4Only,
+                            IpAddr::V6(_) => mail_auth::IpLookupStrategy::Ipv6Only,
+                        },
+                        32,
+                        Some(&self.caches.ipv4),
+                        Some(&self.caches.ipv6),
+                    )
+                    .await;
+                if found.is_ok_and(|ips| ips.contains(&ip)) {
+                    confirmed.push(name.clone());
+                }
+            }
+        }
+        let check = IprevCheck {
+            result: match output.result {
+                IprevResult::Pass => AuthResult::Pass,
+                IprevResult::Fail(_) => AuthResult::Fail,
+                IprevResult::TempError(_) => AuthResult::TempError,
+                IprevResult::PermError(_) => AuthResult::PermError,
+                IprevResult::None => AuthResult::None,
+            },
+            ptr,
+            confirmed,
+        };
+        metrics::check("iprev", check.result, started.elapsed());
+        check
+    }
+
+    /// SPF for the HELO identity (RFC 7208 section 2.3).
+    pub async fn spf_helo(&self, ip: IpAddr, helo: &str) -> SpfCheck {
+        let started = Instant::now();
+        let output = self
+            .resolver
+            .check_host(self.caches.parameters(SpfParameters::verify_ehlo(
+                ip,
+                helo,
+                &self.host_domain,
+            )))
+            .await;
+        let check = spf_check(&output, format!("postmaster@{helo}"));
+        metrics::check("helo_spf", check.result, started.elapsed());
+        check
+    }
+
+    /// SPF for the MAIL FROM identity; for the null sender, `postmaster@<HELO>`
+    /// (RFC 7208 section 2.4).
+    pub async fn spf_mail_from(&self, ip: IpAddr, helo: &str, mail_from: &str) -> SpfCheck {
+        let started = Instant::now();
+        let output = self
+            .resolver
+            .check_host(self.caches.parameters(SpfParameters::verify_mail_from(
+                ip,
+                helo,
+                &self.host_domain,
+                mail_from,
+            )))
+            .await;
+        let identity = if mail_from.is_empty() {
+            format!("postmaster@{helo}")
+        } else {
+            mail_from.to_string()
+        };
+        let check = spf_check(&output, identity);
+        metrics::check("spf", check.result, started.elapsed());
+        check
+    }
+
+    /// Whether the SPF record published at `record_domain` (for example
+    /// `_spf.netigate.se`) authorises `ip`, evaluated with the full SPF engine.
+    pub async fn spf_record_authorizes(
+        &self,
+        ip: IpAddr,
+        record_domain: &str,
+        helo: &str,
+    ) -> AuthResult {
+        let sender = format!("postmaster@{record_domain}");
+        let output = self
+            .resolver
+            .check_host(self.caches.parameters(SpfParameters::new(
+                ip,
+                record_domain,
+                helo,
+                &self.host_domain,
+                &sender,
+            )))
+            .await;
+        spf_result(output.result())
+    }
+
+    /// DKIM, ARC and DMARC for a received message. DKIM and ARC run concurrently; DMARC
+    /// needs both SPF (done at MAIL) and DKIM.
+    pub async fn verify_message<'m>(
+        &'m self,
+        message: &'m AuthenticatedMessage<'m>,
+        spf: &SpfCheck,
+    ) -> MessageVerification<'m> {
+        let started = Instant::now();
+        let (dkim_outputs, arc_output) = tokio::join!(
+            self.resolver.verify_dkim(self.caches.parameters(message)),
+            self.resolver.verify_arc(self.caches.parameters(message)),
+        );
+        let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
+        let arc = arc_check(&arc_output);
+        for check in &dkim {
+            metrics::check("dkim", check.result, started.elapsed());
+        }
+        metrics::check("arc", arc.result, started.elapsed());
+        let from = from_header(message);
+        let dmarc_started = Instant::now();
+        let dmarc = dmarc::evaluate(self, message, &dkim_outputs, spf, &from).await;
+        metrics::check("dmarc", dmarc.result, dmarc_started.elapsed());
+        MessageVerification {
+            dkim_outputs,
+            arc_output,
+            dkim,
+            arc,
+            dmarc,
+            from,
+        }
+    }
+}
+
+fn spf_result(result: SpfResult) -> AuthResult {
+    match result {
+        SpfResult::Pass => AuthResult::Pass,
+        SpfResult::Fail => AuthResult::Fail,
+        SpfResult::SoftFail => AuthResult::SoftFail,
+        SpfResult::Neutral => AuthResult::Neutral,
+        SpfResult::TempError => AuthResult::TempError,
+        SpfResult::PermError => AuthResult::PermError,
+        SpfResult::None => AuthResult::None,
+    }
+}
+
+fn spf_check(output: &SpfOutput, identity: String) -> SpfCheck {
+    SpfCheck {
+        result: spf_result(output.result()),
+        domain: output.domain().trim_end_matches('.').to_ascii_lowercase(),
+        identity,
+        explanation: output.explanation().map(str::to_string),
+    }
+}
+
+/// RFC 8601: a signature that verified but whose body hash did not match "failed the
+/// verification test" (fail); one that could not be processed at all is neutral.
+fn dkim_result(result: &DkimResult) -> (AuthResult, Option<String>) {
+    use mail_auth::Error;
+    use mail_auth::dkim::DkimError;
+    match result {
+        DkimResult::Pass => (AuthResult::Pass, None),
+        DkimResult::Neutral(Error::Dkim(DkimError::FailedBodyHashMatch)) => {
+            (AuthResult::Fail, Some("body hash did not verify".into()))
+        }
+        DkimResult::Neutral(err) => (AuthResult::Neutral, Some(err.to_string())),
+        DkimResult::Fail(err) => (AuthResult::Fail, Some(err.to_string())),
+        DkimResult::PermError(err) => (AuthResult::PermError, Some(err.to_string())),
+        DkimResult::TempError(err) => (AuthResult::TempError, Some(err.to_string())),
+        DkimResult::None => (AuthResult::None, None),
+    }
+}
+
+fn dkim_check(output: &DkimOutput<'_>) -> DkimCheck {
+    let (result, reason) = dkim_result(output.result());
+    let signature = output.signature();
+    let b = signature
+        .map(|s| {
+            use base64::Engine;
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(&s.b[..s.b.len().min(6)]);
+            encoded.chars().take(8).collect()
+        })
+        .unwrap_or_default();
+    DkimCheck {
+        result,
+        domain: signature
+            .map(|s| s.d.to_ascii_lowercase())
+            .unwrap_or_default(),
+        selector: signature.map(|s| s.s.clone()).unwrap_or_default(),
+        b,
+        algorithm: signature
+            .map(|s| s.a.name().to_string())
+            .unwrap_or_default(),
+        reason,
+    }
+}
+
+fn arc_check(output: &ArcOutput<'_>) -> ArcCheck {
+    let (result, reason) = match output.result() {
+        DkimResult::Pass => (AuthResult::Pass, None),
+        DkimResult::None => (AuthResult::None, None),
+        DkimResult::TempError(err) => (AuthResult::TempError, Some(err.to_string())),
+        DkimResult::Fail(err) | DkimResult::Neutral(err) | DkimResult::PermError(err) => {
+            (AuthResult::Fail, Some(err.to_string()))
+        }
+    };
+    let last = output.sets().last();
+    ArcCheck {
+        result,
+        instances: output.sets().len() as u32,
+        sealer: last.map(|set| set.seal.header.d.to_ascii_lowercase()),
+        sealer_results: last.map(|set| {
+            String::from_utf8_lossy(set.results.value)
+                .trim()
+                .to_string()
+        }),
+        reason,
+    }
+}
+
+fn from_header(message: &AuthenticatedMessage<'_>) -> FromHeader {
+    let fields = message
+        .raw_parsed_headers()
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"from"))
+        .count();
+    let addresses: Vec<String> = message.froms().to_vec();
+    let mut domains: Vec<String> = addresses
+        .iter()
+        .filter_map(|a| a.rsplit_once('@'))
+        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect();
+    domains.dedup();
+    domains.sort();
+    domains.dedup();
+    FromHeader {
+        fields,
+        addresses,
+        domains,
+    }
+}
+
+/// Plain `SpfOutput` rebuilt from our summary, for mail-auth's DMARC check.
+fn spf_output(check: &SpfCheck) -> SpfOutput {
+    SpfOutput::new(check.domain.clone()).with_result(match check.result {
+        AuthResult::Pass => SpfResult::Pass,
+        AuthResult::Fail => SpfResult::Fail,
+        AuthResult::SoftFail => SpfResult::SoftFail,
+        AuthResult::Neutral => SpfResult::Neutral,
+        AuthResult::TempError => SpfResult::TempError,
+        AuthResult::PermError => SpfResult::PermError,
+        AuthResult::None => SpfResult::None,
+    })
+}
