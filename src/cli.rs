@@ -28,6 +28,29 @@ enum Command {
         #[arg(long, default_value = "mxgate.yaml")]
         config: PathBuf,
     },
+    /// Evaluate one message offline, against the configured DNS: every check, its
+    /// result, and the verdict the gateway would give.
+    Explain {
+        #[arg(long, default_value = "mxgate.yaml")]
+        config: PathBuf,
+        /// The connecting client's IP address.
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        /// The name the client gave in EHLO/HELO.
+        #[arg(long)]
+        helo: String,
+        /// The envelope sender (`""` for the null sender).
+        #[arg(long = "mail-from")]
+        mail_from: String,
+        /// An envelope recipient (repeat for several).
+        #[arg(long = "rcpt", required = true)]
+        rcpt: Vec<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The message file (LF or CRLF line endings).
+        message: PathBuf,
+    },
 }
 
 pub fn main() -> i32 {
@@ -35,6 +58,23 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Serve { config } => crate::app::serve(&config),
         Command::Check { config } => check(&config),
+        Command::Explain {
+            config,
+            ip,
+            helo,
+            mail_from,
+            rcpt,
+            json,
+            message,
+        } => crate::explain::run(crate::explain::Request {
+            config,
+            ip,
+            helo,
+            mail_from,
+            rcpts: rcpt,
+            message,
+            json,
+        }),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
