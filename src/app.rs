@@ -156,6 +156,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
         )));
     }
     background.push(tokio::spawn(probe_backends(snapshots.clone())));
+    background.push(tokio::spawn(warn_about_published_keys(snapshots.clone())));
     let reloader = Reloader::new(config_path.to_path_buf(), snapshots.clone());
     background.push(tokio::spawn(reloader.run(reload_interval)));
 
@@ -261,5 +262,15 @@ async fn probe_backends(snapshots: Arc<ArcSwap<Snapshot>>) {
         snapshot.relay.probe().await;
         drop(snapshot);
         tokio::time::sleep(crate::relay::PROBE_INTERVAL).await;
+    }
+}
+
+/// Logs (once, at start) ARC keys whose public half is not published or differs.
+async fn warn_about_published_keys(snapshots: Arc<ArcSwap<Snapshot>>) {
+    let snapshot = snapshots.load_full();
+    if let (Some(auth), Some(_)) = (&snapshot.auth, &snapshot.sealer) {
+        for warning in crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await {
+            tracing::warn!("{warning}");
+        }
     }
 }

@@ -51,6 +51,33 @@ enum Command {
         /// The message file (LF or CRLF line endings).
         message: PathBuf,
     },
+    /// Generate an ARC sealing key (mode 0600) and print the DNS record to publish.
+    Keygen {
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: crate::keygen::KeyAlgorithm,
+        /// RSA key size.
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// The `d=` of the seals (arc.domain).
+        #[arg(long)]
+        domain: String,
+        /// The selector (arc.selector).
+        #[arg(long)]
+        selector: String,
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print what to configure on the mailbox side (Exchange Online, Google Workspace).
+    Profile {
+        #[arg(value_enum)]
+        target: crate::profile::Target,
+        #[arg(long, default_value = "mxgate.yaml")]
+        config: PathBuf,
+    },
 }
 
 pub fn main() -> i32 {
@@ -75,6 +102,26 @@ pub fn main() -> i32 {
             message,
             json,
         }),
+        Command::Keygen {
+            algorithm,
+            bits,
+            domain,
+            selector,
+            out,
+            force,
+        } => crate::keygen::run(algorithm, bits, &domain, &selector, &out, force),
+        Command::Profile { target, config } => match config::load(&config) {
+            Ok((loaded, _)) => {
+                print!("{}", crate::profile::render(target, &loaded.config));
+                0
+            }
+            Err(errors) => {
+                for error in errors {
+                    eprintln!("{error}");
+                }
+                1
+            }
+        },
     }
 }
 
@@ -98,9 +145,15 @@ fn check(path: &std::path::Path) -> i32 {
             return 1;
         }
     };
-    let result = runtime.block_on(async { snapshot::compile(loaded, 1, Mode::Check, None) });
+    let result = runtime.block_on(async {
+        let (snapshot, mut warnings) = snapshot::compile(loaded, 1, Mode::Check, None)?;
+        if let Some(auth) = &snapshot.auth {
+            warnings.extend(crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
+        }
+        Ok::<_, Vec<config::Diagnostic>>(warnings)
+    });
     match result {
-        Ok((_, warnings)) => {
+        Ok(warnings) => {
             diagnostics.extend(warnings);
             for d in &diagnostics {
                 eprintln!("{d}");

@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::pipeline::verdict::DmarcSettings;
 use crate::relay::{Relay, RelaySettings};
+use crate::rewrite::arc::{Sealer, SigningKeyPair};
 use crate::tls;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub struct Snapshot {
     /// Write comments in Authentication-Results.
     pub auth_comments: bool,
     pub dmarc: DmarcSettings,
+    /// ARC sealing of relayed messages; `None` when off.
+    pub sealer: Option<Sealer>,
     /// Every file the snapshot was built from; a change to any of them triggers a reload.
     pub watched_files: Vec<PathBuf>,
 }
@@ -148,7 +151,13 @@ pub fn compile(
         quarantine_header,
         on_temperror: config.dmarc.on_temperror,
         reject_invalid_from: config.dmarc.reject_invalid_from,
+        trusted_sealers: config
+            .arc
+            .as_ref()
+            .map(|arc| arc.trusted_sealers.iter().map(|d| d.to_string()).collect())
+            .unwrap_or_default(),
     };
+    let sealer = compile_sealer(&loaded, &mut diagnostics, &mut watched);
 
     if crate::config::diagnostics::has_errors(&diagnostics) {
         return Err(diagnostics);
@@ -177,6 +186,7 @@ pub fn compile(
         auth,
         auth_comments: config.auth.comments,
         dmarc,
+        sealer,
         watched_files: watched,
         loaded,
     };
@@ -317,6 +327,41 @@ fn compile_auth(
         }
         Err(err) => {
             diagnostics.push(loaded.error(&YamlPath::root().key("dns"), err));
+            None
+        }
+    }
+}
+
+/// The ARC sealer: on when `arc.seal` says so, or by default when a key is configured.
+/// Every configured key (the sealing one and those listed for rotation) must load.
+fn compile_sealer(
+    loaded: &LoadedConfig,
+    diagnostics: &mut Vec<Diagnostic>,
+    watched: &mut Vec<PathBuf>,
+) -> Option<Sealer> {
+    let arc = loaded.config.arc.as_ref()?;
+    let at = YamlPath::root().key("arc");
+    for (n, key) in arc.keys.iter().enumerate() {
+        let path = loaded.resolve(&key.private_key);
+        watched.push(path.clone());
+        if let Err(err) = SigningKeyPair::load(&path) {
+            diagnostics.push(loaded.error(&at.key("keys").index(n).key("private_key"), err));
+        }
+    }
+    let (Some(domain), Some(selector), Some(key_path)) =
+        (&arc.domain, &arc.selector, &arc.private_key)
+    else {
+        return None;
+    };
+    if arc.seal == Some(false) {
+        return None;
+    }
+    let path = loaded.resolve(key_path);
+    watched.push(path.clone());
+    match SigningKeyPair::load(&path) {
+        Ok(key) => Some(Sealer::new(key, domain.as_str(), selector)),
+        Err(err) => {
+            diagnostics.push(loaded.error(&at.key("private_key"), err));
             None
         }
     }

@@ -5,6 +5,7 @@
 mod dmarc;
 pub mod dns;
 pub mod metrics;
+pub mod resinfo;
 pub mod results;
 
 use dns::DnsCaches;
@@ -176,6 +177,16 @@ impl Authenticator {
             )))
             .await;
         spf_result(output.result())
+    }
+
+    /// DKIM alone (for checking our own published keys).
+    pub async fn verify_dkim(&self, message: &AuthenticatedMessage<'_>) -> Vec<DkimCheck> {
+        self.resolver
+            .verify_dkim(self.caches.parameters(message))
+            .await
+            .iter()
+            .map(dkim_check)
+            .collect()
     }
 
     /// DKIM, ARC and DMARC for a received message. DKIM and ARC run concurrently; DMARC

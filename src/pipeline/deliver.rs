@@ -5,9 +5,11 @@ use super::assess::assess;
 use super::record::Outcome;
 use super::verdict::{self, Action, Verdict};
 use super::{Connection, Transaction, metrics};
+use crate::auth::MessageVerification;
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
-use crate::rewrite::auth_results::{ResultsInput, results_value};
+use crate::rewrite::arc::{NotSealed, Sealer, metrics as arc_metrics};
+use crate::rewrite::auth_results::{ResultsInput, results_value, unfolded};
 use crate::rewrite::headers::{header_fields, sanitize, write_folded};
 use crate::rewrite::received::{ReceivedFields, write_received};
 use crate::rewrite::strip::forged_results;
@@ -25,7 +27,9 @@ impl Connection {
         tx.record.size = message.len() as u64;
         tx.record.rcpts = tx.rcpts.clone();
 
-        let mut prefix = Vec::with_capacity(2048);
+        let (fields, _) = header_fields(&message);
+        let skip = forged_results(&fields, self.hostname());
+        let mut prefix = Vec::with_capacity(4096);
         let mut client_name = None;
         let verdict = match self.auth.clone() {
             None => Verdict::deliver(if self.trusted {
@@ -37,7 +41,7 @@ impl Connection {
                 let envelope = self.envelope_checks(&mut tx).await;
                 client_name = envelope.iprev.confirmed.first().cloned();
                 let parsed = AuthenticatedMessage::parse(&message);
-                let (report, _verification) = assess(&auth, parsed.as_ref(), envelope).await;
+                let (report, verification) = assess(&auth, parsed.as_ref(), envelope).await;
                 let verdict = verdict::decide(&self.snapshot.dmarc, &report);
                 record_checks(&mut tx, &report, &verdict);
                 if verdict.reply.is_some() {
@@ -51,6 +55,19 @@ impl Connection {
                     report: &report,
                     dmarc_override: verdict.dmarc_override.as_ref(),
                 });
+                if let (Some(sealer), Some(parsed), Some(verification)) =
+                    (&self.snapshot.sealer, &parsed, &verification)
+                {
+                    self.seal(
+                        sealer,
+                        &message,
+                        parsed,
+                        &skip,
+                        verification,
+                        &value,
+                        &mut prefix,
+                    );
+                }
                 write_folded(&mut prefix, "Authentication-Results", &value);
                 verdict
             }
@@ -73,8 +90,6 @@ impl Connection {
                 timestamp: crate::metrics::unix_now(),
             },
         );
-        let (fields, _) = header_fields(&message);
-        let skip = forged_results(&fields, self.hostname());
         let outbound = OutboundMessage {
             prefix: &prefix,
             original: &message,
@@ -98,6 +113,54 @@ impl Connection {
             tx.started.elapsed(),
         );
         reply
+    }
+
+    /// Adds the ARC set for the message as it will be relayed. A message that cannot be
+    /// sealed is still delivered (unsealed), and the reason logged.
+    #[allow(clippy::too_many_arguments)]
+    fn seal(
+        &self,
+        sealer: &Sealer,
+        message: &[u8],
+        parsed: &AuthenticatedMessage<'_>,
+        skip: &[std::ops::Range<usize>],
+        verification: &MessageVerification<'_>,
+        results: &str,
+        out: &mut Vec<u8>,
+    ) {
+        let line = unfolded(results);
+        // The seal covers the message as relayed: without the forged results we drop.
+        let stripped;
+        let reparsed;
+        let relayed = if skip.is_empty() {
+            parsed
+        } else {
+            stripped = OutboundMessage {
+                prefix: b"",
+                original: message,
+                skip,
+            }
+            .to_vec();
+            match AuthenticatedMessage::parse(&stripped) {
+                Some(p) => {
+                    reparsed = p;
+                    &reparsed
+                }
+                None => return,
+            }
+        };
+        match sealer.seal(relayed, &verification.arc_output, &line) {
+            Ok(headers) => {
+                arc_metrics::sealed("sealed");
+                out.extend_from_slice(&headers);
+            }
+            Err(NotSealed::ChainFailed) => arc_metrics::sealed("skipped_chain_failed"),
+            Err(NotSealed::ChainFull) => arc_metrics::sealed("skipped_chain_full"),
+            Err(NotSealed::Error(err)) => {
+                arc_metrics::sealed("error");
+                tracing::warn!(error = %err, "ARC sealing failed; relaying unsealed");
+            }
+        }
     }
 
     /// A verdict that refuses the message: release the backend, record, reply.
@@ -145,6 +208,13 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
         crate::auth::metrics::DMARC_ACTIONS
             .with_label_values(&[label])
             .inc();
+    }
+    if let Some(sealer) = verdict
+        .dmarc_override
+        .as_ref()
+        .and_then(|n| n.sealer.as_deref())
+    {
+        arc_metrics::override_applied(sealer);
     }
 }
 

@@ -62,13 +62,15 @@ impl Verdict {
     }
 }
 
-/// DMARC enforcement settings (`dmarc:` in the config).
+/// DMARC enforcement settings (`dmarc:` in the config, and `arc.trusted_sealers`).
 #[derive(Clone, Debug)]
 pub struct DmarcSettings {
     pub enforce: bool,
     pub quarantine_header: (String, String),
     pub on_temperror: TempErrorAction,
     pub reject_invalid_from: bool,
+    /// ARC sealers whose verdict we honour when DMARC fails here (lowercase domains).
+    pub trusted_sealers: Vec<String>,
 }
 
 /// Decides what happens to a message whose checks produced `report`.
@@ -103,6 +105,16 @@ pub fn decide(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
                     dmarc.domain
                 ));
             }
+            if dmarc.applied_policy != DmarcPolicy::None
+                && let Some(note) = trusted_sealer_override(settings, report)
+            {
+                let mut verdict = Verdict::deliver(format!(
+                    "DMARC failed for {} ({failure}) but {}",
+                    dmarc.domain, note.reason
+                ));
+                verdict.dmarc_override = Some(note);
+                return verdict;
+            }
             match dmarc.applied_policy {
                 DmarcPolicy::Reject => Verdict::refuse(
                     Action::Reject,
@@ -128,6 +140,79 @@ pub fn decide(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
     }
 }
 
+/// RFC 8617 section 7.2: a DMARC failure may be overridden by the verdict of an ARC
+/// sealer the receiver trusts. All of these must hold:
+/// - the chain validates here (`arc=pass`): every seal verified with its domain's key,
+///   so an attacker cannot borrow a trusted domain's name;
+/// - the newest seal was made by a sealer in `arc.trusted_sealers` (a chain an attacker
+///   sealed himself ends with his own domain);
+/// - that sealer's ARC-Authentication-Results says DMARC passed for this From domain,
+///   or SPF or DKIM passed for an identifier aligned with it.
+pub fn trusted_sealer_override(
+    settings: &DmarcSettings,
+    report: &AuthReport,
+) -> Option<OverrideNote> {
+    if report.arc.result != AuthResult::Pass {
+        return None;
+    }
+    let sealer = report.arc.sealer.as_deref()?;
+    if !settings
+        .trusted_sealers
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(sealer))
+    {
+        return None;
+    }
+    let from = report.dmarc.domain.as_str();
+    let results = crate::auth::resinfo::parse(report.arc.sealer_results.as_deref()?);
+    let passed = |method: &'static str| {
+        results
+            .iter()
+            .filter(move |r| r.method == method && r.result == "pass")
+    };
+    let dmarc_pass = passed("dmarc").any(|r| {
+        r.property("header.from")
+            .is_none_or(|d| d.eq_ignore_ascii_case(from))
+    });
+    let spf_aligned = passed("spf").any(|r| {
+        r.property("smtp.mailfrom")
+            .map(|v| v.rsplit('@').next().unwrap_or(v))
+            .is_some_and(|d| aligned(d, from))
+    });
+    let dkim_aligned = passed("dkim").any(|r| {
+        r.property("header.d")
+            .or_else(|| {
+                r.property("header.i")
+                    .map(|i| i.rsplit('@').next().unwrap_or(i))
+            })
+            .is_some_and(|d| aligned(d, from))
+    });
+    let evidence = if dmarc_pass {
+        "dmarc=pass"
+    } else if dkim_aligned {
+        "an aligned dkim=pass"
+    } else if spf_aligned {
+        "an aligned spf=pass"
+    } else {
+        return None;
+    };
+    Some(OverrideNote {
+        reason: format!("trusted ARC sealer {sealer} recorded {evidence}"),
+        kind: "local_policy",
+        sealer: Some(sealer.to_ascii_lowercase()),
+    })
+}
+
+/// Relaxed alignment without a public suffix list: one domain is the other or a
+/// subdomain of it.
+fn aligned(identifier: &str, from: &str) -> bool {
+    let (a, b) = (
+        identifier.trim_end_matches('.').to_ascii_lowercase(),
+        from.to_ascii_lowercase(),
+    );
+    a == b || a.ends_with(&format!(".{b}")) || b.ends_with(&format!(".{a}")) && a.contains('.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +224,7 @@ mod tests {
             quarantine_header: ("X-Spam-Flag".into(), "YES".into()),
             on_temperror: TempErrorAction::Tempfail,
             reject_invalid_from: true,
+            trusted_sealers: vec!["sealer.test".into()],
         }
     }
 
@@ -249,5 +335,125 @@ mod tests {
         r.from.fields = 1;
         r.from.domains.clear();
         assert_eq!(decide(&settings(), &r).action, Action::Reject);
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+    use crate::auth::results::*;
+
+    fn failing(sealer: &str, arc: AuthResult, aar: &str) -> AuthReport {
+        let spf = SpfCheck {
+            result: AuthResult::Fail,
+            domain: "relay.test".into(),
+            identity: "a@relay.test".into(),
+            explanation: None,
+        };
+        AuthReport {
+            iprev: IprevCheck {
+                result: AuthResult::None,
+                ptr: vec![],
+                confirmed: vec![],
+            },
+            helo_spf: spf.clone(),
+            spf,
+            dkim: vec![],
+            arc: ArcCheck {
+                result: arc,
+                instances: 1,
+                sealer: Some(sealer.into()),
+                sealer_results: Some(aar.into()),
+                reason: None,
+            },
+            dmarc: DmarcCheck {
+                result: AuthResult::Fail,
+                domain: "netvisor.fi".into(),
+                policy: DmarcPolicy::Reject,
+                applied_policy: DmarcPolicy::Reject,
+                spf_aligned: false,
+                dkim_aligned: false,
+                pct: None,
+                reason: None,
+            },
+            from: FromHeader {
+                fields: 1,
+                addresses: vec!["noreply@netvisor.fi".into()],
+                domains: vec!["netvisor.fi".into()],
+            },
+        }
+    }
+
+    fn settings() -> DmarcSettings {
+        DmarcSettings {
+            enforce: true,
+            quarantine_header: ("X-Spam-Flag".into(), "YES".into()),
+            on_temperror: TempErrorAction::Tempfail,
+            reject_invalid_from: true,
+            trusted_sealers: vec!["edge.example".into()],
+        }
+    }
+
+    const GOOD_AAR: &str = "i=1; mx.edge.example; spf=pass smtp.mailfrom=bounce@amazonses.com; dkim=pass header.d=amazonses.com; dmarc=pass header.from=netvisor.fi";
+
+    #[test]
+    fn trusted_passing_chain_overrides() {
+        let verdict = decide(
+            &settings(),
+            &failing("edge.example", AuthResult::Pass, GOOD_AAR),
+        );
+        assert_eq!(verdict.action, Action::Deliver);
+        let note = verdict.dmarc_override.unwrap();
+        assert_eq!(note.sealer.as_deref(), Some("edge.example"));
+        assert!(note.reason.contains("dmarc=pass"), "{}", note.reason);
+    }
+
+    #[test]
+    fn aligned_dkim_in_the_aar_is_enough() {
+        let aar = "i=1; mx.edge.example; dkim=pass header.d=netvisor.fi; dmarc=none";
+        assert_eq!(
+            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            Action::Deliver
+        );
+    }
+
+    #[test]
+    fn no_override_without_every_condition() {
+        // Broken chain.
+        assert_eq!(
+            decide(
+                &settings(),
+                &failing("edge.example", AuthResult::Fail, GOOD_AAR)
+            )
+            .action,
+            Action::Reject
+        );
+        // A sealer nobody trusts (e.g. the attacker's own seal).
+        assert_eq!(
+            decide(
+                &settings(),
+                &failing("attacker.test", AuthResult::Pass, GOOD_AAR)
+            )
+            .action,
+            Action::Reject
+        );
+        // The trusted sealer did not see a pass either.
+        let aar = "i=1; mx.edge.example; spf=pass smtp.mailfrom=x@amazonses.com; dmarc=fail header.from=netvisor.fi";
+        assert_eq!(
+            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            Action::Reject
+        );
+        // A pass recorded for another From domain.
+        let aar = "i=1; mx.edge.example; dmarc=pass header.from=other.test";
+        assert_eq!(
+            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            Action::Reject
+        );
+        // A pass hidden in a comment.
+        let aar = "i=1; mx.edge.example; spf=fail (dmarc=pass header.from=netvisor.fi) smtp.mailfrom=x@y.test";
+        assert_eq!(
+            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            Action::Reject
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! and what we leave out (forged Authentication-Results). Pure functions over bytes; the
 //! body is never touched, so DKIM signatures and ARC seals survive.
 
+pub mod arc;
 pub mod auth_results;
 pub mod headers;
 pub mod received;

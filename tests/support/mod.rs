@@ -9,6 +9,7 @@ pub mod dkim;
 pub mod dns;
 pub mod gateway;
 pub mod net;
+pub mod pyverify;
 
 /// Initialises logging once when `RUST_LOG` is set (for debugging a failing test).
 pub fn init_logging() {

@@ -1,0 +1,623 @@
+//! ARC sealing: seals that mail-auth and python3-dkim's arcverify accept, correct i= and
+//! cv=, and the trusted-sealer override downstream.
+
+mod support;
+
+use mxgate::keygen::{KeyAlgorithm, generate};
+use support::backend::{Behaviour, FakeBackend};
+use support::client::{Reply, SmtpClient};
+use support::dkim::DkimKey;
+use support::dns::TestDns;
+use support::gateway::{Gateway, TestConfig};
+
+const LEGIT_IP: &str = "192.0.2.5";
+
+/// sender.test: SPF allows only LEGIT_IP; p=reject; mail is DKIM-signed by an email
+/// service (esp.test), valid but not aligned: the netvisor.fi-through-Amazon-SES case.
+fn zone(dns: &TestDns) -> DkimKey {
+    dns.txt("sender.test", "v=spf1 ip4:192.0.2.5 -all");
+    dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject");
+    let esp = DkimKey::rsa("esp.test", "s1", 2048);
+    esp.publish(dns);
+    esp
+}
+
+/// A sealing key for `domain`, written to `dir` and published (unless told not to).
+fn sealing_key(
+    dns: &TestDns,
+    dir: &std::path::Path,
+    domain: &str,
+    selector: &str,
+    algorithm: KeyAlgorithm,
+    publish: bool,
+) -> std::path::PathBuf {
+    let generated = generate(algorithm, 2048).unwrap();
+    let path = dir.join(format!("{selector}.pem"));
+    std::fs::write(&path, &generated.private_pem).unwrap();
+    if publish {
+        dns.txt(
+            &format!("{selector}._domainkey.{domain}"),
+            &generated.record,
+        );
+    }
+    path
+}
+
+fn arc_yaml(
+    domain: &str,
+    selector: &str,
+    key: &std::path::Path,
+    trusted: &[&str],
+    extra: &str,
+) -> String {
+    format!(
+        "arc:\n  domain: {domain}\n  selector: {selector}\n  private_key: {}\n  trusted_sealers: [{}]\n{extra}",
+        key.display(),
+        trusted
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn message(subject: &str) -> String {
+    format!(
+        "From: Netvisor <noreply@sender.test>\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@sender.test>\n\nInvoice 4711 is attached.\n"
+    )
+}
+
+async fn send_from(addr: std::net::SocketAddr, source: &str, from: &str, data: &str) -> Reply {
+    assert!(support::net::source_address(source));
+    let (mut client, _) = SmtpClient::connect_from(addr, source).await;
+    assert_eq!(client.cmd("EHLO sender-host.test").await.code, 250);
+    client.send_mail(from, &["bob@example.test"], data).await
+}
+
+/// Validates the ARC chain of `message` with mxgate's (mail-auth's) validator.
+async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<String>) {
+    let config = mxgate::config::Dns {
+        nameservers: Some(vec![dns.addr]),
+        timeout: std::time::Duration::from_millis(500),
+        attempts: 1,
+        cache_entries: 1000,
+    };
+    let (auth, _) = mxgate::auth::Authenticator::new(&config, "verifier.test").unwrap();
+    let parsed = mail_auth::AuthenticatedMessage::parse(message).unwrap();
+    let spf = mxgate::auth::results::SpfCheck {
+        result: mxgate::auth::results::AuthResult::None,
+        domain: "x.test".into(),
+        identity: "a@x.test".into(),
+        explanation: None,
+    };
+    let verification = auth.verify_message(&parsed, &spf).await;
+    (
+        verification.arc.result.as_str().to_string(),
+        verification.arc.instances,
+        verification.arc.sealer.clone(),
+    )
+}
+
+fn header_value<'a>(message: &'a str, name: &str) -> Vec<&'a str> {
+    message
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_seal_verifies_with_mail_auth_and_arcverify() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let reply = send_from(
+        gw.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &esp.sign(&message("seal-1")),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let relayed = backend.messages()[0].content();
+    let text = String::from_utf8_lossy(&relayed).into_owned();
+    assert!(
+        text.starts_with("ARC-Seal: i=1; a=rsa-sha256; s=arc2026; d=edge.test; cv=none;"),
+        "{text}"
+    );
+    assert!(text.contains("ARC-Message-Signature: i=1;"), "{text}");
+    assert!(
+        text.contains("ARC-Authentication-Results: i=1; mx.example.test;"),
+        "{text}"
+    );
+    assert!(text.contains("dmarc=pass"), "{text}");
+    assert!(text.lines().all(|l| l.len() <= 998), "line too long");
+
+    let (result, instances, sealer) = arc_result(&dns, &relayed).await;
+    assert_eq!(
+        (result.as_str(), instances, sealer.as_deref()),
+        ("pass", 1, Some("edge.test"))
+    );
+    if let Some(out) = support::pyverify::run("arcverify", dns.addr, &relayed) {
+        assert!(arcverify_passed(&out), "arcverify:\n{out}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ed25519_seal_verifies() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "ed2026",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "ed2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let reply = send_from(
+        gw.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &esp.sign(&message("seal-ed")),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let relayed = backend.messages()[0].content();
+    assert!(String::from_utf8_lossy(&relayed).starts_with("ARC-Seal: i=1; a=ed25519-sha256;"));
+    let (result, _, _) = arc_result(&dns, &relayed).await;
+    assert_eq!(result, "pass");
+    gw.stop().await;
+}
+
+/// Runs the message through an upstream sealer (python3-dkim's arcsign), then through
+/// the gateway, which must continue the chain with i=2 and the right cv=.
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_chains_are_continued_with_the_right_cv() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_key = sealing_key(
+        &dns,
+        dir.path(),
+        "upstream.test",
+        "up",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let Some(upstream) = upstream_seal(&dns, &upstream_key, &esp.sign(&message("chain"))) else {
+        return;
+    };
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+
+    // A valid chain: i=2, cv=pass.
+    let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", &upstream).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let relayed = backend.messages()[0].content();
+    let text = String::from_utf8_lossy(&relayed).into_owned();
+    assert!(
+        text.starts_with("ARC-Seal: i=2; a=rsa-sha256; s=arc2026; d=edge.test; cv=pass;"),
+        "{text}"
+    );
+    let (result, instances, _) = arc_result(&dns, &relayed).await;
+    assert_eq!((result.as_str(), instances), ("pass", 2));
+    if let Some(out) = support::pyverify::run("arcverify", dns.addr, &relayed) {
+        assert!(arcverify_passed(&out), "arcverify:\n{out}");
+    }
+
+    // A chain broken on the way (a signed header changed): i=2, cv=fail.
+    let broken = upstream.replace("Subject: chain", "Subject: chain (edited)");
+    let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", &broken).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let relayed = backend.messages()[1].content();
+    let text = String::from_utf8_lossy(&relayed).into_owned();
+    assert!(
+        text.starts_with("ARC-Seal: i=2; a=rsa-sha256; s=arc2026; d=edge.test; cv=fail;"),
+        "{text}"
+    );
+
+    // A chain that already failed is not sealed again (RFC 8617 section 5.1).
+    let reply = send_from(
+        gw.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &String::from_utf8_lossy(&relayed),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let again = String::from_utf8_lossy(&backend.messages()[2].content()).into_owned();
+    assert!(!again.contains("ARC-Seal: i=3"), "{again}");
+    gw.stop().await;
+}
+
+/// python3-dkim's `arc_sign` as an upstream hop (e.g. Google) would seal.
+fn upstream_seal(dns: &TestDns, key: &std::path::Path, message: &str) -> Option<String> {
+    use std::io::Write;
+    if !std::path::Path::new("/usr/bin/arcsign").exists() {
+        eprintln!("skipping: python3-dkim is not installed (.ci/run installs it)");
+        return None;
+    }
+    let with_results = format!(
+        "Authentication-Results: mx.upstream.test; dkim=pass header.d=esp.test; spf=pass smtp.mailfrom=bounce@sender.test; dmarc=pass header.from=sender.test\r\n{message}"
+    );
+    let script = format!(
+        "import dns.resolver, sys, dkim\n\
+r = dns.resolver.Resolver(configure=False)\n\
+r.nameservers = ['{}']\n\
+r.port = {}\n\
+dns.resolver.default_resolver = r\n\
+msg = sys.stdin.buffer.read()\n\
+key = open('{}', 'rb').read()\n\
+sig = dkim.arc_sign(msg, b'up', b'upstream.test', key, b'mx.upstream.test', include_headers=[b'from', b'to', b'subject', b'date', b'message-id'])\n\
+sys.stdout.buffer.write(b''.join(sig) + msg)\n",
+        dns.addr.ip(),
+        dns.addr.port(),
+        key.display()
+    );
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(with_results.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "arc_sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sealed = String::from_utf8(out.stdout).unwrap();
+    assert!(sealed.starts_with("ARC-Seal: i=1;"), "{sealed}");
+    Some(sealed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aar_has_no_comments_in_exchange_mode() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\nauth:\n  comments: false\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let reply = send_from(
+        gw.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &esp.sign(&message("nocomments")),
+    )
+    .await;
+    assert_eq!(reply.code, 250);
+    let relayed = backend.messages()[0].content();
+    let text = String::from_utf8_lossy(&relayed).replace("\r\n\t", " ");
+    let aar = header_value(&text, "ARC-Authentication-Results")[0];
+    assert!(!aar.contains('('), "{aar}");
+    assert_eq!(arc_result(&dns, &relayed).await.0, "pass");
+    gw.stop().await;
+}
+
+/// The relay scenario without Postfix: edge gateway A seals; the message then reaches
+/// gateway B from another address (as after an internal relay), where SPF fails and
+/// the DKIM signature is not aligned, so DMARC fails with p=reject.
+#[tokio::test(flavor = "multi_thread")]
+async fn downstream_honours_only_a_trusted_intact_seal() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let captured = FakeBackend::start(Behaviour::default()).await;
+    let edge = Gateway::start(TestConfig {
+        hostname: "mx-a.example.test".into(),
+        backends: vec![captured.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let reply = send_from(
+        edge.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &esp.sign(&message("relay")),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "edge: {reply}");
+    let sealed = captured.messages()[0].text();
+
+    let downstream = |trusted: &'static [&'static str]| {
+        let extra = format!(
+            "{}relay:\n  tls: off\narc:\n  trusted_sealers: [{}]\n",
+            dns.config(),
+            trusted
+                .iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Gateway::start(TestConfig {
+            hostname: "mx-b.example.test".into(),
+            extra,
+            ..Default::default()
+        })
+    };
+
+    // B trusts A: delivered, the override recorded.
+    let b = downstream(&["edge.test"]).await;
+    let reply = send_from(b.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(reply.code, 250, "trusted: {reply}");
+    let delivered = b.delivered()[0].replace("\n\t", " ");
+    let ar = delivered
+        .lines()
+        .find(|l| l.starts_with("Authentication-Results: mx-b.example.test;"))
+        .unwrap();
+    assert!(ar.contains("arc=pass"), "{ar}");
+    assert!(ar.contains("dmarc=fail (p=reject, overridden by local policy: trusted ARC sealer edge.test recorded dmarc=pass)"), "{ar}");
+    assert!(
+        ar.contains("policy.override=local_policy policy.arc-sealer=edge.test"),
+        "{ar}"
+    );
+    b.stop().await;
+
+    // B does not trust A: rejected.
+    let b = downstream(&["google.com"]).await;
+    let reply = send_from(b.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (550, "5.7.1"),
+        "untrusted: {reply}"
+    );
+    // Tampering with a sealed header breaks the chain: rejected even when trusted.
+    let b2 = downstream(&["edge.test"]).await;
+    let tampered = sealed.replace("Subject: relay", "Subject: URGENT wire transfer");
+    let reply = send_from(b2.smtp, "127.0.0.77", "bounce@sender.test", &tampered).await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (550, "5.7.1"),
+        "tampered: {reply}"
+    );
+    // Without A's seal (the message as it was before A): rejected.
+    let unsealed = esp.sign(&message("relay"));
+    let reply = send_from(b2.smtp, "127.0.0.77", "bounce@sender.test", &unsealed).await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (550, "5.7.1"),
+        "unsealed: {reply}"
+    );
+    b.stop().await;
+    b2.stop().await;
+    edge.stop().await;
+}
+
+/// An attacker seals with his own key but names a trusted sealer's domain nowhere it
+/// counts: the newest seal's d= is his.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_self_made_seal_does_not_help() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "attacker.test",
+        "evil",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let captured = FakeBackend::start(Behaviour::default()).await;
+    // The attacker runs his own "edge" that seals and claims dmarc=pass in its results.
+    let evil = Gateway::start(TestConfig {
+        hostname: "mx.attacker.test".into(),
+        trusted: vec!["127.0.0.0/8".into()],
+        backends: vec![captured.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("attacker.test", "evil", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let forged = format!(
+        "Authentication-Results: mx.attacker.test; dmarc=pass header.from=sender.test\n{}",
+        message("evil")
+    );
+    send_from(evil.smtp, "127.0.0.88", "bounce@sender.test", &forged).await;
+    let sealed = captured.messages()[0].text();
+    let b = Gateway::start(TestConfig {
+        extra: format!(
+            "{}arc:\n  trusted_sealers: [\"edge.test\", \"google.com\"]\n",
+            dns.config()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let reply = send_from(b.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(reply.code, 550, "{reply}");
+    b.stop().await;
+    evil.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keygen_and_check() {
+    let dns = TestDns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("arc.pem");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args([
+            "keygen",
+            "--algorithm",
+            "rsa",
+            "--domain",
+            "edge.test",
+            "--selector",
+            "arc2026",
+            "--out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("arc2026._domainkey.edge.test. IN TXT ( \"v=DKIM1; k=rsa; p="),
+        "{stdout}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args([
+            "keygen",
+            "--domain",
+            "edge.test",
+            "--selector",
+            "x",
+            "--out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "must not overwrite a key without --force"
+    );
+
+    let config = dir.path().join("mxgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:0\"]\n  domains: [example.test]\nbackend: [\"maildir:./mail\"]\n{}arc:\n  domain: edge.test\n  selector: arc2026\n  private_key: arc.pem\n",
+            dns.config()
+        ),
+    )
+    .unwrap();
+    let check = move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+    assert!(ok, "a missing record is a warning, not an error: {stderr}");
+    assert!(
+        stderr.contains("warning: no DKIM key is published at arc2026._domainkey.edge.test"),
+        "{stderr}"
+    );
+
+    // Published, but another key.
+    let other = generate(KeyAlgorithm::Rsa, 2048).unwrap();
+    dns.txt("arc2026._domainkey.edge.test", &other.record);
+    let (_, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+    assert!(stderr.contains("does not match"), "{stderr}");
+
+    // The right key.
+    dns.remove("arc2026._domainkey.edge.test");
+    let record = stdout
+        .split("IN TXT ( ")
+        .nth(1)
+        .unwrap()
+        .split(" )")
+        .next()
+        .unwrap()
+        .split('"')
+        .enumerate()
+        .filter(|(n, _)| n % 2 == 1)
+        .map(|(_, s)| s)
+        .collect::<String>();
+    dns.txt("arc2026._domainkey.edge.test", &record);
+    let (ok, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+    assert!(ok && !stderr.contains("_domainkey"), "{stderr}");
+}
+
+/// arcverify prints `arc verification: cv=b'pass' ...` (Python bytes) or `cv=pass`.
+fn arcverify_passed(output: &str) -> bool {
+    output.contains("arc verification: cv=b'pass'") || output.contains("arc verification: cv=pass")
+}
