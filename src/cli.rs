@@ -48,6 +48,9 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// The client used TLS (for rules matching on tls / tls_version: 1.3).
+        #[arg(long)]
+        tls: bool,
         /// The message file (LF or CRLF line endings).
         message: PathBuf,
     },
@@ -92,8 +95,10 @@ pub fn main() -> i32 {
             mail_from,
             rcpt,
             json,
+            tls,
             message,
         } => crate::explain::run(crate::explain::Request {
+            tls,
             config,
             ip,
             helo,
@@ -149,6 +154,7 @@ fn check(path: &std::path::Path) -> i32 {
         let (snapshot, mut warnings) = snapshot::compile(loaded, 1, Mode::Check, None)?;
         if let Some(auth) = &snapshot.auth {
             warnings.extend(crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
+            warnings.extend(crate::dnscheck::spf_record_warnings(&snapshot, auth).await);
         }
         Ok::<_, Vec<config::Diagnostic>>(warnings)
     });

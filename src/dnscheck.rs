@@ -1,6 +1,8 @@
 //! Checks of what is published in DNS for our configuration, run by `mxgate check`
-//! (and logged at start): are the ARC sealing keys' public halves published, and do
-//! they match the private keys? These are warnings: DNS may lag a deploy.
+//! (and logged at start): are the ARC sealing keys' public halves published and do they
+//! match the private keys; do the SPF records the policy relies on resolve within RFC
+//! 7208's 10-lookup limit? These are warnings: DNS may lag a deploy, and third parties
+//! change their records.
 
 use crate::auth::Authenticator;
 use crate::auth::results::AuthResult;
@@ -100,4 +102,67 @@ async fn check_published(
             path.display()
         )),
     }
+}
+
+/// Warnings for SPF records named in `spf_record` conditions that cannot authorise
+/// anyone: missing, broken, or over the 10-lookup limit (RFC 7208 section 4.6.4).
+pub async fn spf_record_warnings(
+    snapshot: &crate::snapshot::Snapshot,
+    auth: &Authenticator,
+) -> Vec<Diagnostic> {
+    use mail_auth::common::parse::TxtRecordParser;
+    let mut warnings = Vec::new();
+    // Any address will do: what matters is whether evaluation gets to a result.
+    let probe: std::net::IpAddr = std::net::Ipv4Addr::new(192, 0, 2, 1).into();
+    for rule in &snapshot.policy.rules {
+        for condition in &rule.conditions {
+            let crate::policy::rules::Condition::SpfRecord(records) = condition else {
+                continue;
+            };
+            for record in records {
+                let result = auth
+                    .spf_record_authorizes(probe, record, "probe.invalid")
+                    .await;
+                let problem = match result {
+                    AuthResult::PermError => {
+                        let raw = auth.txt_raw(record).await.unwrap_or_default();
+                        if mail_auth::spf::Spf::parse(&raw).is_ok() {
+                            format!(
+                                "the SPF record at {record} needs more than 10 DNS lookups (RFC 7208 4.6.4) or includes a broken record; rule `{}` cannot match through it",
+                                rule.name
+                            )
+                        } else {
+                            format!(
+                                "the SPF record at {record} is invalid; rule `{}` cannot match through it",
+                                rule.name
+                            )
+                        }
+                    }
+                    AuthResult::TempError => format!(
+                        "the SPF record at {record} could not be looked up (DNS error); rule `{}` depends on it",
+                        rule.name
+                    ),
+                    AuthResult::None => format!(
+                        "{record} publishes no SPF record; rule `{}` cannot match through it",
+                        rule.name
+                    ),
+                    _ => continue,
+                };
+                let at = YamlPath::root()
+                    .key("rules")
+                    .index(rule.index)
+                    .key("match")
+                    .key("spf_record");
+                match crate::config::SourceFile::read(&rule.file) {
+                    Ok(source) => warnings.push(source.warning(&at, problem)),
+                    Err(mut d) => {
+                        d.severity = crate::config::Severity::Warning;
+                        d.message = problem;
+                        warnings.push(d);
+                    }
+                }
+            }
+        }
+    }
+    warnings
 }

@@ -4,6 +4,7 @@
 
 use crate::auth::results::AuthReport;
 use crate::config;
+use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts};
 use crate::pipeline::verdict::{self, Action, Verdict};
 use crate::pipeline::{EnvelopeChecks, assess};
 use crate::rewrite::auth_results::{ResultsInput, results_value, unfolded};
@@ -23,6 +24,8 @@ pub struct Request {
     pub rcpts: Vec<String>,
     pub message: PathBuf,
     pub json: bool,
+    /// The client used TLS (1.3), for rules that match on it.
+    pub tls: bool,
 }
 
 #[derive(Serialize)]
@@ -34,6 +37,83 @@ struct Explanation<'a> {
     verdict: VerdictView,
     #[serde(skip_serializing_if = "Option::is_none")]
     authentication_results: Option<String>,
+    /// The rule that decided (null when none matched).
+    policy: Option<PolicyView>,
+    /// Every rule, in order, with each condition's result.
+    policy_trace: Vec<RuleView>,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    rule: String,
+    action: &'static str,
+    mode: &'static str,
+}
+
+impl PolicyView {
+    fn new(hit: &PolicyHit, snapshot: &Snapshot) -> Self {
+        let shadow = snapshot
+            .policy
+            .rules
+            .iter()
+            .any(|r| r.name == hit.rule && r.shadow);
+        PolicyView {
+            rule: hit.rule.to_string(),
+            action: hit.action.name(),
+            mode: if shadow { "shadow" } else { "enforce" },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RuleView {
+    rule: String,
+    origin: String,
+    action: &'static str,
+    mode: &'static str,
+    matched: bool,
+    conditions: Vec<ConditionView>,
+}
+
+#[derive(Serialize)]
+struct ConditionView {
+    condition: String,
+    result: bool,
+}
+
+/// Evaluates every rule on complete facts: the decision and the trace.
+fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, Vec<RuleView>) {
+    let facts = facts.facts();
+    let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
+    let hit = evaluation.decision.map(|rule| PolicyHit {
+        rule: rule.name.clone(),
+        action: rule.action.clone(),
+        stage: "data",
+    });
+    let trace = snapshot
+        .policy
+        .rules
+        .iter()
+        .map(|rule| {
+            let conditions: Vec<ConditionView> = rule
+                .conditions
+                .iter()
+                .map(|c| ConditionView {
+                    condition: c.to_string(),
+                    result: c.test(&facts).unwrap_or(false),
+                })
+                .collect();
+            RuleView {
+                rule: rule.name.to_string(),
+                origin: rule.origin.clone(),
+                action: rule.action.name(),
+                mode: if rule.shadow { "shadow" } else { "enforce" },
+                matched: conditions.iter().all(|c| c.result),
+                conditions,
+            }
+        })
+        .collect();
+    (hit, trace)
 }
 
 #[derive(Serialize)]
@@ -147,22 +227,42 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
 
     let mut report = None;
     let mut ar_value = None;
+    let mut policy = None;
+    let mut rules = Vec::new();
     let verdict = if let Some(rcpt) = refused_rcpt {
         let reply = Reply::relay_denied(rcpt);
-        Verdict {
-            action: Action::Reject,
-            reply: Some(reply),
-            headers: Vec::new(),
-            reason: format!("{rcpt} is not in server.domains"),
-            dmarc_override: None,
-        }
+        Verdict::refuse(
+            Action::Reject,
+            reply,
+            format!("{rcpt} is not in server.domains"),
+        )
     } else if trusted {
         Verdict::deliver("trusted network: no sender checks")
     } else if let Some(auth) = &snapshot.auth {
         let envelope = EnvelopeChecks::run(auth, ip, &request.helo, &request.mail_from).await;
         let parsed = AuthenticatedMessage::parse(message);
         let (full, _verification) = assess(auth, parsed.as_ref(), envelope).await;
-        let verdict = verdict::decide(&snapshot.dmarc, &full);
+        let mut dns = DnsFacts::default();
+        let mut records = std::collections::HashMap::new();
+        for record in &snapshot.policy.spf_records {
+            let authorised = auth.spf_record_authorizes(ip, record, &request.helo).await
+                == crate::auth::results::AuthResult::Pass;
+            records.insert(record.clone(), authorised);
+        }
+        dns.spf_records = Some(records);
+        let facts = full_facts(
+            ip,
+            Some(&request.helo),
+            request.tls.then_some("1.3"),
+            &request.mail_from,
+            &request.rcpts,
+            &dns,
+            Some(&full),
+        );
+        let (hit, trace) = policy_trace(snapshot, &facts);
+        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
+        rules = trace;
+        let verdict = verdict::decide(&snapshot.dmarc, Some(&full), hit.as_ref());
         if verdict.reply.is_none() {
             ar_value = Some(unfolded(&results_value(&ResultsInput {
                 authserv_id: &snapshot.hostname,
@@ -175,7 +275,23 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         report = Some(full);
         verdict
     } else {
-        Verdict::deliver("sender checks are disabled (auth.enabled: false)")
+        let facts = full_facts(
+            ip,
+            Some(&request.helo),
+            request.tls.then_some("1.3"),
+            &request.mail_from,
+            &request.rcpts,
+            &DnsFacts::default(),
+            None,
+        );
+        let (hit, trace) = policy_trace(snapshot, &facts);
+        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
+        rules = trace;
+        let mut verdict = verdict::decide(&snapshot.dmarc, None, hit.as_ref());
+        if verdict.rule.is_none() {
+            verdict.reason = "sender checks are disabled (auth.enabled: false)".into();
+        }
+        verdict
     };
 
     let explanation = Explanation {
@@ -191,6 +307,8 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         report: report.as_ref(),
         verdict: VerdictView::new(&verdict, &snapshot.dmarc.quarantine_header),
         authentication_results: ar_value,
+        policy,
+        policy_trace: rules,
     };
     if request.json {
         println!(
@@ -285,6 +403,27 @@ fn print_text(e: &Explanation<'_>) {
                 .map(|s| format!(" ({s})"))
                 .unwrap_or_default()
         );
+    }
+    for rule in &e.policy_trace {
+        println!(
+            "rule        {} {} ({}, {}{}) at {}",
+            if rule.matched { "MATCH" } else { "no   " },
+            rule.rule,
+            rule.action,
+            rule.mode,
+            if e.policy.as_ref().is_some_and(|p| p.rule == rule.rule) {
+                ", decides"
+            } else {
+                ""
+            },
+            rule.origin
+        );
+        for condition in &rule.conditions {
+            println!(
+                "              {:<5} {}",
+                condition.result, condition.condition
+            );
+        }
     }
     println!(
         "verdict     {} -> {} {} {}",

@@ -17,6 +17,7 @@ pub mod keygen;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod profile;
 pub mod relay;
 pub mod rewrite;
@@ -31,6 +32,7 @@ pub fn metrics_init() {
     smtp::metrics::init();
     auth::metrics::init();
     rewrite::arc::metrics::init();
+    policy::metrics::init();
     pipeline::metrics::init();
     relay::metrics::init();
     server::reload::init();

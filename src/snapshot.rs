@@ -11,6 +11,7 @@ use crate::config::{
     YamlPath,
 };
 use crate::pipeline::verdict::DmarcSettings;
+use crate::policy::Policy;
 use crate::relay::{Relay, RelaySettings};
 use crate::rewrite::arc::{Sealer, SigningKeyPair};
 use crate::tls;
@@ -35,6 +36,8 @@ pub struct Snapshot {
     pub dmarc: DmarcSettings,
     /// ARC sealing of relayed messages; `None` when off.
     pub sealer: Option<Sealer>,
+    /// The sender policy (rules from `policy.files`).
+    pub policy: Arc<Policy>,
     /// Every file the snapshot was built from; a change to any of them triggers a reload.
     pub watched_files: Vec<PathBuf>,
 }
@@ -68,7 +71,9 @@ impl Snapshot {
     /// Files whose change should trigger a reload (re-evaluated on every poll, so a new
     /// file matching a policy glob is noticed).
     pub fn watch_list(&self) -> Vec<PathBuf> {
-        self.watched_files.clone()
+        let mut files = self.watched_files.clone();
+        files.extend(crate::policy::compile::policy_files(&self.loaded));
+        files
     }
 
     pub fn is_trusted(&self, ip: &std::net::IpAddr) -> bool {
@@ -158,6 +163,9 @@ pub fn compile(
             .unwrap_or_default(),
     };
     let sealer = compile_sealer(&loaded, &mut diagnostics, &mut watched);
+    let (policy, policy_diagnostics) = crate::policy::compile::load(&loaded);
+    diagnostics.extend(policy_diagnostics);
+    watched.extend(policy.files.iter().cloned());
 
     if crate::config::diagnostics::has_errors(&diagnostics) {
         return Err(diagnostics);
@@ -187,6 +195,7 @@ pub fn compile(
         auth_comments: config.auth.comments,
         dmarc,
         sealer,
+        policy: Arc::new(policy),
         watched_files: watched,
         loaded,
     };

@@ -179,6 +179,14 @@ impl Authenticator {
         spf_result(output.result())
     }
 
+    /// The raw text of the TXT records at `name` (uncached; for diagnostics).
+    pub async fn txt_raw(&self, name: &str) -> Option<Vec<u8>> {
+        self.resolver
+            .txt_raw_lookup(format!("{}.", name.trim_end_matches('.')))
+            .await
+            .ok()
+    }
+
     /// DKIM alone (for checking our own published keys).
     pub async fn verify_dkim(&self, message: &AuthenticatedMessage<'_>) -> Vec<DkimCheck> {
         self.resolver

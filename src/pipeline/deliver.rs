@@ -32,17 +32,25 @@ impl Connection {
         let mut prefix = Vec::with_capacity(4096);
         let mut client_name = None;
         let verdict = match self.auth.clone() {
-            None => Verdict::deliver(if self.trusted {
-                "trusted network: no sender checks"
-            } else {
-                "sender checks disabled"
-            }),
+            None if self.trusted => Verdict::deliver("trusted network: no sender checks"),
+            None => {
+                let hit = self.policy_at_data(&mut tx, None);
+                let verdict = verdict::decide(&self.snapshot.dmarc, None, hit.as_ref());
+                tx.record.rule = verdict.rule.as_ref().map(|r| r.to_string());
+                tx.record.action = Some(verdict.action.as_str());
+                if verdict.reply.is_some() {
+                    metrics::end_of_data(end_of_data.elapsed());
+                    return self.refuse_with(tx, verdict).await;
+                }
+                verdict
+            }
             Some(auth) => {
                 let envelope = self.envelope_checks(&mut tx).await;
                 client_name = envelope.iprev.confirmed.first().cloned();
                 let parsed = AuthenticatedMessage::parse(&message);
                 let (report, verification) = assess(&auth, parsed.as_ref(), envelope).await;
-                let verdict = verdict::decide(&self.snapshot.dmarc, &report);
+                let hit = self.policy_at_data(&mut tx, Some(&report));
+                let verdict = verdict::decide(&self.snapshot.dmarc, Some(&report), hit.as_ref());
                 record_checks(&mut tx, &report, &verdict);
                 if verdict.reply.is_some() {
                     metrics::end_of_data(end_of_data.elapsed());
@@ -74,6 +82,17 @@ impl Connection {
         };
         for (name, value) in &verdict.headers {
             write_folded(&mut prefix, name, &sanitize(value, 900));
+        }
+        if let Some(to) = &verdict.redirect {
+            write_folded(
+                &mut prefix,
+                "X-Mxgate-Quarantined-For",
+                &sanitize(&tx.rcpts.join(", "), 900),
+            );
+            if let Err(reply) = self.redirect(&mut tx, to).await {
+                metrics::end_of_data(end_of_data.elapsed());
+                return self.refuse_message(tx, reply).await;
+            }
         }
         write_received(
             &mut prefix,
@@ -163,6 +182,32 @@ impl Connection {
         }
     }
 
+    /// Quarantine to an address: the transaction opened with the real recipients is
+    /// abandoned, and a new one is opened for the quarantine address alone.
+    async fn redirect(&mut self, tx: &mut Transaction, to: &str) -> Result<(), Reply> {
+        if let Some(backend) = tx.backend.take() {
+            backend.abort().await;
+        }
+        let envelope = crate::relay::Envelope {
+            mail_from: tx.mail_from.clone(),
+            smtputf8: tx.params.smtputf8,
+            eight_bit: tx.params.eight_bit,
+            size: tx.params.size,
+        };
+        match self.snapshot.relay.begin(&envelope, to).await {
+            Ok(crate::relay::Begin::Open(backend, reply)) if reply.is_positive() => {
+                tx.backend = Some(*backend);
+                Ok(())
+            }
+            Ok(crate::relay::Begin::Open(backend, reply)) => {
+                backend.abort().await;
+                Err(reply.to_reply())
+            }
+            Ok(crate::relay::Begin::MailRefused(reply)) => Err(reply.to_reply()),
+            Err(err) => Err(err.reply()),
+        }
+    }
+
     /// A verdict that refuses the message: release the backend, record, reply.
     async fn refuse_with(&mut self, tx: Transaction, verdict: Verdict) -> Reply {
         let reply = verdict.reply.unwrap_or_else(Reply::local_error);
@@ -195,6 +240,7 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
         format!("{}({})", report.dmarc.result, report.dmarc.domain),
     ));
     record.action = Some(verdict.action.as_str());
+    record.rule = verdict.rule.as_ref().map(|r| r.to_string());
     let label = match (report.dmarc.result, verdict.action) {
         (AuthResult::Fail, Action::Reject) => Some("reject"),
         (AuthResult::Fail, Action::Quarantine) => Some("quarantine"),

@@ -9,6 +9,7 @@ mod assess;
 mod deliver;
 pub mod metrics;
 mod pending;
+pub mod policy;
 mod record;
 mod stages;
 pub mod verdict;
@@ -45,6 +46,12 @@ pub struct Connection {
     auth: Option<Arc<Authenticator>>,
     iprev: Option<Pending<IprevCheck>>,
     helo_spf: Option<Pending<SpfCheck>>,
+    /// Results of the SPF records the policy refers to, for the client IP.
+    spf_records: Option<Pending<std::collections::HashMap<String, bool>>>,
+    /// A policy decision made at connect (it holds for every transaction).
+    policy_hit: Option<policy::PolicyHit>,
+    /// Shadow rules already counted for this connection.
+    shadow_seen: Vec<Arc<str>>,
 }
 
 /// One mail transaction: from MAIL to the final reply (or RSET / disconnect).
@@ -57,6 +64,12 @@ pub struct Transaction {
     backend: Option<BackendTx>,
     /// SPF for MAIL FROM, started when MAIL was accepted.
     spf: Option<Pending<SpfCheck>>,
+    /// The policy decision for this transaction, once a rule decided.
+    policy_hit: Option<policy::PolicyHit>,
+    /// DNS facts gathered for the policy at MAIL.
+    dns_facts: policy::DnsFacts,
+    /// Shadow rules already counted for this transaction.
+    shadow_seen: Vec<Arc<str>>,
     pub record: TransactionRecord,
     pub started: Instant,
 }
@@ -70,6 +83,9 @@ impl Connection {
             auth,
             iprev: None,
             helo_spf: None,
+            spf_records: None,
+            policy_hit: None,
+            shadow_seen: Vec::new(),
             snapshot,
             peer,
             local,

@@ -19,10 +19,12 @@ impl Connection {
     /// A client connected. `Err` is the reply that refuses it. The iprev check starts
     /// now and runs while the client talks.
     pub fn on_connect(&mut self) -> Result<(), Reply> {
+        self.policy_at_connect()?;
         if let Some(auth) = self.auth.clone() {
             let ip = self.client_ip;
             self.iprev = Some(Pending::spawn(async move { auth.iprev(ip).await }));
         }
+        self.start_policy_checks();
         Ok(())
     }
 
@@ -44,12 +46,6 @@ impl Connection {
 
     pub async fn on_mail(&mut self, mail: MailFrom<String>) -> Result<Transaction, Reply> {
         let snapshot = &self.snapshot;
-        if let Some(tls) = &snapshot.tls
-            && tls.require
-            && self.tls.is_none()
-        {
-            return Err(Reply::tls_required());
-        }
         if let Some(param) = unoffered_mail_parameter(&mail) {
             return Err(Reply::unsupported_parameter(param));
         }
@@ -71,7 +67,7 @@ impl Connection {
             let from = mail.address.clone();
             Pending::spawn(async move { auth.spf_mail_from(ip, &helo, &from).await })
         });
-        Ok(Transaction {
+        let mut tx = Transaction {
             id,
             mail_from: mail.address,
             params: MailParams {
@@ -82,9 +78,22 @@ impl Connection {
             rcpts: Vec::new(),
             backend: None,
             spf,
+            policy_hit: None,
+            dns_facts: Default::default(),
+            shadow_seen: Vec::new(),
             record,
             started: Instant::now(),
-        })
+        };
+        if let Err(reply) = self.policy_at_mail(&mut tx).await {
+            tx.record.rule = tx.policy_hit.as_ref().map(|h| h.rule.to_string());
+            tx.record.finish(
+                super::Outcome::from_reply(&reply, false),
+                &reply,
+                tx.started.elapsed(),
+            );
+            return Err(reply);
+        }
+        Ok(tx)
     }
 
     pub async fn on_rcpt(&mut self, tx: &mut Transaction, rcpt: RcptTo<String>) -> Reply {
@@ -101,6 +110,10 @@ impl Connection {
             tx.record.rejected_rcpts += 1;
             return Reply::relay_denied(&rcpt.address);
         };
+        if let Some(reply) = self.policy_at_rcpt(tx, &address) {
+            tx.record.rejected_rcpts += 1;
+            return reply;
+        }
         let reply = match &mut tx.backend {
             Some(backend) => match backend.rcpt(&address).await {
                 Ok(reply) => reply.to_reply(),

@@ -1,11 +1,14 @@
 //! The decision for a message, from the checks' results and the configuration: deliver,
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
+use super::policy::PolicyHit;
 use crate::auth::results::{AuthReport, AuthResult, DmarcPolicy};
 use crate::config::TempErrorAction;
+use crate::policy::Action as PolicyAction;
 use crate::rewrite::auth_results::OverrideNote;
 use crate::smtp::reply::Reply;
 use serde::Serialize;
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +41,10 @@ pub struct Verdict {
     pub reason: String,
     /// Set when a DMARC failure was not enforced.
     pub dmarc_override: Option<OverrideNote>,
+    /// The policy rule that decided, if any.
+    pub rule: Option<Arc<str>>,
+    /// Quarantine to this address instead of the recipients.
+    pub redirect: Option<String>,
 }
 
 impl Verdict {
@@ -48,16 +55,20 @@ impl Verdict {
             headers: Vec::new(),
             reason: reason.into(),
             dmarc_override: None,
+            rule: None,
+            redirect: None,
         }
     }
 
-    fn refuse(action: Action, reply: Reply, reason: impl Into<String>) -> Self {
+    pub fn refuse(action: Action, reply: Reply, reason: impl Into<String>) -> Self {
         Verdict {
             action,
             reply: Some(reply),
             headers: Vec::new(),
             reason: reason.into(),
             dmarc_override: None,
+            rule: None,
+            redirect: None,
         }
     }
 }
@@ -73,8 +84,67 @@ pub struct DmarcSettings {
     pub trusted_sealers: Vec<String>,
 }
 
-/// Decides what happens to a message whose checks produced `report`.
-pub fn decide(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
+/// Decides what happens to a message: a policy rule's decision first, then DMARC on
+/// the checks' `report` (absent when sender checks did not run).
+pub fn decide(
+    settings: &DmarcSettings,
+    report: Option<&AuthReport>,
+    policy: Option<&PolicyHit>,
+) -> Verdict {
+    let Some(hit) = policy else {
+        return match report {
+            Some(report) => decide_dmarc(settings, report),
+            None => Verdict::deliver("no sender checks ran"),
+        };
+    };
+    let rule = format!("policy rule `{}`", hit.rule);
+    let mut verdict = match &hit.action {
+        PolicyAction::Reject(reply) => {
+            Verdict::refuse(Action::Reject, reply.clone(), format!("{rule} rejects"))
+        }
+        PolicyAction::Tempfail(reply) => {
+            Verdict::refuse(Action::Tempfail, reply.clone(), format!("{rule} defers"))
+        }
+        PolicyAction::Accept => {
+            let mut verdict = Verdict::deliver(format!("{rule} accepts"));
+            if report.is_some_and(|r| r.dmarc.result == AuthResult::Fail) {
+                verdict.dmarc_override = Some(OverrideNote {
+                    reason: rule.clone(),
+                    kind: "local_policy",
+                    sealer: None,
+                });
+            }
+            verdict
+        }
+        PolicyAction::Quarantine(to) => {
+            let mut verdict = Verdict::deliver(format!("{rule} quarantines"));
+            verdict.action = Action::Quarantine;
+            verdict.headers.push(settings.quarantine_header.clone());
+            verdict.redirect = to.clone();
+            verdict
+        }
+        PolicyAction::Tag(name, value) => {
+            let mut verdict = match report {
+                Some(report) => decide_dmarc(settings, report),
+                None => Verdict::deliver("no sender checks ran"),
+            };
+            if verdict.reply.is_none() {
+                verdict.headers.push((name.clone(), value.clone()));
+                verdict.reason = format!("{}; {rule} tags", verdict.reason);
+            }
+            verdict
+        }
+        // TLS rules never reach here: they are decided at MAIL.
+        PolicyAction::RequireTls | PolicyAction::AllowPlaintext => match report {
+            Some(report) => decide_dmarc(settings, report),
+            None => Verdict::deliver("no sender checks ran"),
+        },
+    };
+    verdict.rule = Some(hit.rule.clone());
+    verdict
+}
+
+fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
     if settings.reject_invalid_from
         && let Some(problem) = report.from.problem()
     {
@@ -271,7 +341,11 @@ mod tests {
 
     #[test]
     fn dmarc_policies_are_enforced() {
-        let v = decide(&settings(), &report(AuthResult::Fail, DmarcPolicy::Reject));
+        let v = decide(
+            &settings(),
+            Some(&report(AuthResult::Fail, DmarcPolicy::Reject)),
+            None,
+        );
         assert_eq!(v.action, Action::Reject);
         let reply = v.reply.unwrap();
         assert_eq!(
@@ -281,16 +355,25 @@ mod tests {
         assert!(reply.text().contains("sender.test"), "{reply}");
         let v = decide(
             &settings(),
-            &report(AuthResult::Fail, DmarcPolicy::Quarantine),
+            Some(&report(AuthResult::Fail, DmarcPolicy::Quarantine)),
+            None,
         );
         assert_eq!(v.action, Action::Quarantine);
         assert_eq!(
             v.headers,
             vec![("X-Spam-Flag".to_string(), "YES".to_string())]
         );
-        let v = decide(&settings(), &report(AuthResult::Fail, DmarcPolicy::None));
+        let v = decide(
+            &settings(),
+            Some(&report(AuthResult::Fail, DmarcPolicy::None)),
+            None,
+        );
         assert_eq!(v.action, Action::Deliver);
-        let v = decide(&settings(), &report(AuthResult::Pass, DmarcPolicy::Reject));
+        let v = decide(
+            &settings(),
+            Some(&report(AuthResult::Pass, DmarcPolicy::Reject)),
+            None,
+        );
         assert_eq!(v.action, Action::Deliver);
     }
 
@@ -298,7 +381,8 @@ mod tests {
     fn temperror_defers_unless_configured() {
         let v = decide(
             &settings(),
-            &report(AuthResult::TempError, DmarcPolicy::None),
+            Some(&report(AuthResult::TempError, DmarcPolicy::None)),
+            None,
         );
         assert_eq!(v.action, Action::Tempfail);
         assert_eq!(v.reply.unwrap().code(), 451);
@@ -307,7 +391,8 @@ mod tests {
         assert_eq!(
             decide(
                 &accepting,
-                &report(AuthResult::TempError, DmarcPolicy::None)
+                Some(&report(AuthResult::TempError, DmarcPolicy::None)),
+                None
             )
             .action,
             Action::Deliver
@@ -319,7 +404,12 @@ mod tests {
         let mut off = settings();
         off.enforce = false;
         assert_eq!(
-            decide(&off, &report(AuthResult::Fail, DmarcPolicy::Reject)).action,
+            decide(
+                &off,
+                Some(&report(AuthResult::Fail, DmarcPolicy::Reject)),
+                None
+            )
+            .action,
             Action::Deliver
         );
     }
@@ -328,13 +418,13 @@ mod tests {
     fn invalid_from_is_rejected() {
         let mut r = report(AuthResult::None, DmarcPolicy::None);
         r.from.fields = 2;
-        let v = decide(&settings(), &r);
+        let v = decide(&settings(), Some(&r), None);
         assert_eq!(v.action, Action::Reject);
         r.from.fields = 0;
-        assert_eq!(decide(&settings(), &r).action, Action::Reject);
+        assert_eq!(decide(&settings(), Some(&r), None).action, Action::Reject);
         r.from.fields = 1;
         r.from.domains.clear();
-        assert_eq!(decide(&settings(), &r).action, Action::Reject);
+        assert_eq!(decide(&settings(), Some(&r), None).action, Action::Reject);
     }
 }
 
@@ -400,7 +490,8 @@ mod override_tests {
     fn trusted_passing_chain_overrides() {
         let verdict = decide(
             &settings(),
-            &failing("edge.example", AuthResult::Pass, GOOD_AAR),
+            Some(&failing("edge.example", AuthResult::Pass, GOOD_AAR)),
+            None,
         );
         assert_eq!(verdict.action, Action::Deliver);
         let note = verdict.dmarc_override.unwrap();
@@ -412,7 +503,12 @@ mod override_tests {
     fn aligned_dkim_in_the_aar_is_enough() {
         let aar = "i=1; mx.edge.example; dkim=pass header.d=netvisor.fi; dmarc=none";
         assert_eq!(
-            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
             Action::Deliver
         );
     }
@@ -423,7 +519,8 @@ mod override_tests {
         assert_eq!(
             decide(
                 &settings(),
-                &failing("edge.example", AuthResult::Fail, GOOD_AAR)
+                Some(&failing("edge.example", AuthResult::Fail, GOOD_AAR)),
+                None
             )
             .action,
             Action::Reject
@@ -432,7 +529,8 @@ mod override_tests {
         assert_eq!(
             decide(
                 &settings(),
-                &failing("attacker.test", AuthResult::Pass, GOOD_AAR)
+                Some(&failing("attacker.test", AuthResult::Pass, GOOD_AAR)),
+                None
             )
             .action,
             Action::Reject
@@ -440,20 +538,145 @@ mod override_tests {
         // The trusted sealer did not see a pass either.
         let aar = "i=1; mx.edge.example; spf=pass smtp.mailfrom=x@amazonses.com; dmarc=fail header.from=netvisor.fi";
         assert_eq!(
-            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
             Action::Reject
         );
         // A pass recorded for another From domain.
         let aar = "i=1; mx.edge.example; dmarc=pass header.from=other.test";
         assert_eq!(
-            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
             Action::Reject
         );
         // A pass hidden in a comment.
         let aar = "i=1; mx.edge.example; spf=fail (dmarc=pass header.from=netvisor.fi) smtp.mailfrom=x@y.test";
         assert_eq!(
-            decide(&settings(), &failing("edge.example", AuthResult::Pass, aar)).action,
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
             Action::Reject
         );
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::auth::results::*;
+    use crate::policy::Action as Rule;
+
+    fn settings() -> DmarcSettings {
+        DmarcSettings {
+            enforce: true,
+            quarantine_header: ("X-Spam-Flag".into(), "YES".into()),
+            on_temperror: TempErrorAction::Tempfail,
+            reject_invalid_from: true,
+            trusted_sealers: vec![],
+        }
+    }
+
+    fn failing() -> AuthReport {
+        let spf = SpfCheck {
+            result: AuthResult::Fail,
+            domain: "customer.test".into(),
+            identity: "a@customer.test".into(),
+            explanation: None,
+        };
+        AuthReport {
+            iprev: IprevCheck {
+                result: AuthResult::Pass,
+                ptr: vec![],
+                confirmed: vec![],
+            },
+            helo_spf: spf.clone(),
+            spf,
+            dkim: vec![],
+            arc: ArcCheck {
+                result: AuthResult::None,
+                instances: 0,
+                sealer: None,
+                sealer_results: None,
+                reason: None,
+            },
+            dmarc: DmarcCheck {
+                result: AuthResult::Fail,
+                domain: "customer.test".into(),
+                policy: DmarcPolicy::Reject,
+                applied_policy: DmarcPolicy::Reject,
+                spf_aligned: false,
+                dkim_aligned: false,
+                pct: None,
+                reason: None,
+            },
+            from: FromHeader {
+                fields: 1,
+                addresses: vec!["a@customer.test".into()],
+                domains: vec!["customer.test".into()],
+            },
+        }
+    }
+
+    fn hit(action: Rule) -> PolicyHit {
+        PolicyHit {
+            rule: "r".into(),
+            action,
+            stage: "data",
+        }
+    }
+
+    #[test]
+    fn accept_overrides_a_dmarc_failure_and_says_so() {
+        let v = decide(&settings(), Some(&failing()), Some(&hit(Rule::Accept)));
+        assert_eq!(v.action, Action::Deliver);
+        assert_eq!(v.dmarc_override.unwrap().reason, "policy rule `r`");
+        assert_eq!(v.rule.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn tag_leaves_dmarc_in_charge() {
+        let v = decide(
+            &settings(),
+            Some(&failing()),
+            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+        );
+        assert_eq!(v.action, Action::Reject, "a tag does not allowlist");
+        let mut passing = failing();
+        passing.dmarc.result = AuthResult::Pass;
+        let v = decide(
+            &settings(),
+            Some(&passing),
+            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+        );
+        assert_eq!(v.headers, vec![("X-T".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn quarantine_and_refusals() {
+        let v = decide(
+            &settings(),
+            Some(&failing()),
+            Some(&hit(Rule::Quarantine(Some("q@example.test".into())))),
+        );
+        assert_eq!(v.action, Action::Quarantine);
+        assert_eq!(v.redirect.as_deref(), Some("q@example.test"));
+        assert_eq!(v.headers[0].0, "X-Spam-Flag");
+        let v = decide(
+            &settings(),
+            None,
+            Some(&hit(Rule::Tempfail(Reply::policy_tempfail_default("r")))),
+        );
+        assert_eq!((v.action, v.reply.unwrap().code()), (Action::Tempfail, 451));
     }
 }

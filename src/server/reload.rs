@@ -174,6 +174,10 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 fn describe_changes(old: &Snapshot, new: &Snapshot) -> String {
     let mut parts = Vec::new();
+    let rules = new.policy.describe_changes(&old.policy);
+    if rules != "rules unchanged" {
+        parts.push(rules);
+    }
     if old.loaded.source.text != new.loaded.source.text {
         parts.push("config file".to_string());
     }

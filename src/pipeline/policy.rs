@@ -1,0 +1,345 @@
+//! The sender policy at each stage: which facts are known, which rule (if any) decides,
+//! and what a decision does at that stage. Trusted networks bypass the policy, as they
+//! bypass the other sender checks.
+
+use super::{Connection, Pending, Transaction};
+use crate::auth::results::{AuthReport, AuthResult};
+use crate::policy::{Action, Facts, Policy, Rule, evaluate, metrics};
+use crate::smtp::reply::Reply;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A rule that decided, and what it decided.
+#[derive(Clone, Debug)]
+pub struct PolicyHit {
+    pub rule: Arc<str>,
+    pub action: Action,
+    pub stage: &'static str,
+}
+
+/// Facts that need DNS, gathered at MAIL for the rules that use them.
+#[derive(Clone, Debug, Default)]
+pub struct DnsFacts {
+    pub hosts: Option<Vec<String>>,
+    pub spf_records: Option<HashMap<String, bool>>,
+    pub spf: Option<AuthResult>,
+}
+
+impl Connection {
+    fn policy(&self) -> Option<Arc<Policy>> {
+        (!self.trusted && !self.snapshot.policy.rules.is_empty())
+            .then(|| self.snapshot.policy.clone())
+    }
+
+    /// Starts the SPF-record checks rules refer to, so they are ready at MAIL.
+    pub(super) fn start_policy_checks(&mut self) {
+        let (Some(policy), Some(auth)) = (self.policy(), self.auth.clone()) else {
+            return;
+        };
+        if policy.spf_records.is_empty() {
+            return;
+        }
+        let ip = self.client_ip;
+        let records = policy.spf_records.clone();
+        self.spf_records = Some(Pending::spawn(async move {
+            let mut results = HashMap::with_capacity(records.len());
+            for record in records {
+                let authorised =
+                    auth.spf_record_authorizes(ip, &record, "unknown").await == AuthResult::Pass;
+                results.insert(record, authorised);
+            }
+            results
+        }));
+    }
+
+    /// Connect stage: only the client IP is known without waiting for DNS.
+    pub(super) fn policy_at_connect(&mut self) -> Result<(), Reply> {
+        let Some(policy) = self.policy() else {
+            return Ok(());
+        };
+        let facts = Facts {
+            client_ip: Some(self.client_ip),
+            ..Facts::default()
+        };
+        let mut seen = std::mem::take(&mut self.shadow_seen);
+        let decided = decide(policy.disposition_rules(), &facts, &mut seen);
+        self.shadow_seen = seen;
+        match decided {
+            Some(rule) => match &rule.action {
+                Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.clone()),
+                action => {
+                    self.policy_hit = Some(hit(rule, action, "connect"));
+                    Ok(())
+                }
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// MAIL stage: TLS rules, then the disposition rules with the envelope sender, the
+    /// HELO name and the DNS facts the rules need.
+    pub(super) async fn policy_at_mail(&mut self, tx: &mut Transaction) -> Result<(), Reply> {
+        let tls_required_globally = self.snapshot.tls.as_ref().is_some_and(|t| t.require);
+        let Some(policy) = self.policy() else {
+            return match (tls_required_globally, &self.tls) {
+                (true, None) => Err(Reply::tls_required()),
+                _ => Ok(()),
+            };
+        };
+        tx.dns_facts = self.gather_dns_facts(&policy, tx).await;
+        let dns = tx.dns_facts.clone();
+        let tls_version = self.tls.as_ref().map(|t| t.version_label());
+        let facts = Facts {
+            client_ip: Some(self.client_ip),
+            client_hosts: dns.hosts.as_deref(),
+            helo: self.helo.as_deref(),
+            spf_records: dns.spf_records.as_ref(),
+            envelope_from: Some(&tx.mail_from),
+            tls: Some(tls_version),
+            spf: dns.spf,
+            ..Facts::default()
+        };
+        let mut seen = std::mem::take(&mut tx.shadow_seen);
+        let tls_rule = decide(policy.tls_rules(), &facts, &mut seen);
+        let required = match tls_rule.map(|r| &r.action) {
+            Some(Action::RequireTls) => true,
+            Some(Action::AllowPlaintext) => false,
+            _ => tls_required_globally,
+        };
+        if required && self.tls.is_none() {
+            tx.shadow_seen = seen;
+            return Err(if tls_rule.is_some() {
+                Reply::tls_required_for_sender()
+            } else {
+                Reply::tls_required()
+            });
+        }
+        let decided = if self.policy_hit.is_none() {
+            decide(policy.disposition_rules(), &facts, &mut seen)
+        } else {
+            None
+        };
+        tx.shadow_seen = seen;
+        if let Some(rule) = decided {
+            match &rule.action {
+                Action::Reject(reply) | Action::Tempfail(reply) => return Err(reply.clone()),
+                action => tx.policy_hit = Some(hit(rule, action, "mail")),
+            }
+        }
+        Ok(())
+    }
+
+    /// RCPT stage: a refusal applies to this recipient only; any other decision to the
+    /// whole message.
+    pub(super) fn policy_at_rcpt(&mut self, tx: &mut Transaction, rcpt: &str) -> Option<Reply> {
+        let policy = self.policy()?;
+        if self.policy_hit.is_some() || tx.policy_hit.is_some() {
+            return None;
+        }
+        let rcpts = [rcpt.to_string()];
+        let tls_version = self.tls.as_ref().map(|t| t.version_label());
+        let dns = &tx.dns_facts;
+        let facts = Facts {
+            client_ip: Some(self.client_ip),
+            client_hosts: dns.hosts.as_deref(),
+            helo: self.helo.as_deref(),
+            spf_records: dns.spf_records.as_ref(),
+            envelope_from: Some(&tx.mail_from),
+            rcpts: Some(&rcpts),
+            tls: Some(tls_version),
+            spf: dns.spf,
+            ..Facts::default()
+        };
+        let mut seen = std::mem::take(&mut tx.shadow_seen);
+        let decided = decide(policy.disposition_rules(), &facts, &mut seen)
+            .map(|rule| (rule.name.clone(), rule.action.clone()));
+        tx.shadow_seen = seen;
+        match decided {
+            Some((_, Action::Reject(reply) | Action::Tempfail(reply))) => Some(reply),
+            Some((rule, action)) => {
+                tx.policy_hit = Some(PolicyHit {
+                    rule,
+                    action,
+                    stage: "rcpt",
+                });
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// End of data: every fact is known; the decision made at an earlier stage stands.
+    pub(super) fn policy_at_data(
+        &mut self,
+        tx: &mut Transaction,
+        report: Option<&AuthReport>,
+    ) -> Option<PolicyHit> {
+        if let Some(hit) = self.policy_hit.clone().or_else(|| tx.policy_hit.clone()) {
+            return Some(hit);
+        }
+        let policy = self.policy()?;
+        let facts = data_facts(
+            self.client_ip,
+            self.helo.as_deref(),
+            self.tls.as_ref().map(|t| t.version_label()),
+            tx,
+            report,
+        );
+        let mut seen = std::mem::take(&mut tx.shadow_seen);
+        let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen)
+            .map(|rule| hit(rule, &rule.action, "data"));
+        tx.shadow_seen = seen;
+        decided
+    }
+
+    async fn gather_dns_facts(&mut self, policy: &Policy, tx: &mut Transaction) -> DnsFacts {
+        let mut facts = DnsFacts::default();
+        if policy.needs_hosts {
+            facts.hosts = Some(match &mut self.iprev {
+                Some(pending) => pending
+                    .get()
+                    .await
+                    .map(|i| i.confirmed.clone())
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            });
+        }
+        if !policy.spf_records.is_empty() {
+            facts.spf_records = Some(match &mut self.spf_records {
+                Some(pending) => pending.get().await.cloned().unwrap_or_default(),
+                None => HashMap::new(),
+            });
+        }
+        if policy.needs_spf {
+            facts.spf = Some(match &mut tx.spf {
+                Some(pending) => pending
+                    .get()
+                    .await
+                    .map_or(AuthResult::TempError, |s| s.result),
+                None => AuthResult::None,
+            });
+        }
+        facts
+    }
+}
+
+/// Every fact, owned, for the end-of-data evaluation (and `explain`).
+pub struct DataFacts {
+    client_ip: std::net::IpAddr,
+    helo: Option<String>,
+    tls: Option<&'static str>,
+    envelope_from: String,
+    rcpts: Vec<String>,
+    hosts: Vec<String>,
+    spf_records: HashMap<String, bool>,
+    spf: AuthResult,
+    iprev: AuthResult,
+    header_from: Vec<String>,
+    dkim_pass: Vec<String>,
+    dmarc: AuthResult,
+    arc: AuthResult,
+}
+
+impl DataFacts {
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            client_ip: Some(self.client_ip),
+            client_hosts: Some(&self.hosts),
+            helo: Some(self.helo.as_deref().unwrap_or("")),
+            spf_records: Some(&self.spf_records),
+            envelope_from: Some(&self.envelope_from),
+            rcpts: Some(&self.rcpts),
+            tls: Some(self.tls),
+            spf: Some(self.spf),
+            iprev: Some(self.iprev),
+            header_from: Some(&self.header_from),
+            dkim_pass: Some(&self.dkim_pass),
+            dmarc: Some(self.dmarc),
+            arc: Some(self.arc),
+        }
+    }
+}
+
+fn data_facts(
+    client_ip: std::net::IpAddr,
+    helo: Option<&str>,
+    tls: Option<&'static str>,
+    tx: &Transaction,
+    report: Option<&AuthReport>,
+) -> DataFacts {
+    full_facts(
+        client_ip,
+        helo,
+        tls,
+        &tx.mail_from,
+        &tx.rcpts,
+        &tx.dns_facts,
+        report,
+    )
+}
+
+/// Builds the complete facts from the checks' report; what was never checked (sender
+/// checks disabled) counts as absent.
+pub fn full_facts(
+    client_ip: std::net::IpAddr,
+    helo: Option<&str>,
+    tls: Option<&'static str>,
+    mail_from: &str,
+    rcpts: &[String],
+    dns: &DnsFacts,
+    report: Option<&AuthReport>,
+) -> DataFacts {
+    DataFacts {
+        client_ip,
+        helo: helo.map(str::to_string),
+        tls,
+        envelope_from: mail_from.to_string(),
+        rcpts: rcpts.to_vec(),
+        hosts: report
+            .map(|r| r.iprev.confirmed.clone())
+            .or_else(|| dns.hosts.clone())
+            .unwrap_or_default(),
+        spf_records: dns.spf_records.clone().unwrap_or_default(),
+        spf: report.map_or(AuthResult::None, |r| r.spf.result),
+        iprev: report.map_or(AuthResult::None, |r| r.iprev.result),
+        header_from: report.map(|r| r.from.addresses.clone()).unwrap_or_default(),
+        dkim_pass: report
+            .map(|r| {
+                r.dkim
+                    .iter()
+                    .filter(|d| d.result == AuthResult::Pass)
+                    .map(|d| d.domain.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        dmarc: report.map_or(AuthResult::None, |r| r.dmarc.result),
+        arc: report.map_or(AuthResult::None, |r| r.arc.result),
+    }
+}
+
+/// Evaluates `rules`, counting shadow matches once per transaction, and the decision.
+fn decide<'p>(
+    rules: impl Iterator<Item = &'p Rule>,
+    facts: &Facts<'_>,
+    seen: &mut Vec<Arc<str>>,
+) -> Option<&'p Rule> {
+    let evaluation = evaluate(rules, facts);
+    for rule in evaluation.shadow {
+        if !seen.contains(&rule.name) {
+            seen.push(rule.name.clone());
+            metrics::hit(rule);
+            tracing::info!(rule = %rule.name, action = rule.action.name(), origin = %rule.origin, "shadow rule matched (not applied)");
+        }
+    }
+    let rule = evaluation.decision?;
+    metrics::hit(rule);
+    Some(rule)
+}
+
+fn hit(rule: &Rule, action: &Action, stage: &'static str) -> PolicyHit {
+    PolicyHit {
+        rule: rule.name.clone(),
+        action: action.clone(),
+        stage,
+    }
+}

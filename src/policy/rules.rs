@@ -1,0 +1,602 @@
+//! Compiled rules: conditions over facts, and what a match does. Pure data and pure
+//! evaluation; facts that need DNS are gathered by the pipeline before evaluating.
+
+use crate::auth::results::AuthResult;
+use crate::config::Network;
+use crate::smtp::reply::Reply;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A host or domain name: exact, or `*.suffix` for any name below `suffix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamePattern {
+    Exact(String),
+    Below(String),
+}
+
+impl NamePattern {
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        match self {
+            NamePattern::Exact(exact) => name.eq_ignore_ascii_case(exact),
+            NamePattern::Below(suffix) => {
+                name.len() > suffix.len() + 1
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(name) => f.write_str(name),
+            NamePattern::Below(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// An address (`local@domain`) or a domain pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressPattern {
+    Address(String),
+    Domain(NamePattern),
+}
+
+impl AddressPattern {
+    pub fn matches(&self, address: &str) -> bool {
+        match self {
+            AddressPattern::Address(exact) => address.eq_ignore_ascii_case(exact),
+            AddressPattern::Domain(pattern) => address
+                .rsplit_once('@')
+                .is_some_and(|(_, domain)| pattern.matches(domain)),
+        }
+    }
+}
+
+impl fmt::Display for AddressPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddressPattern::Address(address) => f.write_str(address),
+            AddressPattern::Domain(pattern) => pattern.fmt(f),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    ClientIp(Vec<Network>),
+    ClientHost(Vec<NamePattern>),
+    Helo(Vec<NamePattern>),
+    SpfRecord(Vec<String>),
+    EnvelopeFrom(Vec<AddressPattern>),
+    HeaderFrom(Vec<AddressPattern>),
+    DkimDomain(Vec<NamePattern>),
+    Spf(Vec<AuthResult>),
+    Dmarc(Vec<AuthResult>),
+    Arc(Vec<AuthResult>),
+    Iprev(Vec<AuthResult>),
+    Rcpt(Vec<AddressPattern>),
+    Tls(bool),
+    TlsVersion(Vec<String>),
+}
+
+/// What is known about a message at some stage; `None` means "not known yet".
+#[derive(Clone, Debug, Default)]
+pub struct Facts<'a> {
+    pub client_ip: Option<IpAddr>,
+    /// Forward-confirmed host names.
+    pub client_hosts: Option<&'a [String]>,
+    pub helo: Option<&'a str>,
+    /// For each SPF record name the policy uses: does it authorise the client IP?
+    pub spf_records: Option<&'a HashMap<String, bool>>,
+    pub envelope_from: Option<&'a str>,
+    /// At RCPT, the recipient being decided; at the end of data, all of them.
+    pub rcpts: Option<&'a [String]>,
+    /// `Some(None)`: plaintext; `Some(Some("1.3"))`: TLS 1.3.
+    pub tls: Option<Option<&'a str>>,
+    pub spf: Option<AuthResult>,
+    pub iprev: Option<AuthResult>,
+    pub header_from: Option<&'a [String]>,
+    /// Domains with a passing DKIM signature.
+    pub dkim_pass: Option<&'a [String]>,
+    pub dmarc: Option<AuthResult>,
+    pub arc: Option<AuthResult>,
+}
+
+fn any<T>(known: Option<T>, test: impl FnOnce(T) -> bool) -> Option<bool> {
+    known.map(test)
+}
+
+impl Condition {
+    /// `Some(true/false)` when the facts it needs are known, `None` otherwise.
+    pub fn test(&self, facts: &Facts<'_>) -> Option<bool> {
+        match self {
+            Condition::ClientIp(nets) => {
+                any(facts.client_ip, |ip| nets.iter().any(|n| n.contains(&ip)))
+            }
+            Condition::ClientHost(patterns) => any(facts.client_hosts, |hosts| {
+                hosts.iter().any(|h| patterns.iter().any(|p| p.matches(h)))
+            }),
+            Condition::Helo(patterns) => {
+                any(facts.helo, |helo| patterns.iter().any(|p| p.matches(helo)))
+            }
+            Condition::SpfRecord(records) => any(facts.spf_records, |known| {
+                records
+                    .iter()
+                    .any(|r| known.get(r).copied().unwrap_or(false))
+            }),
+            Condition::EnvelopeFrom(patterns) => any(facts.envelope_from, |from| {
+                patterns.iter().any(|p| p.matches(from))
+            }),
+            Condition::HeaderFrom(patterns) => any(facts.header_from, |froms| {
+                // Every From address must match: a second, unrelated address in From
+                // must not ride on an allowlisted one.
+                !froms.is_empty() && froms.iter().all(|f| patterns.iter().any(|p| p.matches(f)))
+            }),
+            Condition::DkimDomain(patterns) => any(facts.dkim_pass, |domains| {
+                domains
+                    .iter()
+                    .any(|d| patterns.iter().any(|p| p.matches(d)))
+            }),
+            Condition::Spf(results) => any(facts.spf, |r| results.contains(&r)),
+            Condition::Dmarc(results) => any(facts.dmarc, |r| results.contains(&r)),
+            Condition::Arc(results) => any(facts.arc, |r| results.contains(&r)),
+            Condition::Iprev(results) => any(facts.iprev, |r| results.contains(&r)),
+            Condition::Rcpt(patterns) => any(facts.rcpts, |rcpts| {
+                rcpts.iter().any(|r| patterns.iter().any(|p| p.matches(r)))
+            }),
+            Condition::Tls(want) => any(facts.tls, |tls| tls.is_some() == *want),
+            Condition::TlsVersion(versions) => any(facts.tls, |tls| {
+                tls.is_some_and(|v| versions.iter().any(|w| w == v))
+            }),
+        }
+    }
+
+    /// The condition's key in the policy file.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Condition::ClientIp(_) => "client_ip",
+            Condition::ClientHost(_) => "client_host",
+            Condition::Helo(_) => "helo",
+            Condition::SpfRecord(_) => "spf_record",
+            Condition::EnvelopeFrom(_) => "envelope_from",
+            Condition::HeaderFrom(_) => "header_from",
+            Condition::DkimDomain(_) => "dkim_domain",
+            Condition::Spf(_) => "spf",
+            Condition::Dmarc(_) => "dmarc",
+            Condition::Arc(_) => "arc",
+            Condition::Iprev(_) => "iprev",
+            Condition::Rcpt(_) => "rcpt",
+            Condition::Tls(_) => "tls",
+            Condition::TlsVersion(_) => "tls_version",
+        }
+    }
+
+    /// Whether the condition authenticates the sender (what an `accept` rule needs
+    /// besides addresses): something the sender cannot simply write in a header.
+    pub fn is_evidence(&self) -> bool {
+        match self {
+            Condition::ClientIp(_)
+            | Condition::ClientHost(_)
+            | Condition::SpfRecord(_)
+            | Condition::DkimDomain(_) => true,
+            Condition::Spf(results) | Condition::Dmarc(results) => {
+                !results.is_empty() && results.iter().all(|r| *r == AuthResult::Pass)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T: fmt::Display>(items: &[T]) -> String {
+            items
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        match self {
+            Condition::ClientIp(v) => write!(f, "client_ip in [{}]", list(v)),
+            Condition::ClientHost(v) => {
+                write!(f, "client_host (forward-confirmed) is [{}]", list(v))
+            }
+            Condition::Helo(v) => write!(f, "helo is [{}]", list(v)),
+            Condition::SpfRecord(v) => {
+                write!(f, "client IP authorised by SPF record [{}]", list(v))
+            }
+            Condition::EnvelopeFrom(v) => write!(f, "envelope_from is [{}]", list(v)),
+            Condition::HeaderFrom(v) => write!(f, "header_from is [{}]", list(v)),
+            Condition::DkimDomain(v) => write!(f, "dkim=pass for d=[{}]", list(v)),
+            Condition::Spf(v) => write!(f, "spf is [{}]", list(v)),
+            Condition::Dmarc(v) => write!(f, "dmarc is [{}]", list(v)),
+            Condition::Arc(v) => write!(f, "arc is [{}]", list(v)),
+            Condition::Iprev(v) => write!(f, "iprev is [{}]", list(v)),
+            Condition::Rcpt(v) => write!(f, "rcpt is [{}]", list(v)),
+            Condition::Tls(v) => write!(f, "tls is {v}"),
+            Condition::TlsVersion(v) => write!(f, "tls_version in [{}]", v.join(", ")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Deliver; a DMARC failure is not enforced.
+    Accept,
+    /// Add a header field; otherwise as if no rule matched.
+    Tag(String, String),
+    /// Deliver with the quarantine header, or to this address instead.
+    Quarantine(Option<String>),
+    Reject(Reply),
+    Tempfail(Reply),
+    /// Plaintext MAIL from this sender gets 530 5.7.0.
+    RequireTls,
+    /// This sender may send without TLS although `tls.require` is on.
+    AllowPlaintext,
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Accept => "accept",
+            Action::Tag(..) => "tag",
+            Action::Quarantine(_) => "quarantine",
+            Action::Reject(_) => "reject",
+            Action::Tempfail(_) => "tempfail",
+            Action::RequireTls => "require_tls",
+            Action::AllowPlaintext => "allow_plaintext",
+        }
+    }
+
+    /// TLS rules decide only whether TLS is required; they are evaluated on their own
+    /// (first matching TLS rule wins), apart from the rules that decide the message.
+    pub fn is_tls_rule(&self) -> bool {
+        matches!(self, Action::RequireTls | Action::AllowPlaintext)
+    }
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Arc<str>,
+    /// `file:line` of the rule, for logs.
+    pub origin: String,
+    pub file: PathBuf,
+    /// Position in its file's `rules:` list (to point diagnostics at it).
+    pub index: usize,
+    pub conditions: Vec<Condition>,
+    pub action: Action,
+    pub shadow: bool,
+    /// The rule as written, normalised: a reload compares these to report changes.
+    pub fingerprint: String,
+}
+
+impl Rule {
+    /// `Some(false)` as soon as one known condition fails; `Some(true)` when all are
+    /// known and hold; `None` otherwise.
+    pub fn test(&self, facts: &Facts<'_>) -> Option<bool> {
+        let mut unknown = false;
+        for condition in &self.conditions {
+            match condition.test(facts) {
+                Some(false) => return Some(false),
+                Some(true) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown { None } else { Some(true) }
+    }
+
+    pub fn uses(&self, key: &str) -> bool {
+        self.conditions.iter().any(|c| c.key() == key)
+    }
+}
+
+/// The result of evaluating the rules of one kind against the facts of a stage.
+#[derive(Debug, Default)]
+pub struct Evaluation<'p> {
+    /// The first rule (in order) that matched, if every rule before it is known not to.
+    pub decision: Option<&'p Rule>,
+    /// An earlier rule could still match once more facts are known: decide later.
+    pub undecided: bool,
+    /// Shadow rules that matched (counted and logged, not applied).
+    pub shadow: Vec<&'p Rule>,
+}
+
+/// First match wins, in order. A rule whose facts are not all known yet stops the
+/// evaluation (unless a known condition already rules it out), because it could still
+/// match and it comes first. Shadow rules never stop anything.
+pub fn evaluate<'p>(
+    rules: impl IntoIterator<Item = &'p Rule>,
+    facts: &Facts<'_>,
+) -> Evaluation<'p> {
+    let mut evaluation = Evaluation::default();
+    for rule in rules {
+        match rule.test(facts) {
+            Some(false) => {}
+            Some(true) if rule.shadow => evaluation.shadow.push(rule),
+            None if rule.shadow => {}
+            Some(true) => {
+                evaluation.decision = Some(rule);
+                return evaluation;
+            }
+            None => {
+                evaluation.undecided = true;
+                return evaluation;
+            }
+        }
+    }
+    evaluation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, conditions: Vec<Condition>, action: Action) -> Rule {
+        Rule {
+            name: name.into(),
+            origin: String::new(),
+            file: PathBuf::new(),
+            index: 0,
+            conditions,
+            action,
+            shadow: false,
+            fingerprint: String::new(),
+        }
+    }
+
+    fn net(text: &str) -> Network {
+        Network::try_from(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn name_patterns() {
+        let exact = NamePattern::Exact("smtp.od.visma.fi".into());
+        assert!(exact.matches("SMTP.od.visma.fi."));
+        assert!(!exact.matches("evil-smtp.od.visma.fi"));
+        let below = NamePattern::Below("amazonses.com".into());
+        assert!(below.matches("a48-30.smtp-out.amazonses.com"));
+        assert!(!below.matches("amazonses.com"));
+        assert!(!below.matches("evilamazonses.com"));
+    }
+
+    #[test]
+    fn address_patterns() {
+        let address = AddressPattern::Address("noreply@netvisor.fi".into());
+        assert!(address.matches("NoReply@Netvisor.FI"));
+        assert!(!address.matches("other@netvisor.fi"));
+        let domain = AddressPattern::Domain(NamePattern::Exact("netigate.se".into()));
+        assert!(domain.matches("survey@netigate.se"));
+        assert!(!domain.matches("survey@x.netigate.se"));
+    }
+
+    /// The matcher table: each condition with facts that make it true, false, unknown.
+    #[test]
+    fn condition_table() {
+        let hosts = vec!["smtp.od.visma.fi".to_string()];
+        let records: HashMap<String, bool> = [
+            ("_spf.netigate.se".to_string(), true),
+            ("_spf.ntgt.de".to_string(), false),
+        ]
+        .into();
+        let froms = vec!["noreply@netvisor.fi".to_string()];
+        let two_froms = vec![
+            "noreply@netvisor.fi".to_string(),
+            "ceo@bank.test".to_string(),
+        ];
+        let dkim = vec!["amazonses.com".to_string()];
+        let rcpts = vec!["bob@example.test".to_string()];
+        let full = Facts {
+            client_ip: Some("89.45.227.221".parse().unwrap()),
+            client_hosts: Some(&hosts),
+            helo: Some("mail.netigate.se"),
+            spf_records: Some(&records),
+            envelope_from: Some("survey@netigate.se"),
+            rcpts: Some(&rcpts),
+            tls: Some(Some("1.3")),
+            spf: Some(AuthResult::Pass),
+            iprev: Some(AuthResult::Pass),
+            header_from: Some(&froms),
+            dkim_pass: Some(&dkim),
+            dmarc: Some(AuthResult::Fail),
+            arc: Some(AuthResult::None),
+        };
+        let cases: Vec<(Condition, bool)> = vec![
+            (Condition::ClientIp(vec![net("89.45.227.221")]), true),
+            (
+                Condition::ClientIp(vec![net("10.0.0.0/8"), net("89.45.227.0/24")]),
+                true,
+            ),
+            (Condition::ClientIp(vec![net("2001:db8::/32")]), false),
+            (
+                Condition::ClientHost(vec![NamePattern::Exact("smtp.od.visma.fi".into())]),
+                true,
+            ),
+            (
+                Condition::ClientHost(vec![NamePattern::Below("visma.fi".into())]),
+                true,
+            ),
+            (
+                Condition::ClientHost(vec![NamePattern::Below("amazonses.com".into())]),
+                false,
+            ),
+            (
+                Condition::Helo(vec![NamePattern::Below("netigate.se".into())]),
+                true,
+            ),
+            (Condition::SpfRecord(vec!["_spf.netigate.se".into()]), true),
+            (Condition::SpfRecord(vec!["_spf.ntgt.de".into()]), false),
+            (
+                Condition::SpfRecord(vec!["_spf.ntgt.de".into(), "_spf.netigate.se".into()]),
+                true,
+            ),
+            (
+                Condition::EnvelopeFrom(vec![AddressPattern::Address("survey@netigate.se".into())]),
+                true,
+            ),
+            (
+                Condition::EnvelopeFrom(vec![AddressPattern::Address("survey@ntgt.de".into())]),
+                false,
+            ),
+            (
+                Condition::HeaderFrom(vec![AddressPattern::Domain(NamePattern::Exact(
+                    "netvisor.fi".into(),
+                ))]),
+                true,
+            ),
+            (
+                Condition::DkimDomain(vec![
+                    NamePattern::Exact("netvisor.fi".into()),
+                    NamePattern::Exact("amazonses.com".into()),
+                ]),
+                true,
+            ),
+            (
+                Condition::DkimDomain(vec![NamePattern::Exact("netvisor.fi".into())]),
+                false,
+            ),
+            (Condition::Spf(vec![AuthResult::Pass]), true),
+            (Condition::Dmarc(vec![AuthResult::Pass]), false),
+            (
+                Condition::Dmarc(vec![AuthResult::Fail, AuthResult::None]),
+                true,
+            ),
+            (Condition::Arc(vec![AuthResult::Pass]), false),
+            (Condition::Iprev(vec![AuthResult::Pass]), true),
+            (
+                Condition::Rcpt(vec![AddressPattern::Domain(NamePattern::Exact(
+                    "example.test".into(),
+                ))]),
+                true,
+            ),
+            (Condition::Tls(true), true),
+            (Condition::Tls(false), false),
+            (Condition::TlsVersion(vec!["1.2".into()]), false),
+            (Condition::TlsVersion(vec!["1.3".into()]), true),
+        ];
+        for (condition, expected) in &cases {
+            assert_eq!(condition.test(&full), Some(*expected), "{condition}");
+            assert_eq!(
+                condition.test(&Facts::default()),
+                None,
+                "{condition} with nothing known"
+            );
+        }
+        let mixed = Facts {
+            header_from: Some(&two_froms),
+            ..Facts::default()
+        };
+        let netvisor =
+            Condition::HeaderFrom(vec![AddressPattern::Address("noreply@netvisor.fi".into())]);
+        assert_eq!(
+            netvisor.test(&mixed),
+            Some(false),
+            "a second From address must not ride along"
+        );
+        let plaintext = Facts {
+            tls: Some(None),
+            ..Facts::default()
+        };
+        assert_eq!(Condition::Tls(false).test(&plaintext), Some(true));
+        assert_eq!(
+            Condition::TlsVersion(vec!["1.3".into()]).test(&plaintext),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn first_match_wins_but_waits_for_earlier_rules() {
+        let rules = vec![
+            rule(
+                "late",
+                vec![Condition::Dmarc(vec![AuthResult::Pass])],
+                Action::Accept,
+            ),
+            rule(
+                "early",
+                vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
+                Action::Reject(Reply::policy_reject_default("early")),
+            ),
+        ];
+        let at_connect = Facts {
+            client_ip: Some("192.0.2.1".parse().unwrap()),
+            ..Facts::default()
+        };
+        let evaluation = evaluate(&rules, &at_connect);
+        assert!(
+            evaluation.decision.is_none() && evaluation.undecided,
+            "rule 1 could still match"
+        );
+        let at_end = Facts {
+            dmarc: Some(AuthResult::Fail),
+            ..at_connect.clone()
+        };
+        assert_eq!(
+            evaluate(&rules, &at_end).decision.unwrap().name.as_ref(),
+            "early"
+        );
+        // A rule ruled out early by a known condition does not hold the others back.
+        let rules = vec![
+            rule(
+                "other-ip",
+                vec![
+                    Condition::ClientIp(vec![net("10.0.0.0/8")]),
+                    Condition::Dmarc(vec![AuthResult::Pass]),
+                ],
+                Action::Accept,
+            ),
+            rule(
+                "early",
+                vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
+                Action::Tempfail(Reply::policy_tempfail_default("early")),
+            ),
+        ];
+        assert_eq!(
+            evaluate(&rules, &at_connect)
+                .decision
+                .unwrap()
+                .name
+                .as_ref(),
+            "early"
+        );
+    }
+
+    #[test]
+    fn shadow_rules_are_reported_not_applied() {
+        let mut shadow = rule(
+            "try-block",
+            vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
+            Action::Reject(Reply::policy_reject_default("x")),
+        );
+        shadow.shadow = true;
+        let rules = vec![
+            shadow,
+            rule(
+                "all",
+                vec![Condition::ClientIp(vec![net("0.0.0.0/0")])],
+                Action::Accept,
+            ),
+        ];
+        let facts = Facts {
+            client_ip: Some("192.0.2.1".parse().unwrap()),
+            ..Facts::default()
+        };
+        let evaluation = evaluate(&rules, &facts);
+        assert_eq!(evaluation.shadow.len(), 1);
+        assert_eq!(evaluation.decision.unwrap().name.as_ref(), "all");
+    }
+
+    #[test]
+    fn evidence() {
+        assert!(Condition::DkimDomain(vec![]).is_evidence());
+        assert!(Condition::Spf(vec![AuthResult::Pass]).is_evidence());
+        assert!(!Condition::Spf(vec![AuthResult::Pass, AuthResult::None]).is_evidence());
+        assert!(!Condition::HeaderFrom(vec![]).is_evidence());
+        assert!(!Condition::Helo(vec![]).is_evidence());
+    }
+}
