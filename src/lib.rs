@@ -29,6 +29,7 @@ pub mod tls;
 
 /// Registers every metric so that `/metrics` lists them from the start, at zero.
 pub fn metrics_init() {
+    metrics::register_build_info();
     smtp::metrics::init();
     auth::metrics::init();
     rewrite::arc::metrics::init();

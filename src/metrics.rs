@@ -73,6 +73,19 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// `mxgate_build_info{version} 1`, so dashboards can show what runs.
+pub fn register_build_info() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let info = gauge_vec(
+            "mxgate_build_info",
+            "Always 1; the labels say which mxgate build is running.",
+            &["version"],
+        );
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    });
+}
+
 /// The text exposition of every registered metric.
 pub fn render() -> String {
     let mut out = Vec::with_capacity(16 * 1024);

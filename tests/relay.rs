@@ -360,3 +360,52 @@ async fn client_disconnect_mid_data_delivers_nothing() {
     assert!(backend.messages().is_empty());
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunking_backends_get_one_bdat_chunk() {
+    for lmtp in [false, true] {
+        let mut behaviour = Behaviour {
+            chunking: true,
+            lmtp,
+            ..Default::default()
+        };
+        behaviour
+            .lmtp_replies
+            .insert("full@example.test".into(), "452 4.2.2 Mailbox full".into());
+        let backend = FakeBackend::start(behaviour).await;
+        let gw = Gateway::start(config(vec![backend.url()])).await;
+        let (mut client, _) = gw.ehlo().await;
+        let body = "Subject: chunked\n\n..leading dot\n";
+        let reply = client
+            .send_mail("alice@sender.test", &["bob@example.test"], body)
+            .await;
+        assert_eq!(reply.code, 250, "{reply}");
+        let message = &backend.messages()[0];
+        assert!(message.chunked, "sent with BDAT");
+        assert!(
+            message
+                .text()
+                .ends_with("Subject: chunked\r\n\r\n.leading dot\r\n"),
+            "{}",
+            message.text()
+        );
+        assert!(
+            backend
+                .commands()
+                .iter()
+                .any(|c| c.starts_with("BDAT ") && c.ends_with(" LAST"))
+        );
+        assert!(!backend.commands().iter().any(|c| c == "DATA"));
+        if lmtp {
+            let reply = client
+                .send_mail(
+                    "alice@sender.test",
+                    &["a@example.test", "full@example.test"],
+                    "Subject: x\n\nx\n",
+                )
+                .await;
+            assert_eq!(reply.code, 451, "per-recipient replies after BDAT: {reply}");
+        }
+        gw.stop().await;
+    }
+}

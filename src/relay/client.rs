@@ -303,3 +303,26 @@ fn parse_capabilities(reply: &BackendReply) -> Capabilities {
     }
     caps
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smtp_proto::response::parser::ResponseReceiver;
+
+    #[test]
+    fn capabilities_from_an_ehlo_reply() {
+        let wire = b"250-backend.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE 100000000\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 STARTTLS\r\n";
+        let response = ResponseReceiver::default().parse(&mut wire.iter()).unwrap();
+        let reply = BackendReply::from_response(response);
+        let caps = parse_capabilities(&reply);
+        assert!(
+            caps.pipelining
+                && caps.eight_bit_mime
+                && caps.smtputf8
+                && caps.chunking
+                && caps.starttls,
+            "{caps:?} from {reply:?}"
+        );
+        assert_eq!(caps.size, Some(100_000_000));
+    }
+}

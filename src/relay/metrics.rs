@@ -2,8 +2,8 @@
 //! small fixed set of result words.
 
 use super::{Delivery, RelayError};
-use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
-use prometheus::{HistogramVec, IntCounterVec};
+use crate::metrics::{LATENCY_BUCKETS, counter_vec, gauge_vec, histogram_vec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -32,7 +32,25 @@ static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "mxgate_backend_up",
+        "1 when the backend answered the last probe (or a delivery since), 0 when it did not.",
+        &["backend"],
+    )
+});
+
+static LAST_SUCCESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "mxgate_backend_last_success_timestamp_seconds",
+        "When the backend last accepted a probe or a message.",
+        &["backend"],
+    )
+});
+
 pub fn init() {
+    LazyLock::force(&UP);
+    LazyLock::force(&LAST_SUCCESS);
     LazyLock::force(&DELIVERIES);
     LazyLock::force(&DELIVERY_SECONDS);
     LazyLock::force(&ERRORS);
@@ -63,5 +81,13 @@ fn reply_label(code: u16) -> &'static str {
         200..=299 => "accepted",
         400..=499 => "tempfailed",
         _ => "rejected",
+    }
+}
+
+/// Records a probe or delivery outcome for the backend's health gauges.
+pub fn health(backend: &str, ok: bool, now: i64) {
+    UP.with_label_values(&[backend]).set(i64::from(ok));
+    if ok {
+        LAST_SUCCESS.with_label_values(&[backend]).set(now);
     }
 }

@@ -213,8 +213,9 @@ impl Backend {
     }
 
     fn mark_success(&self) {
-        self.last_success
-            .store(crate::metrics::unix_now(), Ordering::Relaxed);
+        let now = crate::metrics::unix_now();
+        self.last_success.store(now, Ordering::Relaxed);
+        metrics::health(&self.label, true, now);
     }
 }
 
@@ -289,6 +290,8 @@ impl Relay {
             };
             if ok {
                 backend.mark_success();
+            } else {
+                metrics::health(&backend.label, false, 0);
             }
         }
     }
@@ -537,19 +540,25 @@ async fn send_remote(
     let settings = lease.settings().clone();
     let conn = lease.conn();
     let lmtp = conn.lmtp;
-    let reply = conn
-        .command(b"DATA\r\n", settings.timeouts.data_init)
-        .await?;
-    if reply.code != 354 {
-        // Refused before content (e.g. 554): the session is at its initial state.
-        if reply.code != 421 {
-            lease.release();
+    if conn.caps.chunking {
+        message
+            .write_bdat(conn, settings.timeouts.data_block)
+            .await?;
+    } else {
+        let reply = conn
+            .command(b"DATA\r\n", settings.timeouts.data_init)
+            .await?;
+        if reply.code != 354 {
+            // Refused before content (e.g. 554): the session is at its initial state.
+            if reply.code != 421 {
+                lease.release();
+            }
+            return Ok(Delivery::Single(reply));
         }
-        return Ok(Delivery::Single(reply));
+        message
+            .write_stuffed(conn, settings.timeouts.data_block)
+            .await?;
     }
-    message
-        .write_stuffed(conn, settings.timeouts.data_block)
-        .await?;
     let delivery = if lmtp {
         let mut replies = Vec::with_capacity(accepted.len());
         for rcpt in accepted {

@@ -58,9 +58,26 @@ pub fn write_received(out: &mut Vec<u8>, f: &ReceivedFields<'_>) {
             sanitize(rcpt, 320).replace(['<', '>', ';'], "")
         ));
     }
-    let date = mail_parser::DateTime::from_timestamp(f.timestamp).to_rfc822();
-    value.push_str(&format!(";\u{0}{date}"));
+    value.push_str(";\u{0}");
+    push_date(&mut value, f.timestamp);
     write_folded(out, "Received", &value);
+}
+
+/// RFC 5322 date for `timestamp`, formatted once per second per thread.
+fn push_date(out: &mut String, timestamp: i64) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != timestamp {
+            *last = (
+                timestamp,
+                mail_parser::DateTime::from_timestamp(timestamp).to_rfc822(),
+            );
+        }
+        out.push_str(&last.1);
+    });
 }
 
 /// A token from outside (EHLO name, PTR name) reduced to characters that cannot break the

@@ -41,6 +41,14 @@ pub static TLS_HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static GREETING_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "mxgate_connect_to_greeting_duration_seconds",
+        "Time from accepting a connection to sending the first reply (greeting or refusal).",
+        LATENCY_BUCKETS,
+    )
+});
+
 pub static SESSION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "mxgate_session_duration_seconds",
@@ -56,6 +64,7 @@ pub fn init() {
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&TLS_HANDSHAKES);
     LazyLock::force(&SESSION_SECONDS);
+    LazyLock::force(&GREETING_SECONDS);
 }
 
 pub fn reply(reply: &Reply) {

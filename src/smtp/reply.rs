@@ -90,7 +90,8 @@ impl Reply {
             out.extend_from_slice(itoa3(self.code).as_slice());
             out.push(if n == last { b' ' } else { b'-' });
             if let Some(status) = self.status {
-                out.extend_from_slice(status.to_string().as_bytes());
+                use std::io::Write;
+                let _ = write!(out, "{status}");
                 if !line.is_empty() {
                     out.push(b' ');
                 }

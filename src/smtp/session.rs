@@ -90,7 +90,8 @@ pub struct Session<S> {
     shutdown: ShutdownListener,
 }
 
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+const COMMAND_CHUNK: usize = 1024;
 
 /// Longest command line accepted, CRLF included. RFC 5321 section 4.5.3.1.4 sets 512
 /// octets as the minimum a server must accept; parameters push real clients past it.
@@ -116,12 +117,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs the session from the 220 greeting (or, after STARTTLS, from the handshake).
     pub async fn run(mut self, greet: bool) -> Ending<S> {
         if greet {
-            match self.conn.on_connect() {
+            let outcome = self.conn.on_connect();
+            metrics::GREETING_SECONDS.observe(self.conn.started.elapsed().as_secs_f64());
+            match outcome {
                 Ok(()) => {
                     let greeting = Reply::greeting(self.conn.hostname());
                     self.reply(greeting);
                 }
                 Err(reply) => {
+                    metrics::CONNECTIONS_REFUSED
+                        .with_label_values(&["policy"])
+                        .inc();
                     self.reply(reply);
                     let _ = self.flush().await;
                     return Ending::Closed;
@@ -185,11 +191,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
-            if self.rbuf.capacity() > 256 * 1024 {
+            if self.is_idle() && self.rbuf.capacity() > 64 * 1024 {
                 self.rbuf = Vec::new();
             }
         }
-        self.rbuf.reserve(READ_CHUNK);
+        // Commands are short: an idle session holds a small buffer (a thousand idle
+        // connections must stay cheap); message content gets bigger reads.
+        let want = if matches!(
+            self.state,
+            State::Data(..) | State::Chunk { .. } | State::Discard { .. }
+        ) {
+            READ_CHUNK
+        } else {
+            COMMAND_CHUNK
+        };
+        if self.rbuf.capacity() - self.rbuf.len() < want / 2 {
+            self.rbuf.reserve(want);
+        }
         let timeouts = &self.conn.snapshot.limits.timeouts;
         let limit = if self.is_idle() || matches!(self.state, State::Envelope(_)) {
             timeouts.command

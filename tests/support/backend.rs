@@ -26,6 +26,8 @@ pub struct Behaviour {
     pub drop_mid_data: Option<usize>,
     /// Close after the end of data instead of replying.
     pub drop_after_data: bool,
+    /// Offer CHUNKING (BDAT), as Postfix does.
+    pub chunking: bool,
 }
 
 impl Default for Behaviour {
@@ -41,6 +43,7 @@ impl Default for Behaviour {
             data_delay: None,
             drop_mid_data: None,
             drop_after_data: false,
+            chunking: false,
         }
     }
 }
@@ -50,13 +53,18 @@ pub struct Received {
     pub mail_from: String,
     pub rcpts: Vec<String>,
     /// DATA content exactly as it came over the wire (dot-stuffed), without the final
-    /// `.` CRLF.
+    /// `.` CRLF; or the BDAT chunks, concatenated.
     pub raw: Vec<u8>,
+    /// Received with BDAT (no dot-stuffing).
+    pub chunked: bool,
 }
 
 impl Received {
     /// The content with dot-stuffing removed.
     pub fn content(&self) -> Vec<u8> {
+        if self.chunked {
+            return self.raw.clone();
+        }
         let mut out = Vec::with_capacity(self.raw.len());
         for line in self.raw.split_inclusive(|&b| b == b'\n') {
             match line.strip_prefix(b".") {
@@ -182,6 +190,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 "SIZE 100000000".into(),
                 "ENHANCEDSTATUSCODES".into(),
             ]);
+            if b.chunking {
+                caps.push("CHUNKING".into());
+            }
             let last = caps.len() - 1;
             let mut out = String::new();
             for (n, cap) in caps.iter().enumerate() {
@@ -218,6 +229,41 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             };
             current.raw = raw;
+            if b.drop_after_data {
+                return Ok(());
+            }
+            if let Some(delay) = b.data_delay {
+                tokio::time::sleep(delay).await;
+            }
+            let message = std::mem::take(&mut current);
+            if b.lmtp {
+                for rcpt in &message.rcpts {
+                    let reply = b
+                        .lmtp_replies
+                        .get(rcpt)
+                        .cloned()
+                        .unwrap_or_else(|| b.data_reply.clone());
+                    write_line(&mut stream, &reply).await?;
+                }
+            } else {
+                write_line(&mut stream, &b.data_reply).await?;
+            }
+            log.lock().unwrap().messages.push(message);
+        } else if upper.starts_with("BDAT ") && b.chunking {
+            let mut words = upper.split_whitespace().skip(1);
+            let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let last = words.next() == Some("LAST");
+            while buf.len() < size {
+                if !fill(&mut stream, &mut buf).await? {
+                    return Ok(());
+                }
+            }
+            current.raw.extend(buf.drain(..size));
+            current.chunked = true;
+            if !last {
+                write_line(&mut stream, &format!("250 2.0.0 {size} octets")).await?;
+                continue;
+            }
             if b.drop_after_data {
                 return Ok(());
             }
