@@ -11,7 +11,7 @@
 use crate::config::Dns;
 use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
 use mail_auth::hickory_resolver::config::{
-    NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use mail_auth::{MX, MessageAuthenticator, RecordSet, ResolverCache, Txt};
 use prometheus::{HistogramVec, IntCounterVec};
@@ -98,6 +98,9 @@ pub fn resolver(config: &Dns) -> Result<(MessageAuthenticator, Option<String>), 
     options.negative_max_ttl = Some(Duration::from_secs(3600));
     // Authentication must ask the DNS, not /etc/hosts.
     options.use_hosts_file = ResolveHosts::Never;
+    // mail-auth resolves SPF's `exists:` through the generic address lookup, which
+    // RFC 7208 section 5.7 restricts to A records.
+    options.ip_strategy = LookupIpStrategy::Ipv4Only;
     MessageAuthenticator::new(resolver_config, options)
         .map(|resolver| (resolver, warning))
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))

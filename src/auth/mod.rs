@@ -35,6 +35,9 @@ pub struct Authenticator {
 pub struct MessageVerification<'m> {
     pub dkim_outputs: Vec<DkimOutput<'m>>,
     pub arc_output: ArcOutput<'m>,
+    /// ARC header fields that mail-auth could not even group into sets: never seal on
+    /// top of them.
+    pub arc_malformed: bool,
     pub dkim: Vec<DkimCheck>,
     pub arc: ArcCheck,
     pub dmarc: DmarcCheck,
@@ -121,6 +124,9 @@ impl Authenticator {
     /// SPF for the HELO identity (RFC 7208 section 2.3).
     pub async fn spf_helo(&self, ip: IpAddr, helo: &str) -> SpfCheck {
         let started = Instant::now();
+        if !checkable_domain(helo) {
+            return no_spf_identity(helo, format!("postmaster@{helo}"));
+        }
         let output = self
             .resolver
             .check_host(self.caches.parameters(SpfParameters::verify_ehlo(
@@ -138,6 +144,15 @@ impl Authenticator {
     /// (RFC 7208 section 2.4).
     pub async fn spf_mail_from(&self, ip: IpAddr, helo: &str, mail_from: &str) -> SpfCheck {
         let started = Instant::now();
+        let domain = mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
+        if !checkable_domain(domain) {
+            let identity = if mail_from.is_empty() {
+                format!("postmaster@{helo}")
+            } else {
+                mail_from.to_string()
+            };
+            return no_spf_identity(domain, identity);
+        }
         let output = self
             .resolver
             .check_host(self.caches.parameters(SpfParameters::verify_mail_from(
@@ -210,7 +225,15 @@ impl Authenticator {
             self.resolver.verify_arc(self.caches.parameters(message)),
         );
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
-        let arc = arc_check(&arc_output);
+        let mut arc = arc_check(&arc_output);
+        // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
+        // or ARC-Authentication-Results are present: that is a broken chain.
+        let arc_malformed = arc.result == AuthResult::None
+            && (!message.as_headers.is_empty() || !message.aar_headers.is_empty());
+        if arc_malformed {
+            arc.result = AuthResult::Fail;
+            arc.reason = Some("ARC header fields without an ARC-Message-Signature".into());
+        }
         for check in &dkim {
             metrics::check("dkim", check.result, started.elapsed());
         }
@@ -222,11 +245,32 @@ impl Authenticator {
         MessageVerification {
             dkim_outputs,
             arc_output,
+            arc_malformed,
             dkim,
             arc,
             dmarc,
             from,
         }
+    }
+}
+
+/// RFC 7208 section 4.3: an identity that is not a fully qualified domain name (an
+/// address literal like `[192.0.2.1]`, a bare IP, a malformed name) has no SPF record:
+/// the result is none. mail-auth would report permerror for those.
+fn checkable_domain(domain: &str) -> bool {
+    let domain = domain.trim_end_matches('.');
+    !domain.starts_with('[')
+        && domain.parse::<IpAddr>().is_err()
+        && domain.contains('.')
+        && crate::config::DomainName::parse(domain).is_ok()
+}
+
+fn no_spf_identity(domain: &str, identity: String) -> SpfCheck {
+    SpfCheck {
+        result: AuthResult::None,
+        domain: domain.to_ascii_lowercase(),
+        identity,
+        explanation: None,
     }
 }
 

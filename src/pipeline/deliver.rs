@@ -147,6 +147,10 @@ impl Connection {
         results: &str,
         out: &mut Vec<u8>,
     ) {
+        if verification.arc_malformed {
+            arc_metrics::sealed("skipped_chain_failed");
+            return;
+        }
         let line = unfolded(results);
         // The seal covers the message as relayed: without the forged results we drop.
         let stripped;

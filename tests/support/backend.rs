@@ -235,20 +235,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(delay) = b.data_delay {
                 tokio::time::sleep(delay).await;
             }
-            let message = std::mem::take(&mut current);
-            if b.lmtp {
-                for rcpt in &message.rcpts {
-                    let reply = b
-                        .lmtp_replies
-                        .get(rcpt)
-                        .cloned()
-                        .unwrap_or_else(|| b.data_reply.clone());
-                    write_line(&mut stream, &reply).await?;
-                }
-            } else {
-                write_line(&mut stream, &b.data_reply).await?;
-            }
-            log.lock().unwrap().messages.push(message);
+            commit(&mut stream, &b, &log, std::mem::take(&mut current)).await?;
         } else if upper.starts_with("BDAT ") && b.chunking {
             let mut words = upper.split_whitespace().skip(1);
             let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -270,20 +257,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(delay) = b.data_delay {
                 tokio::time::sleep(delay).await;
             }
-            let message = std::mem::take(&mut current);
-            if b.lmtp {
-                for rcpt in &message.rcpts {
-                    let reply = b
-                        .lmtp_replies
-                        .get(rcpt)
-                        .cloned()
-                        .unwrap_or_else(|| b.data_reply.clone());
-                    write_line(&mut stream, &reply).await?;
-                }
-            } else {
-                write_line(&mut stream, &b.data_reply).await?;
-            }
-            log.lock().unwrap().messages.push(message);
+            commit(&mut stream, &b, &log, std::mem::take(&mut current)).await?;
         } else if upper == "RSET" {
             current = Received::default();
             write_line(&mut stream, "250 2.0.0 Ok").await?;
@@ -296,6 +270,31 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             write_line(&mut stream, "502 5.5.2 unexpected command").await?;
             panic!("fake backend got an unexpected command: {line:?}");
         }
+    }
+}
+
+/// Records the message, then answers: a real server commits before it replies, so a
+/// test that saw the reply finds the message recorded.
+async fn commit<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    b: &Behaviour,
+    log: &Arc<Mutex<Log>>,
+    message: Received,
+) -> std::io::Result<()> {
+    let rcpts = message.rcpts.clone();
+    log.lock().unwrap().messages.push(message);
+    if b.lmtp {
+        for rcpt in &rcpts {
+            let reply = b
+                .lmtp_replies
+                .get(rcpt)
+                .cloned()
+                .unwrap_or_else(|| b.data_reply.clone());
+            write_line(stream, &reply).await?;
+        }
+        Ok(())
+    } else {
+        write_line(stream, &b.data_reply).await
     }
 }
 

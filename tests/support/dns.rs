@@ -19,12 +19,17 @@ pub struct Entry {
     /// Queries for types without records get no answer at all (the client times out)
     /// instead of an empty NOERROR.
     pub timeout_other_types: bool,
+    /// Queries of these types get no answer at all, even when records exist.
+    pub timeout_types: Vec<RecordType>,
     pub servfail: bool,
 }
 
 #[derive(Default)]
 struct Zone {
     names: HashMap<String, Entry>,
+    /// Names absent from the zone that start with one of these prefixes time out
+    /// instead of answering NXDOMAIN.
+    timeout_prefixes: Vec<String>,
 }
 
 pub struct TestDns {
@@ -36,6 +41,15 @@ pub struct TestDns {
 
 fn key(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The zone key of a name from the wire: its labels as they are (no escaping), joined.
+fn wire_key(name: &Name) -> String {
+    let labels: Vec<String> = name
+        .iter()
+        .map(|label| String::from_utf8_lossy(label).into_owned())
+        .collect();
+    key(&labels.join("."))
 }
 
 impl TestDns {
@@ -177,6 +191,26 @@ impl TestDns {
         self.timeout(name);
     }
 
+    /// Queries for `name` of type `rtype` are never answered (other types are).
+    pub fn timeout_type(&self, name: &str, rtype: RecordType) {
+        self.with_entry(name, |e| e.timeout_types.push(rtype));
+    }
+
+    /// Names that are not in the zone and start with `prefix` (for example `error.`)
+    /// time out instead of answering NXDOMAIN.
+    pub fn timeout_absent_with_prefix(&self, prefix: &str) {
+        self.zone
+            .write()
+            .unwrap()
+            .timeout_prefixes
+            .push(prefix.to_ascii_lowercase());
+    }
+
+    /// Makes `name` exist (NOERROR with no data for every type) without records.
+    pub fn exists(&self, name: &str) {
+        self.with_entry(name, |_| {});
+    }
+
     pub fn servfail(&self, name: &str) {
         self.with_entry(name, |e| e.servfail = true);
     }
@@ -238,21 +272,31 @@ fn answer(zone: &RwLock<Zone>, query: &[u8], max_len: usize) -> Option<Vec<u8>> 
         out.set_max_payload(1232);
         response.set_edns(out);
     }
-    let qname = question.name().to_ascii();
     let qtype = question.query_type();
     let zone = zone.read().unwrap();
-    let mut name_key = key(&qname);
+    let mut owner = question.name().clone();
+    let mut name_key = wire_key(&owner);
+    let mut visited = vec![name_key.clone()];
     let mut answers = Vec::new();
-    // Follow CNAMEs (a few levels), answering with the chain.
+    // Follow CNAMEs (a few levels, stopping at a loop), answering with the chain.
     for _ in 0..8 {
         let Some(entry) = zone.names.get(&name_key) else {
+            if zone
+                .timeout_prefixes
+                .iter()
+                .any(|prefix| name_key.starts_with(prefix.as_str()))
+            {
+                return None;
+            }
             break;
         };
         if entry.servfail {
             response.metadata.response_code = ResponseCode::ServFail;
             return response.to_vec().ok();
         }
-        let owner = fqdn(&name_key);
+        if entry.timeout_types.contains(&qtype) {
+            return None;
+        }
         let matching: Vec<&RData> = entry
             .records
             .iter()
@@ -268,7 +312,12 @@ fn answer(zone: &RwLock<Zone>, query: &[u8], max_len: usize) -> Option<Vec<u8>> 
             entry.records.iter().find(|r| matches!(r, RData::CNAME(_)))
         {
             answers.push(Record::from_rdata(owner, 300, RData::CNAME(target.clone())));
-            name_key = key(&target.0.to_ascii());
+            owner = target.0.clone();
+            name_key = wire_key(&owner);
+            if visited.contains(&name_key) {
+                break;
+            }
+            visited.push(name_key.clone());
             continue;
         }
         if entry.timeout_other_types {
