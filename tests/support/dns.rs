@@ -22,6 +22,8 @@ pub struct Entry {
     /// Queries of these types get no answer at all, even when records exist.
     pub timeout_types: Vec<RecordType>,
     pub servfail: bool,
+    /// TTL of the answers; 300 s when not set.
+    pub ttl: Option<u32>,
 }
 
 #[derive(Default)]
@@ -30,6 +32,8 @@ struct Zone {
     /// Names absent from the zone that start with one of these prefixes time out
     /// instead of answering NXDOMAIN.
     timeout_prefixes: Vec<String>,
+    /// Queries seen per name (lowercase, no trailing dot).
+    asked: HashMap<String, usize>,
 }
 
 pub struct TestDns {
@@ -122,6 +126,22 @@ impl TestDns {
             "dns:\n  nameservers: [\"{}\"]\n  timeout: 500ms\n  attempts: 1\n",
             self.addr
         )
+    }
+
+    /// How many queries (any type) asked for `name`.
+    pub fn queries_for(&self, name: &str) -> usize {
+        self.zone
+            .read()
+            .unwrap()
+            .asked
+            .get(&key(name))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Answers for `name` carry this TTL.
+    pub fn ttl(&self, name: &str, seconds: u32) {
+        self.with_entry(name, |e| e.ttl = Some(seconds));
     }
 
     pub fn queries(&self) -> usize {
@@ -273,6 +293,12 @@ fn answer(zone: &RwLock<Zone>, query: &[u8], max_len: usize) -> Option<Vec<u8>> 
         response.set_edns(out);
     }
     let qtype = question.query_type();
+    *zone
+        .write()
+        .unwrap()
+        .asked
+        .entry(wire_key(question.name()))
+        .or_default() += 1;
     let zone = zone.read().unwrap();
     let mut owner = question.name().clone();
     let mut name_key = wire_key(&owner);
@@ -303,8 +329,9 @@ fn answer(zone: &RwLock<Zone>, query: &[u8], max_len: usize) -> Option<Vec<u8>> 
             .filter(|r| record_type(r) == qtype || qtype == RecordType::ANY)
             .collect();
         if !matching.is_empty() {
+            let ttl = entry.ttl.unwrap_or(300);
             for rdata in matching {
-                answers.push(Record::from_rdata(owner.clone(), 300, rdata.clone()));
+                answers.push(Record::from_rdata(owner.clone(), ttl, rdata.clone()));
             }
             break;
         }
