@@ -28,6 +28,8 @@ pub struct Behaviour {
     pub drop_after_data: bool,
     /// Offer CHUNKING (BDAT), as Postfix does.
     pub chunking: bool,
+    /// Offer STARTTLS with this server configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Behaviour {
@@ -44,6 +46,7 @@ impl Default for Behaviour {
             drop_mid_data: None,
             drop_after_data: false,
             chunking: false,
+            tls: None,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Log {
     pub messages: Vec<Received>,
     pub connections: usize,
     pub commands: Vec<String>,
+    /// STARTTLS handshakes completed, with the client certificate (DER) if one was sent.
+    pub tls_sessions: Vec<Option<Vec<u8>>>,
 }
 
 pub struct FakeBackend {
@@ -110,7 +115,7 @@ impl FakeBackend {
                 let behaviour = task_behaviour.lock().unwrap().clone();
                 let log = task_log.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, behaviour, log).await;
+                    let _ = serve(Box::pin(stream), behaviour, log).await;
                 });
             }
         });
@@ -162,13 +167,17 @@ pub async fn dead_address() -> SocketAddr {
     addr
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+async fn serve(
+    mut stream: std::pin::Pin<Box<dyn Io>>,
     b: Behaviour,
     log: Arc<Mutex<Log>>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut current = Received::default();
+    let mut tls_active = false;
     write_line(&mut stream, &b.greeting).await?;
     if !b.greeting.starts_with("220") {
         return Ok(());
@@ -192,6 +201,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             ]);
             if b.chunking {
                 caps.push("CHUNKING".into());
+            }
+            if b.tls.is_some() && !tls_active {
+                caps.push("STARTTLS".into());
             }
             let last = caps.len() - 1;
             let mut out = String::new();
@@ -258,6 +270,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 tokio::time::sleep(delay).await;
             }
             commit(&mut stream, &b, &log, std::mem::take(&mut current)).await?;
+        } else if upper == "STARTTLS" && b.tls.is_some() && !tls_active {
+            write_line(&mut stream, "220 2.0.0 Ready to start TLS").await?;
+            buf.clear();
+            let acceptor = tokio_rustls::TlsAcceptor::from(b.tls.clone().unwrap());
+            let tls = acceptor.accept(stream).await?;
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|c| c.as_ref().to_vec());
+            log.lock().unwrap().tls_sessions.push(client_cert);
+            stream = Box::pin(tls);
+            tls_active = true;
         } else if upper == "RSET" {
             current = Received::default();
             write_line(&mut stream, "250 2.0.0 Ok").await?;
@@ -275,7 +301,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Records the message, then answers: a real server commits before it replies, so a
 /// test that saw the reply finds the message recorded.
-async fn commit<S: AsyncWrite + Unpin>(
+async fn commit<S: AsyncWrite + Unpin + ?Sized>(
     stream: &mut S,
     b: &Behaviour,
     log: &Arc<Mutex<Log>>,
@@ -304,19 +330,25 @@ fn angle(line: &str) -> String {
     line[start..end].to_string()
 }
 
-async fn write_line<S: AsyncWrite + Unpin>(stream: &mut S, line: &str) -> std::io::Result<()> {
+async fn write_line<S: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    line: &str,
+) -> std::io::Result<()> {
     stream.write_all(format!("{line}\r\n").as_bytes()).await?;
     stream.flush().await
 }
 
-async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+async fn fill<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
     let mut chunk = [0u8; 16384];
     let n = stream.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(n > 0)
 }
 
-async fn read_line<S: AsyncRead + Unpin>(
+async fn read_line<S: AsyncRead + Unpin + ?Sized>(
     stream: &mut S,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<String>> {
@@ -333,7 +365,7 @@ async fn read_line<S: AsyncRead + Unpin>(
 }
 
 /// Reads DATA content up to the strict `CRLF.CRLF` terminator.
-async fn read_data<S: AsyncRead + Unpin>(
+async fn read_data<S: AsyncRead + Unpin + ?Sized>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     drop_after: Option<usize>,
@@ -358,4 +390,41 @@ async fn read_data<S: AsyncRead + Unpin>(
             return Ok(None);
         }
     }
+}
+
+/// A STARTTLS server configuration for a fake backend, with a fresh self-signed
+/// certificate for `backend.test`; `client_ca` (a PEM certificate) makes it ask for and
+/// verify a client certificate signed by it (or equal to it).
+pub fn tls_config(client_ca: Option<&str>) -> (Arc<rustls::ServerConfig>, String) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certified = rcgen::generate_simple_self_signed(vec!["backend.test".into()]).unwrap();
+    let cert = CertificateDer::from(certified.cert.der().to_vec());
+    let key =
+        PrivateKeyDer::from_pem_slice(certified.signing_key.serialize_pem().as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    (
+        Arc::new(builder.with_single_cert(vec![cert], key).unwrap()),
+        certified.cert.pem(),
+    )
 }
