@@ -66,7 +66,7 @@ impl Connection {
         self.shadow_seen = seen;
         match decided {
             Some(rule) => match &rule.action {
-                Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.clone()),
+                Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.as_greeting()),
                 action => {
                     self.policy_hit = Some(hit(rule, action, "connect"));
                     Ok(())

@@ -550,6 +550,16 @@ impl Reply {
         Reply::new(code, status, clean(text))
     }
 
+    /// The same refusal as a greeting: RFC 5321 section 3.1 allows only 554 (no service
+    /// here) and 421 (try later) in place of the 220 greeting.
+    pub fn as_greeting(&self) -> Self {
+        Reply {
+            code: if self.is_permanent() { 554 } else { 421 },
+            status: self.status,
+            lines: self.lines.clone(),
+        }
+    }
+
     pub fn policy_reject_default(rule: &str) -> Self {
         Reply::with(
             550,
