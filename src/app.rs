@@ -260,6 +260,9 @@ async fn probe_backends(snapshots: Arc<ArcSwap<Snapshot>>) {
     loop {
         let snapshot = snapshots.load_full();
         snapshot.relay.probe().await;
+        if let Some(auth) = &snapshot.auth {
+            auth.caches().run_pending_tasks();
+        }
         drop(snapshot);
         tokio::time::sleep(crate::relay::PROBE_INTERVAL).await;
     }

@@ -141,6 +141,16 @@ impl DnsCaches {
         }
     }
 
+    /// Housekeeping: lets look-ups that never got an answer expire into the
+    /// `unanswered` count even when no further look-up touches the caches.
+    pub fn run_pending_tasks(&self) {
+        self.txt.pending.run_pending_tasks();
+        self.mx.pending.run_pending_tasks();
+        self.ipv4.pending.run_pending_tasks();
+        self.ipv6.pending.run_pending_tasks();
+        self.ptr.pending.run_pending_tasks();
+    }
+
     /// mail-auth's parameter bundle for one check.
     pub fn parameters<P>(&self, params: P) -> CachedParameters<'_, P> {
         mail_auth::Parameters {

@@ -35,6 +35,9 @@ pub fn init() {
     LazyLock::force(&RESULTS);
     LazyLock::force(&CHECK_SECONDS);
     LazyLock::force(&DMARC_ACTIONS);
+    for action in ["reject", "quarantine", "tempfail", "none", "override"] {
+        DMARC_ACTIONS.with_label_values(&[action]);
+    }
     super::dns::init_metrics();
 }
 

@@ -237,6 +237,9 @@ impl Authenticator {
         for check in &dkim {
             metrics::check("dkim", check.result, started.elapsed());
         }
+        if dkim.is_empty() {
+            metrics::check("dkim", AuthResult::None, started.elapsed());
+        }
         metrics::check("arc", arc.result, started.elapsed());
         let from = from_header(message);
         let dmarc_started = Instant::now();

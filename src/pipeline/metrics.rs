@@ -36,6 +36,15 @@ pub fn init() {
     LazyLock::force(&TRANSACTIONS);
     LazyLock::force(&MESSAGE_BYTES);
     LazyLock::force(&STAGE_SECONDS);
+    for (outcome, class) in [
+        ("delivered", "2xx"),
+        ("quarantined", "2xx"),
+        ("rejected", "5xx"),
+        ("tempfailed", "4xx"),
+        ("aborted", "none"),
+    ] {
+        TRANSACTIONS.with_label_values(&[outcome, class]);
+    }
 }
 
 pub fn transaction(outcome: Outcome, reply: Option<&Reply>, elapsed: Duration) {

@@ -84,8 +84,31 @@ fn reply_label(code: u16) -> &'static str {
     }
 }
 
+/// Backends the health gauges currently export.
+static EXPORTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// After a reload: stop exporting backends that are no longer configured, so an alert
+/// cannot fire for a backend that was removed.
+pub fn retain_backends(current: &[String]) {
+    let mut exported = EXPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    exported.retain(|backend| {
+        let keep = current.contains(backend);
+        if !keep {
+            let _ = UP.remove_label_values(&[backend]);
+            let _ = LAST_SUCCESS.remove_label_values(&[backend]);
+        }
+        keep
+    });
+}
+
 /// Records a probe or delivery outcome for the backend's health gauges.
 pub fn health(backend: &str, ok: bool, now: i64) {
+    {
+        let mut exported = EXPORTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !exported.iter().any(|b| b == backend) {
+            exported.push(backend.to_string());
+        }
+    }
     UP.with_label_values(&[backend]).set(i64::from(ok));
     if ok {
         LAST_SUCCESS.with_label_values(&[backend]).set(now);

@@ -59,6 +59,14 @@ pub mod metrics {
     pub fn init() {
         LazyLock::force(&SEALS);
         LazyLock::force(&OVERRIDES);
+        for result in [
+            "sealed",
+            "skipped_chain_failed",
+            "skipped_chain_full",
+            "error",
+        ] {
+            SEALS.with_label_values(&[result]);
+        }
     }
 
     pub fn sealed(result: &str) {

@@ -45,7 +45,11 @@ pub fn init() {
     LazyLock::force(&RELOADS);
     LazyLock::force(&GENERATION);
     LazyLock::force(&LAST_SUCCESS);
-    LazyLock::force(&CERT_EXPIRY);
+    // The certificate expiry is registered only once a certificate is loaded: a 0 for
+    // "no TLS" would look like a certificate expired in 1970.
+    for result in ["success", "failure"] {
+        RELOADS.with_label_values(&[result]);
+    }
 }
 
 /// Records that `snapshot` is now the running one.
@@ -94,6 +98,13 @@ impl Reloader {
                 }
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
+                let backends: Vec<String> = snapshot
+                    .relay
+                    .backends()
+                    .iter()
+                    .map(|b| b.label.clone())
+                    .collect();
+                crate::relay::metrics::retain_backends(&backends);
                 self.snapshots.store(Arc::new(snapshot));
                 RELOADS.with_label_values(&["success"]).inc();
                 tracing::info!(generation, reason, changes = %changes, "configuration reloaded");

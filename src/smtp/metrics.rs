@@ -14,6 +14,14 @@ static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static REJECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_rejections_total",
+        "Replies that refused something (4xx and 5xx), by reason.",
+        &["reason"],
+    )
+});
+
 pub static CONNECTIONS_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "mxgate_connections_total",
@@ -65,8 +73,25 @@ pub fn init() {
     LazyLock::force(&TLS_HANDSHAKES);
     LazyLock::force(&SESSION_SECONDS);
     LazyLock::force(&GREETING_SECONDS);
+    // Known label values exist from the start at 0, so rate() and increase() see the
+    // first event (a series born at 1 has no increase to show).
+    for class in ["2xx", "3xx", "4xx", "5xx"] {
+        REPLIES.with_label_values(&[class]);
+    }
+    for reason in crate::smtp::reply::REASONS {
+        REJECTIONS.with_label_values(&[reason]);
+    }
+    for reason in ["global_limit", "per_ip_limit", "policy"] {
+        CONNECTIONS_REFUSED.with_label_values(&[reason]);
+    }
+    for version in ["1.2", "1.3", "failed"] {
+        TLS_HANDSHAKES.with_label_values(&[version]);
+    }
 }
 
 pub fn reply(reply: &Reply) {
     REPLIES.with_label_values(&[reply.class_label()]).inc();
+    if reply.code() >= 400 {
+        REJECTIONS.with_label_values(&[reply.reason()]).inc();
+    }
 }

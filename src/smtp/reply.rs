@@ -24,7 +24,31 @@ pub struct Reply {
     code: u16,
     status: Option<Status>,
     lines: Vec<Cow<'static, str>>,
+    /// Why a negative reply refuses (a label of `mxgate_rejections_total`).
+    reason: &'static str,
 }
+
+/// Every rejection reason a reply can carry (bounded, for metrics).
+pub const REASONS: &[&str] = &[
+    "protocol",
+    "relay_denied",
+    "recipient_limit",
+    "backend",
+    "backend_unavailable",
+    "dmarc",
+    "dmarc_temperror",
+    "invalid_from",
+    "policy",
+    "tls_required",
+    "size",
+    "bare_line_ending",
+    "parameters",
+    "connection_limit",
+    "too_many_errors",
+    "timeout",
+    "shutdown",
+    "local_error",
+];
 
 impl Reply {
     fn new(code: u16, status: Option<Status>, text: impl Into<Cow<'static, str>>) -> Self {
@@ -32,7 +56,19 @@ impl Reply {
             code,
             status,
             lines: vec![text.into()],
+            reason: "protocol",
         }
+    }
+
+    /// Tags a refusal with its reason (one of `REASONS`).
+    fn because(mut self, reason: &'static str) -> Self {
+        debug_assert!(REASONS.contains(&reason), "{reason}");
+        self.reason = reason;
+        self
+    }
+
+    pub fn reason(&self) -> &'static str {
+        self.reason
     }
 
     fn with(code: u16, status: (u8, u16, u16), text: impl Into<Cow<'static, str>>) -> Self {
@@ -159,6 +195,7 @@ impl Reply {
             code: 250,
             status: None,
             lines,
+            reason: "protocol",
         }
     }
 
@@ -211,7 +248,7 @@ impl Reply {
     }
 
     pub fn tls_not_available() -> Self {
-        Reply::with(454, (4, 7, 0), "TLS not available")
+        Reply::with(454, (4, 7, 0), "TLS not available").because("tls_required")
     }
 
     pub fn tls_already_active() -> Self {
@@ -219,7 +256,7 @@ impl Reply {
     }
 
     pub fn tls_required() -> Self {
-        Reply::with(530, (5, 7, 0), "Must issue a STARTTLS command first")
+        Reply::with(530, (5, 7, 0), "Must issue a STARTTLS command first").because("tls_required")
     }
 
     pub fn tls_required_for_sender() -> Self {
@@ -228,6 +265,7 @@ impl Reply {
             (5, 7, 0),
             "Must issue a STARTTLS command first: this sender requires TLS",
         )
+        .because("tls_required")
     }
 
     pub fn bad_sequence(what: &'static str) -> Self {
@@ -260,6 +298,7 @@ impl Reply {
             (5, 5, 4),
             format!("Invalid parameter {}", clean(param)),
         )
+        .because("parameters")
     }
 
     pub fn unsupported_parameter(param: &str) -> Self {
@@ -268,6 +307,7 @@ impl Reply {
             (5, 5, 4),
             format!("Unsupported parameter {}", clean(param)),
         )
+        .because("parameters")
     }
 
     pub fn bad_sender_syntax() -> Self {
@@ -284,6 +324,7 @@ impl Reply {
             (5, 6, 7),
             "Non-ASCII address requires the SMTPUTF8 parameter",
         )
+        .because("parameters")
     }
 
     pub fn smtputf8_unsupported_by_backend() -> Self {
@@ -292,6 +333,7 @@ impl Reply {
             (5, 6, 7),
             "Non-ASCII addresses are not supported by the mailbox server",
         )
+        .because("parameters")
     }
 
     pub fn relay_denied(rcpt: &str) -> Self {
@@ -303,10 +345,11 @@ impl Reply {
                 clean(rcpt)
             ),
         )
+        .because("relay_denied")
     }
 
     pub fn too_many_recipients() -> Self {
-        Reply::with(452, (4, 5, 3), "Too many recipients")
+        Reply::with(452, (4, 5, 3), "Too many recipients").because("recipient_limit")
     }
 
     pub fn no_valid_recipients() -> Self {
@@ -319,6 +362,7 @@ impl Reply {
             (5, 3, 4),
             format!("Message size exceeds fixed maximum message size of {max} bytes"),
         )
+        .because("size")
     }
 
     pub fn message_too_big() -> Self {
@@ -327,6 +371,7 @@ impl Reply {
             (5, 3, 4),
             "Message size exceeds fixed maximum message size",
         )
+        .because("size")
     }
 
     pub fn bare_line_ending() -> Self {
@@ -335,22 +380,25 @@ impl Reply {
             (5, 5, 2),
             "Message contains a bare CR or LF or a NUL byte; lines must end with CRLF (see https://www.postfix.org/smtp-smuggling.html)",
         )
+        .because("bare_line_ending")
     }
 
     pub fn too_many_errors() -> Self {
         Reply::with(421, (4, 7, 0), "Too many errors, closing connection")
+            .because("too_many_errors")
     }
 
     pub fn timeout() -> Self {
-        Reply::with(421, (4, 4, 2), "Timeout, closing connection")
+        Reply::with(421, (4, 4, 2), "Timeout, closing connection").because("timeout")
     }
 
     pub fn shutting_down() -> Self {
-        Reply::with(421, (4, 3, 2), "Service shutting down, try again later")
+        Reply::with(421, (4, 3, 2), "Service shutting down, try again later").because("shutdown")
     }
 
     pub fn too_many_connections() -> Self {
         Reply::with(421, (4, 7, 0), "Too many connections, try again later")
+            .because("connection_limit")
     }
 
     pub fn too_many_connections_from_ip() -> Self {
@@ -359,10 +407,12 @@ impl Reply {
             (4, 7, 0),
             "Too many connections from your address, try again later",
         )
+        .because("connection_limit")
     }
 
     pub fn local_error() -> Self {
         Reply::with(451, (4, 3, 0), "Local error in processing, try again later")
+            .because("local_error")
     }
 
     pub fn spool_error() -> Self {
@@ -371,6 +421,7 @@ impl Reply {
             (4, 3, 1),
             "Insufficient system storage, try again later",
         )
+        .because("local_error")
     }
 }
 
@@ -398,6 +449,7 @@ impl Reply {
             code,
             status,
             lines: out,
+            reason: "backend",
         }
     }
 
@@ -407,6 +459,7 @@ impl Reply {
             (4, 4, 1),
             "Mailbox server unavailable, try again later",
         )
+        .because("backend_unavailable")
     }
 
     pub fn backend_timeout() -> Self {
@@ -415,6 +468,7 @@ impl Reply {
             (4, 4, 2),
             "Mailbox server did not answer in time, try again later",
         )
+        .because("backend_unavailable")
     }
 
     pub fn backend_connection_lost() -> Self {
@@ -423,10 +477,12 @@ impl Reply {
             (4, 4, 2),
             "Connection to the mailbox server was lost, try again later",
         )
+        .because("backend_unavailable")
     }
 
     pub fn backend_busy() -> Self {
         Reply::with(451, (4, 4, 5), "Mailbox server busy, try again later")
+            .because("backend_unavailable")
     }
 
     pub fn backend_protocol_error() -> Self {
@@ -435,6 +491,7 @@ impl Reply {
             (4, 5, 0),
             "Mailbox server sent an invalid reply, try again later",
         )
+        .because("backend_unavailable")
     }
 
     pub fn delivered(id: &str) -> Self {
@@ -453,6 +510,7 @@ impl Reply {
                 list_recipients(failed)
             ),
         )
+        .because("backend")
     }
 
     /// An LMTP backend rejected some recipients permanently and accepted others. The
@@ -473,6 +531,7 @@ impl Reply {
                 list_recipients(delivered)
             ),
         )
+        .because("backend")
     }
 }
 
@@ -507,6 +566,7 @@ impl Reply {
                 clean(failure)
             ),
         )
+        .because("dmarc")
     }
 
     pub fn dmarc_temperror(domain: &str) -> Self {
@@ -518,6 +578,7 @@ impl Reply {
                 clean(domain)
             ),
         )
+        .because("dmarc_temperror")
     }
 
     pub fn auth_temperror(what: &str) -> Self {
@@ -529,6 +590,7 @@ impl Reply {
                 clean(what)
             ),
         )
+        .because("dmarc_temperror")
     }
 
     /// RFC 7489 section 6.6.1: a message without exactly one From header field that names
@@ -542,12 +604,13 @@ impl Reply {
                 clean(detail)
             ),
         )
+        .because("invalid_from")
     }
 
     /// A policy rule's own reply: admins choose code and text; the class is forced to match
     /// the action so a typo cannot turn a rejection into an acceptance.
     pub fn policy(code: u16, status: Option<Status>, text: &str) -> Self {
-        Reply::new(code, status, clean(text))
+        Reply::new(code, status, clean(text)).because("policy")
     }
 
     /// The same refusal as a greeting: RFC 5321 section 3.1 allows only 554 (no service
@@ -557,6 +620,7 @@ impl Reply {
             code: if self.is_permanent() { 554 } else { 421 },
             status: self.status,
             lines: self.lines.clone(),
+            reason: self.reason,
         }
     }
 
@@ -566,6 +630,7 @@ impl Reply {
             (5, 7, 1),
             format!("Message rejected by policy ({})", clean(rule)),
         )
+        .because("policy")
     }
 
     pub fn policy_tempfail_default(rule: &str) -> Self {
@@ -577,6 +642,7 @@ impl Reply {
                 clean(rule)
             ),
         )
+        .because("policy")
     }
 }
 

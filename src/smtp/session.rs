@@ -400,6 +400,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Request::Noop { .. } => self.reply_flow(Reply::ok()),
             Request::Quit => {
+                self.abort_transaction("quit").await;
                 let reply = Reply::quit(self.conn.hostname());
                 self.reply(reply);
                 Flow::Close
