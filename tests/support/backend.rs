@@ -112,7 +112,7 @@ impl FakeBackend {
                     return;
                 };
                 task_log.lock().unwrap().connections += 1;
-                let behaviour = task_behaviour.lock().unwrap().clone();
+                let behaviour = task_behaviour.clone();
                 let log = task_log.clone();
                 tokio::spawn(async move {
                     let _ = serve(Box::pin(stream), behaviour, log).await;
@@ -148,6 +148,8 @@ impl FakeBackend {
         self.log.lock().unwrap().connections
     }
 
+    /// Changes the behaviour for new connections and for the next transaction (MAIL) on
+    /// connections already open, pooled ones included.
     pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
         change(&mut self.behaviour.lock().unwrap());
     }
@@ -172,9 +174,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 async fn serve(
     mut stream: std::pin::Pin<Box<dyn Io>>,
-    b: Behaviour,
+    shared: Arc<Mutex<Behaviour>>,
     log: Arc<Mutex<Log>>,
 ) -> std::io::Result<()> {
+    let mut b = shared.lock().unwrap().clone();
     let mut buf = Vec::new();
     let mut current = Received::default();
     let mut tls_active = false;
@@ -215,6 +218,11 @@ async fn serve(
             }
             stream.write_all(out.as_bytes()).await?;
         } else if upper.starts_with("MAIL FROM:") {
+            let tls = b.tls.clone();
+            b = Behaviour {
+                tls,
+                ..shared.lock().unwrap().clone()
+            };
             current = Received {
                 mail_from: angle(&line),
                 ..Default::default()

@@ -161,11 +161,33 @@ pub fn read_maildir(root: &std::path::Path) -> Vec<String> {
         Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
         Err(_) => return Vec::new(),
     };
-    names.sort();
+    names.sort_by_key(|path| delivery_order(path));
     names
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect()
+}
+
+/// Maildir names start `<seconds>.` and carry `M<microseconds>` unpadded (mxgate's and
+/// Postfix's alike), so a plain string sort misorders two deliveries in one second.
+fn delivery_order(path: &std::path::Path) -> (u64, u64, String) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = name.split('.');
+    let seconds = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let micros = parts
+        .next()
+        .and_then(|unique| unique.split_once('M'))
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0);
+    (seconds, micros, name)
 }
 
 /// mxgate as a real process (for SIGTERM, SIGHUP and kill -9 tests).
