@@ -1,6 +1,6 @@
 //! Shared test infrastructure: a gateway started in-process on port 0, a raw SMTP
-//! client, a scriptable backend SMTP/LMTP server and a DNS server. Everything speaks
-//! over real sockets; nothing here stands in for mxgate's own code.
+//! client, a scriptable backend SMTP/LMTP server, a DNS server and a private Postfix.
+//! Everything speaks over real sockets; nothing here stands in for mxgate's own code.
 #![allow(dead_code)]
 
 pub mod backend;
@@ -9,6 +9,7 @@ pub mod dkim;
 pub mod dns;
 pub mod gateway;
 pub mod net;
+pub mod postfix;
 pub mod pyverify;
 
 /// Initialises logging once when `RUST_LOG` is set (for debugging a failing test).
