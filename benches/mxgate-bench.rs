@@ -10,6 +10,13 @@
 //! Everything (load generator, sink, gateway) shares one machine, so the figures are
 //! relative: the ratio gateway / direct and the gateway's CPU per message are the
 //! numbers to track, not the absolute rate. The output ends with a one-line JSON summary.
+//!
+//! Sender checks (`--mode full`, `seal`, `both`, `all`): the bench serves the sender's
+//! DNS zone itself (the test suite's DNS server, `tests/support/dns.rs`) and DKIM-signs
+//! every message, so SPF, DKIM and DMARC pass and the gateway delivers. Each mode runs
+//! against its own fresh gateway; the cost of the checks is the difference in gateway
+//! CPU per message between modes, and the cost of sealing is compared with the floor of
+//! two RSA-2048 signatures per message, measured with `ring` in the same run.
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
@@ -30,6 +37,14 @@ use tokio::sync::Barrier;
 const HOSTNAME: &str = "mx.example.test";
 const MAIL_FROM: &str = "sender@bench.example.net";
 const RCPT_TO: &str = "rcpt@example.test";
+/// The sender's domain (MAIL FROM, From, DKIM d=), in the bench's DNS zone.
+const SENDER_DOMAIN: &str = "bench.example.net";
+/// What the load generator says in EHLO (SPF-authorised like the sender domain).
+const HELO_NAME: &str = "client.bench.example.net";
+const DKIM_SELECTOR: &str = "bench2048";
+/// `d=` and selector of the gateway's ARC seals in `seal` mode.
+const ARC_DOMAIN: &str = "example.test";
+const ARC_SELECTOR: &str = "arcbench";
 /// One whole transaction (commands, content, final reply) must finish within this.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connect, greeting, EHLO (and STARTTLS) must finish within this.
@@ -40,6 +55,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const GOAL_RATIO: f64 = 0.60;
 const GOAL_PEAK_RSS_MB: f64 = 64.0;
 const GOAL_IDLE_RSS_MB: f64 = 64.0;
+/// Sender checks: CPU per message beyond the one RSA-2048 verification they need.
+const GOAL_CHECKS_BEYOND_RSA_US: f64 = 150.0;
+/// Sealing: gateway CPU per message in `seal` mode over two RSA-2048 signatures.
+const GOAL_SEAL_FLOOR_MULTIPLE: f64 = 1.3;
+/// Checks and seal together: gateway CPU per message.
+const GOAL_SEAL_TOTAL_US: f64 = 700.0;
+
+/// The test suite's DNS server (UDP and TCP on 127.0.0.1, answering from an in-memory
+/// zone).
+#[path = "../tests/support/dns.rs"]
+#[allow(dead_code)]
+mod dns;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,9 +75,14 @@ const GOAL_IDLE_RSS_MB: f64 = 64.0;
     after_help = "Run as `cargo bench --bench mxgate-bench -- [options]`. The gateway is the \
 release-built `mxgate` binary, started as `mxgate serve` with a generated config in a \
 temporary directory (listen 127.0.0.1:0, backend smtp://127.0.0.1:<sink>, relay.tls off, \
-server.max_connections and max_connections_per_ip 5000). The bench raises its own open-files \
+server.max_connections and max_connections_per_ip 5000; with a checking mode in the run \
+also dns.nameservers [the bench's DNS server] and metrics.listen 127.0.0.1:0, and in `seal` \
+mode arc.domain example.test, arc.selector arcbench and a generated RSA-2048 \
+arc.private_key). The bench raises its own open-files \
 limit (RLIMIT_NOFILE); the gateway child inherits it. Output: human-readable lines, then a \
-single-line JSON summary as the last line. The exit status is 1 when any message failed."
+single-line JSON summary as the last line. The exit status is 1 when any message failed, \
+or when in a checking mode not every delivered message passed SPF, DKIM and DMARC (and, \
+in `seal` mode, was sealed)."
 )]
 struct Args {
     /// Messages per measured run, for each path (gateway and direct).
@@ -80,16 +112,35 @@ struct Args {
     #[arg(long)]
     tls: bool,
 
-    /// Sender checks: `nocheck` puts 127.0.0.0/8 in trusted_networks (relayed without
+    /// Sender checks. `nocheck` puts 127.0.0.0/8 in trusted_networks (relayed without
     /// SPF/DKIM/DMARC/ARC/iprev, like OpenDMARC's IgnoreHosts); `full` trusts nobody, so
-    /// the gateway runs its sender checks on every message (on gateways that predate the
-    /// checks, `full` behaves like `nocheck`). The checks query DNS through the gateway's
-    /// resolver (sender domain bench.example.net, client 127.0.0.1, HELO
-    /// client.bench.example.net); results are cached, so after the warm-up this measures
-    /// the checks' CPU rather than DNS latency. For controlled figures point
-    /// `dns.nameservers` at a local resolver with --config-extra.
+    /// the gateway runs its sender checks on every message; `seal` is `full` plus ARC
+    /// sealing with an RSA-2048 key; `both` runs `nocheck` then `full`, and `all` runs
+    /// `nocheck`, `full` and `seal`, each against a fresh gateway, in one invocation.
+    /// With any checking mode the bench serves DNS itself (dns.nameservers points at it):
+    /// SPF `v=spf1 ip4:127.0.0.0/8 -all` for bench.example.net and for the HELO name
+    /// client.bench.example.net, `_dmarc` with p=reject, and an RSA-2048 DKIM key; every
+    /// message is DKIM-signed (rsa-sha256, relaxed/relaxed, d=bench.example.net, aligned
+    /// with From) once, before the clock starts, and sent as they are (a pool of
+    /// --pool messages, same size, different Message-ID). SPF, DKIM and DMARC pass (the
+    /// gateway's metrics are read to make sure, and a shortfall fails the run); iprev
+    /// gets `localhost`, which the resolver answers for 127.0.0.1 itself. iprev and HELO
+    /// SPF run once per session, and sessions are set up before the clock starts, so the
+    /// figures are per-message costs. Every answer is cached by the gateway after the
+    /// warm-up, so this measures the checks' CPU, not DNS latency. In a run with several
+    /// modes all of them send the same signed messages; `nocheck` alone sends the
+    /// unsigned message of earlier versions.
     #[arg(long, value_enum, default_value_t = Mode::Nocheck)]
     mode: Mode,
+
+    /// Distinct pre-signed messages to send in turn (checking modes only).
+    #[arg(long, default_value_t = 64)]
+    pool: usize,
+
+    /// RSA-2048 signatures timed with ring (one thread, in this process) to measure the
+    /// sealing cost floor; ten times as many verifications are timed. 0 skips it.
+    #[arg(long, default_value_t = 2000)]
+    rsa_iterations: usize,
 
     /// YAML file merged into the generated gateway config: appended, with keys it repeats
     /// taking precedence (mappings are merged key by key), e.g. `log: {level: warn}` or
@@ -117,6 +168,12 @@ enum Mode {
     Nocheck,
     /// trusted_networks is empty: sender checks run on every message.
     Full,
+    /// As `full`, plus an ARC seal (RSA-2048) on every message.
+    Seal,
+    /// `nocheck`, then `full`.
+    Both,
+    /// `nocheck`, `full`, then `seal`.
+    All,
 }
 
 impl Mode {
@@ -124,6 +181,53 @@ impl Mode {
         match self {
             Mode::Nocheck => "nocheck",
             Mode::Full => "full",
+            Mode::Seal => "seal",
+            Mode::Both => "both",
+            Mode::All => "all",
+        }
+    }
+
+    /// The gateway configurations measured, in order; the first one is the primary
+    /// (the top-level figures of the JSON summary and the idle-connection gateway).
+    fn setups(self) -> &'static [Setup] {
+        match self {
+            Mode::Nocheck => &[Setup::Nocheck],
+            Mode::Full => &[Setup::Full],
+            Mode::Seal => &[Setup::Seal],
+            Mode::Both => &[Setup::Nocheck, Setup::Full],
+            Mode::All => &[Setup::Nocheck, Setup::Full, Setup::Seal],
+        }
+    }
+}
+
+/// One gateway configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    Nocheck,
+    Full,
+    Seal,
+}
+
+impl Setup {
+    fn label(self) -> &'static str {
+        match self {
+            Setup::Nocheck => "nocheck",
+            Setup::Full => "full",
+            Setup::Seal => "seal",
+        }
+    }
+
+    fn checks(self) -> bool {
+        self != Setup::Nocheck
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Setup::Nocheck => "trusted_networks [127.0.0.0/8]: relayed without sender checks",
+            Setup::Full => {
+                "trusted_networks []: iprev, SPF (HELO and MAIL FROM), DKIM, ARC and DMARC on every message"
+            }
+            Setup::Seal => "as full, plus an ARC seal (RSA-2048) on every message",
         }
     }
 }
@@ -151,28 +255,51 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         .prefix("mxgate-bench.")
         .tempdir()
         .expect("temporary directory");
-    let message = Arc::new(build_message(args.size));
-    let commands: Arc<[u8]> = format!(
-        "MAIL FROM:<{MAIL_FROM}> SIZE={}\r\nRCPT TO:<{RCPT_TO}>\r\nDATA\r\n",
-        message.len() - 3
-    )
-    .into_bytes()
-    .into();
+    let setups = args.mode.setups();
+    let checks = setups.iter().any(|s| s.checks());
+    let seals = setups.contains(&Setup::Seal);
+
+    // Keys, the sender's zone and the signed messages: all before any clock starts.
+    let zone = if checks {
+        match SenderZone::start(dir.path(), seals).await {
+            Ok(zone) => Some(zone),
+            Err(err) => {
+                eprintln!("{err}");
+                return 2;
+            }
+        }
+    } else {
+        None
+    };
+    let pool: Arc<[Prepared]> = match &zone {
+        Some(zone) => match signed_pool(args.size, args.pool.max(1), &zone.dkim_pem) {
+            Ok(pool) => pool.into(),
+            Err(err) => {
+                eprintln!("{err}");
+                return 2;
+            }
+        },
+        None => vec![Prepared::new(build_message(args.size, "1"))].into(),
+    };
+    let size = pool[0].size();
 
     let sink = Sink::start().await;
-    let config_path = match write_config(&args, dir.path(), sink.addr) {
-        Ok(path) => path,
-        Err(err) => {
-            eprintln!("{err}");
-            return 2;
+    let mut configs = Vec::with_capacity(setups.len());
+    for &setup in setups {
+        match write_config(&args, dir.path(), sink.addr, setup, zone.as_ref()) {
+            Ok(path) => configs.push((setup, path)),
+            Err(err) => {
+                eprintln!("{err}");
+                return 2;
+            }
         }
-    };
+    }
     let binary = Path::new(env!("CARGO_BIN_EXE_mxgate"));
 
     println!(
         "mxgate-bench: {} messages x {} bytes, concurrency {}, warm-up {}, mode {}, client TLS {}",
         args.messages,
-        message.len() - 3,
+        size,
         args.concurrency,
         args.warmup,
         args.mode.label(),
@@ -193,110 +320,248 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
     println!(
         "machine: {cpus} CPUs; bench runtime: 2 tokio workers (load generator and sink share them)"
     );
-
-    let mut gateway = match Gateway::spawn(binary, &config_path, dir.path()) {
-        Ok(gateway) => gateway,
-        Err(err) => {
-            eprintln!("{err}");
-            return 2;
-        }
-    };
-    println!(
-        "gateway: {} (pid {}) smtp {}; sink smtp {}",
-        binary.display(),
-        gateway.pid,
-        gateway.smtp,
-        sink.addr
-    );
-    if args.keep_dir {
-        println!("temporary directory (kept): {}", dir.path().display());
+    if let Some(zone) = &zone {
+        let sizes = pool.iter().map(Prepared::size);
+        let (min, max) = (sizes.clone().min().unwrap_or(0), sizes.max().unwrap_or(0));
+        println!(
+            "sender zone: DNS server {} in this process (SPF ip4:127.0.0.0/8 for {SENDER_DOMAIN} and {HELO_NAME}, DMARC p=reject, DKIM key {DKIM_SELECTOR}._domainkey{}); {} messages DKIM-signed (rsa-sha256 2048 bits, relaxed/relaxed, d={SENDER_DOMAIN}), {}{} bytes",
+            zone.dns.addr,
+            if zone.arc_key.is_some() {
+                format!(", ARC key {ARC_SELECTOR}._domainkey.{ARC_DOMAIN}")
+            } else {
+                String::new()
+            },
+            pool.len(),
+            if min == max {
+                String::new()
+            } else {
+                format!("{min}..")
+            },
+            max
+        );
     }
 
-    let tls = if args.tls {
-        match client_tls(&dir.path().join("cert.pem")) {
-            Ok(tls) => Some(tls),
-            Err(err) => {
-                eprintln!("{err}");
-                return 2;
-            }
-        }
-    } else {
-        None
-    };
+    // The cost floor: RSA-2048 with ring on one thread, while nothing else runs; with
+    // `seal`, again right after the seal run (the machine's speed drifts), and the mean
+    // of both is the figure.
+    let mut rsa_measured: Vec<RsaCost> = Vec::new();
+    if let Some(zone) = &zone
+        && args.rsa_iterations > 0
+    {
+        rsa_measured.extend(rsa_floor(zone, args.rsa_iterations, "before the load").await);
+    }
+
+    let mut tls: Option<ClientTls> = None;
     let load = |target: SocketAddr, tls: Option<ClientTls>, n: usize| LoadSpec {
         target,
         tls,
         messages: n,
         concurrency: args.concurrency,
-        commands: commands.clone(),
-        message: message.clone(),
+        pool: pool.clone(),
     };
+    let mut direct: Option<PhaseResult> = None;
+    let mut runs: Vec<GatewayRun> = Vec::with_capacity(configs.len());
+    for (index, (setup, config_path)) in configs.iter().enumerate() {
+        let mut gateway = match Gateway::spawn(binary, config_path, dir.path()) {
+            Ok(gateway) => gateway,
+            Err(err) => {
+                eprintln!("{err}");
+                return 2;
+            }
+        };
+        println!();
+        println!("gateway mode {}: {}", setup.label(), setup.describe());
+        println!(
+            "gateway: {} (pid {}) smtp {}; sink smtp {}",
+            binary.display(),
+            gateway.pid,
+            gateway.smtp,
+            sink.addr
+        );
+        if index == 0 {
+            if args.keep_dir {
+                println!("temporary directory (kept): {}", dir.path().display());
+            }
+            // The gateway generated the certificate as it started.
+            if args.tls {
+                match client_tls(&dir.path().join("cert.pem")) {
+                    Ok(client) => tls = Some(client),
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return 2;
+                    }
+                }
+            }
+            // Direct path: warm-up, then measured.
+            if args.warmup > 0 {
+                run_load(load(sink.addr, None, args.warmup), None, &sink).await;
+            }
+            let measured = run_load(load(sink.addr, None, args.messages), None, &sink).await;
+            print_phase("direct ", "client -> sink", &measured);
+            direct = Some(measured);
+        }
+        let direct = direct.as_ref().expect("direct path measured first");
 
-    // Direct path: warm-up, then measured.
-    if args.warmup > 0 {
-        run_load(load(sink.addr, None, args.warmup), None, &sink).await;
-    }
-    let direct = run_load(load(sink.addr, None, args.messages), None, &sink).await;
-    print_phase("direct ", "client -> sink", &direct);
-
-    // Gateway path: warm-up (fills the gateway's backend pool), then measured.
-    if args.warmup > 0 {
-        let warm = run_load(
-            load(gateway.smtp, tls.clone(), args.warmup),
+        // Gateway path: warm-up (fills the gateway's backend pool and DNS caches), then
+        // measured.
+        if args.warmup > 0 {
+            let warm = run_load(
+                load(gateway.smtp, tls.clone(), args.warmup),
+                Some(gateway.pid),
+                &sink,
+            )
+            .await;
+            if warm.errors() > 0 {
+                loud(&format!(
+                    "warm-up through the gateway ({}) had {} failed messages ({})",
+                    setup.label(),
+                    warm.errors(),
+                    warm.error_summary()
+                ));
+            }
+        }
+        let queries_before = zone.as_ref().map(|z| z.dns.queries());
+        let counters_before = match gateway.metrics {
+            Some(addr) => outcome_counters(addr).await.ok(),
+            None => None,
+        };
+        let through = run_load(
+            load(gateway.smtp, tls.clone(), args.messages),
             Some(gateway.pid),
             &sink,
         )
         .await;
-        if warm.errors() > 0 {
+        let dns_queries = zone
+            .as_ref()
+            .zip(queries_before)
+            .map(|(z, before)| z.dns.queries() - before);
+        let outcomes = match (gateway.metrics, counters_before) {
+            (Some(addr), Some(before)) => outcome_counters(addr).await.ok().map(|after| {
+                after
+                    .into_iter()
+                    .map(|(key, n)| {
+                        let n = n.saturating_sub(before.get(&key).copied().unwrap_or(0));
+                        (key, n)
+                    })
+                    .filter(|(_, n)| *n > 0)
+                    .collect::<BTreeMap<String, u64>>()
+            }),
+            _ => None,
+        };
+        print_phase("gateway", "client -> mxgate -> sink", &through);
+        let per_message_us = |seconds: f64| seconds * 1e6 / through.ok.max(1) as f64;
+        if let Some(cpu) = through.gateway_cpu {
+            println!(
+                "gateway CPU: {:.1} us/message (user {:.1} + system {:.1}; utime+stime {:.2} s over {} messages)",
+                per_message_us(cpu.total()),
+                per_message_us(cpu.user),
+                per_message_us(cpu.system),
+                cpu.total(),
+                through.ok
+            );
+        }
+        let peak_rss_mb = proc_status_kb(gateway.pid, "VmHWM:").map(kb_to_mb);
+        if let Some(rss) = peak_rss_mb {
+            println!("gateway peak RSS (VmHWM): {rss:.1} MB");
+        }
+        let ratio = if direct.msgs_per_s() > 0.0 {
+            through.msgs_per_s() / direct.msgs_per_s()
+        } else {
+            0.0
+        };
+        println!("ratio gateway/direct msgs/s: {ratio:.3}");
+        if let Some(queries) = dns_queries {
+            println!(
+                "DNS queries to the bench's server during the measured run: {queries}{}",
+                if queries == 0 {
+                    " (every answer came from the gateway's cache)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let mut verified = None;
+        if setup.checks() {
+            match &outcomes {
+                Some(outcomes) => {
+                    let (dns_cache, checks): (Vec<_>, Vec<_>) = outcomes
+                        .iter()
+                        .partition(|(key, _)| key.starts_with("dns_cache_"));
+                    println!(
+                        "sender checks during the measured run (gateway metrics): {}",
+                        checks
+                            .iter()
+                            .map(|(key, n)| format!("{key} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    println!(
+                        "gateway DNS cache look-ups per message: {} (a miss is a negative answer, which the resolver's own cache serves)",
+                        dns_cache
+                            .iter()
+                            .map(|(key, n)| format!(
+                                "{} {:.2}",
+                                key.trim_start_matches("dns_cache_"),
+                                **n as f64 / through.ok.max(1) as f64
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    let ok = through.ok as u64;
+                    let count = |key: &str| outcomes.get(key).copied().unwrap_or(0);
+                    let mut wanted = vec!["spf=pass", "dkim=pass", "dmarc=pass"];
+                    if *setup == Setup::Seal {
+                        wanted.push("arc_seal=sealed");
+                    }
+                    let short: Vec<String> = wanted
+                        .iter()
+                        .filter(|key| count(key) < ok)
+                        .map(|key| format!("{key} {} of {ok}", count(key)))
+                        .collect();
+                    verified = Some(short.is_empty());
+                    if !short.is_empty() {
+                        loud(&format!(
+                            "mode {}: not every delivered message passed the checks ({}): the figures do not measure what they claim",
+                            setup.label(),
+                            short.join(", ")
+                        ));
+                    }
+                }
+                None => loud(&format!(
+                    "mode {}: cannot read the gateway's metrics: the check results are unverified",
+                    setup.label()
+                )),
+            }
+        }
+        if through.sink_messages < through.ok as u64 {
             loud(&format!(
-                "warm-up through the gateway had {} failed messages ({})",
-                warm.errors(),
-                warm.error_summary()
+                "the sink received {} messages but the gateway answered 250 to {}",
+                through.sink_messages, through.ok
             ));
         }
+        gateway.stop();
+        if *setup == Setup::Seal
+            && args.rsa_iterations > 0
+            && let Some(zone) = &zone
+        {
+            rsa_measured.extend(rsa_floor(zone, args.rsa_iterations, "after the seal run").await);
+        }
+        runs.push(GatewayRun {
+            setup: *setup,
+            phase: through,
+            peak_rss_mb,
+            ratio,
+            dns_queries,
+            outcomes,
+            verified,
+        });
     }
-    let through = run_load(
-        load(gateway.smtp, tls.clone(), args.messages),
-        Some(gateway.pid),
-        &sink,
-    )
-    .await;
-    print_phase("gateway", "client -> mxgate -> sink", &through);
-    let per_message_us = |seconds: f64| seconds * 1e6 / through.ok.max(1) as f64;
-    let gateway_cpu_us = through.gateway_cpu.map(|c| per_message_us(c.total()));
-    let peak_rss_mb = proc_status_kb(gateway.pid, "VmHWM:").map(kb_to_mb);
-    let ratio = if direct.msgs_per_s() > 0.0 {
-        through.msgs_per_s() / direct.msgs_per_s()
-    } else {
-        0.0
-    };
-    if let Some(cpu) = through.gateway_cpu {
-        println!(
-            "gateway CPU: {:.1} us/message (user {:.1} + system {:.1}; utime+stime {:.2} s over {} messages)",
-            per_message_us(cpu.total()),
-            per_message_us(cpu.user),
-            per_message_us(cpu.system),
-            cpu.total(),
-            through.ok
-        );
-    }
-    if let Some(rss) = peak_rss_mb {
-        println!("gateway peak RSS (VmHWM): {rss:.1} MB");
-    }
-    println!("ratio gateway/direct msgs/s: {ratio:.3}");
-    let relayed_ok = through.sink_messages >= through.ok as u64;
-    if !relayed_ok {
-        loud(&format!(
-            "the sink received {} messages but the gateway answered 250 to {}",
-            through.sink_messages, through.ok
-        ));
-    }
-    gateway.stop();
+    let direct = direct.expect("direct path measured");
 
-    // Idle connections, against a fresh gateway so that neither measurement inherits the
-    // other's heap.
+    // Idle connections, against a fresh gateway (of the first mode) so that neither
+    // measurement inherits the other's heap.
     let idle = if args.idle > 0 {
-        match measure_idle(binary, &config_path, dir.path(), args.idle, tls.clone()).await {
+        match measure_idle(binary, &configs[0].1, dir.path(), args.idle, tls.clone()).await {
             Ok(idle) => Some(idle),
             Err(err) => {
                 loud(&format!("idle-connection measurement failed: {err}"));
@@ -307,7 +572,78 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         None
     };
 
-    let errors = direct.errors() + through.errors() + idle.as_ref().map_or(0, |i| i.failed);
+    // Costs: differences between modes, and the RSA floor.
+    let cpu_of = |setup: Setup| {
+        runs.iter()
+            .find(|r| r.setup == setup)
+            .and_then(GatewayRun::cpu_us_per_msg)
+    };
+    let (nocheck_cpu, full_cpu, seal_cpu) = (
+        cpu_of(Setup::Nocheck),
+        cpu_of(Setup::Full),
+        cpu_of(Setup::Seal),
+    );
+    let checks_cpu = full_cpu.zip(nocheck_cpu).map(|(f, n)| f - n);
+    let seal_extra_cpu = seal_cpu.zip(full_cpu).map(|(s, f)| s - f);
+    let mean = |values: Vec<f64>| {
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    let sign_us = mean(rsa_measured.iter().map(|r| r.sign_us).collect());
+    let verify_us = mean(rsa_measured.iter().map(|r| r.verify_us).collect());
+    let checks_beyond_rsa = checks_cpu.zip(verify_us).map(|(c, v)| c - v);
+    let floor_us = sign_us.map(|s| 2.0 * s);
+    let floor_multiple = seal_cpu.zip(floor_us).map(|(s, f)| s / f);
+    if checks {
+        println!();
+        println!("gateway CPU per message by mode:");
+        for run in &runs {
+            let cpu = run.phase.gateway_cpu.unwrap_or_default();
+            let ok = run.phase.ok.max(1) as f64;
+            println!(
+                "  {:<8} {:>7.1} us/msg (user {:.1} + system {:.1}), {:.0} msgs/s",
+                run.setup.label(),
+                cpu.total() * 1e6 / ok,
+                cpu.user * 1e6 / ok,
+                cpu.system * 1e6 / ok,
+                run.phase.msgs_per_s()
+            );
+        }
+        if let Some(checks_cpu) = checks_cpu {
+            println!("  cost of the checks (full - nocheck): {checks_cpu:.1} us/msg");
+        }
+        if let Some(seal_extra) = seal_extra_cpu {
+            println!("  cost of sealing (seal - full): {seal_extra:.1} us/msg");
+        }
+        if rsa_measured.len() > 1
+            && let (Some(sign_us), Some(verify_us)) = (sign_us, verify_us)
+        {
+            println!(
+                "  RSA-2048 figures used: mean of the {} measurements: sign {sign_us:.1} us, verify {verify_us:.1} us",
+                rsa_measured.len()
+            );
+        }
+        if let (Some(checks_cpu), Some(verify_us), Some(beyond)) =
+            (checks_cpu, verify_us, checks_beyond_rsa)
+        {
+            println!(
+                "  checks beyond RSA verification: (full - nocheck) - 1 RSA-2048 verification = {checks_cpu:.1} - {verify_us:.1} = {beyond:.1} us/msg"
+            );
+        }
+        if let (Some(seal), Some(floor), Some(multiple)) = (seal_cpu, floor_us, floor_multiple) {
+            println!(
+                "seal CPU/msg = {seal:.1} µs = {multiple:.2} × floor (2 signatures = {floor:.1} µs)"
+            );
+        }
+    }
+
+    let primary = &runs[0];
+    let through = &primary.phase;
+    let ratio = primary.ratio;
+    let peak_rss_mb = primary.peak_rss_mb;
+    let per_message_us = |seconds: f64| seconds * 1e6 / through.ok.max(1) as f64;
+    let gateway_errors: usize = runs.iter().map(|r| r.phase.errors()).sum();
+    let checks_verified = runs.iter().filter_map(|r| r.verified).reduce(|a, b| a && b);
+    let errors = direct.errors() + gateway_errors + idle.as_ref().map_or(0, |i| i.failed);
     println!();
     println!("goals:");
     let goal = |ok: bool| if ok { "ok" } else { "MISSED" };
@@ -332,16 +668,41 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
             goal(idle.after_mb < GOAL_IDLE_RSS_MB)
         );
     }
+    let goal_checks_ok = checks_beyond_rsa.map(|v| v < GOAL_CHECKS_BEYOND_RSA_US);
+    if let Some(beyond) = checks_beyond_rsa {
+        println!(
+            "  full checks < {GOAL_CHECKS_BEYOND_RSA_US:.0} us CPU/msg beyond the RSA verification: {beyond:.1} us -- {}",
+            goal(beyond < GOAL_CHECKS_BEYOND_RSA_US)
+        );
+    }
+    let goal_seal_floor_ok = floor_multiple.map(|m| m < GOAL_SEAL_FLOOR_MULTIPLE);
+    if let (Some(multiple), Some(floor)) = (floor_multiple, floor_us) {
+        println!(
+            "  seal CPU/msg < {GOAL_SEAL_FLOOR_MULTIPLE} x floor (2 RSA-2048 signatures = {floor:.1} us): {multiple:.2} x -- {}",
+            goal(multiple < GOAL_SEAL_FLOOR_MULTIPLE)
+        );
+    }
+    let goal_seal_total_ok = seal_cpu.map(|s| s < GOAL_SEAL_TOTAL_US);
+    if let Some(seal) = seal_cpu {
+        println!(
+            "  checks + seal CPU/msg < {GOAL_SEAL_TOTAL_US:.0} us: {seal:.1} us -- {}",
+            goal(seal < GOAL_SEAL_TOTAL_US)
+        );
+    }
     if errors > 0 {
         loud(&format!(
             "THIS RUN HAD {errors} ERRORS (direct {}, gateway {}, idle connections {}): the figures are NOT valid",
             direct.errors(),
-            through.errors(),
+            runs.iter()
+                .map(|r| format!("{} {}", r.setup.label(), r.phase.errors()))
+                .collect::<Vec<_>>()
+                .join(", "),
             idle.as_ref().map_or(0, |i| i.failed)
         ));
     }
 
     let idle_ref = idle.as_ref();
+    let round_opt = |value: Option<f64>, decimals: i32| value.map(|v| round(v, decimals));
     let summary = Summary {
         gateway_msgs_per_s: round(through.msgs_per_s(), 1),
         direct_msgs_per_s: round(direct.msgs_per_s(), 1),
@@ -352,7 +713,7 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         direct_p50_ms: round(direct.percentile_ms(50.0), 3),
         direct_p99_ms: round(direct.percentile_ms(99.0), 3),
         direct_max_ms: round(direct.percentile_ms(100.0), 3),
-        gateway_cpu_us_per_msg: gateway_cpu_us.map(|v| round(v, 1)),
+        gateway_cpu_us_per_msg: primary.cpu_us_per_msg().map(|v| round(v, 1)),
         gateway_cpu_user_us_per_msg: through
             .gateway_cpu
             .map(|c| round(per_message_us(c.user), 1)),
@@ -366,7 +727,7 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         idle_rss_delta_mb: idle_ref.map(|i| round(i.delta_mb(), 2)),
         idle_kb_per_conn: idle_ref.map(|i| round(i.kb_per_conn(), 2)),
         errors,
-        gateway_errors: through.errors(),
+        gateway_errors,
         direct_errors: direct.errors(),
         idle_errors: idle_ref.map_or(0, |i| i.failed),
         bench_cpu_us_per_msg_direct: round(direct.bench_cpu_us_per_msg(), 1),
@@ -374,7 +735,7 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         machine_cpu_busy_direct: round(direct.machine_busy, 3),
         machine_cpu_busy_gateway: round(through.machine_busy, 3),
         messages: args.messages,
-        size: message.len() - 3,
+        size,
         concurrency: args.concurrency,
         warmup: args.warmup,
         tls: args.tls,
@@ -383,6 +744,25 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         goal_ratio_ok: ratio >= GOAL_RATIO,
         goal_peak_rss_ok: peak_rss_mb.map(|v| v < GOAL_PEAK_RSS_MB),
         goal_idle_rss_ok: idle_ref.map(|i| i.after_mb < GOAL_IDLE_RSS_MB),
+        primary_mode: primary.setup.label(),
+        dkim_signed: zone.is_some(),
+        pool: pool.len(),
+        nocheck_cpu_us_per_msg: round_opt(nocheck_cpu, 1),
+        full_cpu_us_per_msg: round_opt(full_cpu, 1),
+        seal_cpu_us_per_msg: round_opt(seal_cpu, 1),
+        checks_cpu_us_per_msg: round_opt(checks_cpu, 1),
+        seal_extra_cpu_us_per_msg: round_opt(seal_extra_cpu, 1),
+        rsa2048_sign_us: round_opt(sign_us, 1),
+        rsa2048_verify_us: round_opt(verify_us, 2),
+        rsa2048_sign_us_measured: rsa_measured.iter().map(|r| round(r.sign_us, 1)).collect(),
+        checks_beyond_rsa_verify_us_per_msg: round_opt(checks_beyond_rsa, 1),
+        seal_floor_us: round_opt(floor_us, 1),
+        seal_floor_multiple: round_opt(floor_multiple, 3),
+        goal_checks_ok,
+        goal_seal_floor_ok,
+        goal_seal_total_ok,
+        checks_verified,
+        runs: runs.iter().map(GatewayRun::summary).collect(),
     };
     if args.keep_dir {
         let _ = dir.keep();
@@ -391,7 +771,79 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         "{}",
         serde_json::to_string(&summary).expect("summary serializes")
     );
-    if errors > 0 { 1 } else { 0 }
+    if errors > 0 || checks_verified == Some(false) {
+        1
+    } else {
+        0
+    }
+}
+
+/// One measured gateway configuration.
+struct GatewayRun {
+    setup: Setup,
+    phase: PhaseResult,
+    peak_rss_mb: Option<f64>,
+    ratio: f64,
+    /// Queries the bench's DNS server answered during the measured run.
+    dns_queries: Option<usize>,
+    /// What the checks found during the measured run (`check=result` and
+    /// `arc_seal=result` counts, from the gateway's metrics).
+    outcomes: Option<BTreeMap<String, u64>>,
+    /// Whether every delivered message passed SPF, DKIM and DMARC (and was sealed).
+    verified: Option<bool>,
+}
+
+impl GatewayRun {
+    fn cpu_us_per_msg(&self) -> Option<f64> {
+        self.phase
+            .gateway_cpu
+            .map(|c| c.total() * 1e6 / self.phase.ok.max(1) as f64)
+    }
+
+    fn summary(&self) -> RunSummary {
+        let per_message = |seconds: f64| round(seconds * 1e6 / self.phase.ok.max(1) as f64, 1);
+        RunSummary {
+            mode: self.setup.label(),
+            msgs_per_s: round(self.phase.msgs_per_s(), 1),
+            ratio: round(self.ratio, 4),
+            p50_ms: round(self.phase.percentile_ms(50.0), 3),
+            p99_ms: round(self.phase.percentile_ms(99.0), 3),
+            max_ms: round(self.phase.percentile_ms(100.0), 3),
+            cpu_us_per_msg: self.phase.gateway_cpu.map(|c| per_message(c.total())),
+            cpu_user_us_per_msg: self.phase.gateway_cpu.map(|c| per_message(c.user)),
+            cpu_system_us_per_msg: self.phase.gateway_cpu.map(|c| per_message(c.system)),
+            peak_rss_mb: self.peak_rss_mb.map(|v| round(v, 2)),
+            ok: self.phase.ok,
+            errors: self.phase.errors(),
+            bench_cpu_us_per_msg: round(self.phase.bench_cpu_us_per_msg(), 1),
+            machine_cpu_busy: round(self.phase.machine_busy, 3),
+            dns_queries: self.dns_queries,
+            checks: self.outcomes.clone(),
+            checks_verified: self.verified,
+        }
+    }
+}
+
+/// Per-mode figures in the JSON summary.
+#[derive(Serialize)]
+struct RunSummary {
+    mode: &'static str,
+    msgs_per_s: f64,
+    ratio: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    cpu_us_per_msg: Option<f64>,
+    cpu_user_us_per_msg: Option<f64>,
+    cpu_system_us_per_msg: Option<f64>,
+    peak_rss_mb: Option<f64>,
+    ok: usize,
+    errors: usize,
+    bench_cpu_us_per_msg: f64,
+    machine_cpu_busy: f64,
+    dns_queries: Option<usize>,
+    checks: Option<BTreeMap<String, u64>>,
+    checks_verified: Option<bool>,
 }
 
 /// Open files wanted: idle connections, load sessions and both ends of every sink
@@ -462,15 +914,54 @@ struct Summary {
     goal_ratio_ok: bool,
     goal_peak_rss_ok: Option<bool>,
     goal_idle_rss_ok: Option<bool>,
+    /// The mode the figures above describe: the first of the run's modes.
+    primary_mode: &'static str,
+    /// Whether the messages were DKIM-signed (any checking mode in the run).
+    dkim_signed: bool,
+    /// Distinct messages sent in turn.
+    pool: usize,
+    /// Gateway CPU per message of each mode measured in this run.
+    nocheck_cpu_us_per_msg: Option<f64>,
+    full_cpu_us_per_msg: Option<f64>,
+    seal_cpu_us_per_msg: Option<f64>,
+    /// full - nocheck: the cost of the sender checks.
+    checks_cpu_us_per_msg: Option<f64>,
+    /// seal - full: the cost of sealing.
+    seal_extra_cpu_us_per_msg: Option<f64>,
+    /// CPU per RSA-2048 PKCS#1 v1.5 SHA-256 operation with ring, on one thread: the mean
+    /// of the measurements (before the load, and after the seal run).
+    rsa2048_sign_us: Option<f64>,
+    rsa2048_verify_us: Option<f64>,
+    rsa2048_sign_us_measured: Vec<f64>,
+    /// checks_cpu_us_per_msg - rsa2048_verify_us.
+    checks_beyond_rsa_verify_us_per_msg: Option<f64>,
+    /// Two RSA-2048 signatures: the least sealing can cost.
+    seal_floor_us: Option<f64>,
+    /// seal_cpu_us_per_msg / seal_floor_us.
+    seal_floor_multiple: Option<f64>,
+    goal_checks_ok: Option<bool>,
+    goal_seal_floor_ok: Option<bool>,
+    goal_seal_total_ok: Option<bool>,
+    /// Whether every message of every checking mode passed SPF, DKIM and DMARC (and was
+    /// sealed in `seal` mode), by the gateway's metrics.
+    checks_verified: Option<bool>,
+    /// Every measured mode, in order.
+    runs: Vec<RunSummary>,
 }
 
 // ---------------------------------------------------------------------------------------
 // Gateway config and process
 
-fn write_config(args: &Args, dir: &Path, sink: SocketAddr) -> Result<PathBuf, String> {
-    let trusted = match args.mode {
-        Mode::Nocheck => "[\"127.0.0.0/8\"]",
-        Mode::Full => "[]",
+fn write_config(
+    args: &Args,
+    dir: &Path,
+    sink: SocketAddr,
+    setup: Setup,
+    zone: Option<&SenderZone>,
+) -> Result<PathBuf, String> {
+    let trusted = match setup {
+        Setup::Nocheck => "[\"127.0.0.0/8\"]",
+        Setup::Full | Setup::Seal => "[]",
     };
     let max_connections = (args.idle + 2 * args.concurrency + 100).max(5000);
     let mut yaml = format!(
@@ -488,6 +979,20 @@ fn write_config(args: &Args, dir: &Path, sink: SocketAddr) -> Result<PathBuf, St
         "backend: [\"smtp://{sink}\"]\nrelay:\n  tls: \"off\"\n  max_connections: {}\n",
         args.concurrency + 16
     ));
+    if let Some(zone) = zone {
+        // The metrics tell whether the checks passed and the seals were made.
+        yaml.push_str(&zone.config());
+        yaml.push_str("metrics:\n  listen: \"127.0.0.1:0\"\n");
+    }
+    if setup == Setup::Seal {
+        let key = zone
+            .and_then(|z| z.arc_key.as_ref())
+            .ok_or("seal mode without a sealing key")?;
+        yaml.push_str(&format!(
+            "arc:\n  domain: {ARC_DOMAIN}\n  selector: {ARC_SELECTOR}\n  private_key: {:?}\n",
+            key.display().to_string()
+        ));
+    }
     if let Some(extra_path) = &args.config_extra {
         let extra_text = std::fs::read_to_string(extra_path)
             .map_err(|e| format!("cannot read {}: {e}", extra_path.display()))?;
@@ -504,7 +1009,7 @@ fn write_config(args: &Args, dir: &Path, sink: SocketAddr) -> Result<PathBuf, St
             );
         }
     }
-    let path = dir.join("mxgate.yaml");
+    let path = dir.join(format!("mxgate-{}.yaml", setup.label()));
     std::fs::write(&path, &yaml).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path)
 }
@@ -532,6 +1037,8 @@ struct Gateway {
     child: Child,
     pid: i32,
     smtp: SocketAddr,
+    /// The metrics listener, when the config has one.
+    metrics: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -554,16 +1061,18 @@ impl Gateway {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut smtp = None;
+            let (mut smtp, mut metrics) = (None, None);
             let mut lines = BufReader::new(stdout).lines();
             for line in lines.by_ref().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("listening smtp ") {
                     smtp = smtp.or(addr.trim().parse::<SocketAddr>().ok());
+                } else if let Some(addr) = line.strip_prefix("listening metrics ") {
+                    metrics = metrics.or(addr.trim().parse::<SocketAddr>().ok());
                 } else if line == "ready" {
                     break;
                 }
             }
-            let _ = tx.send(smtp);
+            let _ = tx.send(smtp.map(|smtp| (smtp, metrics)));
             // Keep draining so the gateway never blocks on a full pipe.
             for _ in lines {}
         });
@@ -576,7 +1085,12 @@ impl Gateway {
             format!("mxgate did not start ({why}).\nconfig:\n{config}\ngateway log:\n{log}")
         };
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Some(smtp)) => Ok(Gateway { child, pid, smtp }),
+            Ok(Some((smtp, metrics))) => Ok(Gateway {
+                child,
+                pid,
+                smtp,
+                metrics,
+            }),
             Ok(None) => Err(failed(
                 child,
                 "no `listening smtp` line before `ready`/exit",
@@ -883,15 +1397,360 @@ async fn sink_session(mut stream: TcpStream, messages: Arc<AtomicU64>) -> io::Re
 }
 
 // ---------------------------------------------------------------------------------------
+// Sender checks: the sender's zone, signed messages and the RSA cost floor
+
+/// The sender's DNS zone, served by the test suite's DNS server in this process.
+struct SenderZone {
+    dns: dns::TestDns,
+    /// The DKIM signing key (PKCS#8 PEM).
+    dkim_pem: String,
+    /// The ARC sealing key (PKCS#8 PEM) and the file the gateway reads it from.
+    arc_pem: Option<String>,
+    arc_key: Option<PathBuf>,
+}
+
+impl SenderZone {
+    /// Starts the DNS server and publishes SPF for the sender domain and the HELO name,
+    /// DMARC p=reject and a new RSA-2048 DKIM key; with `seal`, also a new RSA-2048 ARC
+    /// key for the gateway, written to `dir`.
+    async fn start(dir: &Path, seal: bool) -> Result<SenderZone, String> {
+        use mxgate::keygen::{KeyAlgorithm, generate};
+        let dns = dns::TestDns::start().await;
+        let spf = "v=spf1 ip4:127.0.0.0/8 -all";
+        dns.txt(SENDER_DOMAIN, spf);
+        dns.txt(HELO_NAME, spf);
+        dns.txt(&format!("_dmarc.{SENDER_DOMAIN}"), "v=DMARC1; p=reject");
+        let dkim = generate(KeyAlgorithm::Rsa, 2048)?;
+        dns.txt(
+            &format!("{DKIM_SELECTOR}._domainkey.{SENDER_DOMAIN}"),
+            &dkim.record,
+        );
+        let (arc_pem, arc_key) = if seal {
+            let arc = generate(KeyAlgorithm::Rsa, 2048)?;
+            let path = dir.join("arc-key.pem");
+            std::fs::write(&path, &arc.private_pem)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            dns.txt(
+                &format!("{ARC_SELECTOR}._domainkey.{ARC_DOMAIN}"),
+                &arc.record,
+            );
+            (Some(arc.private_pem), Some(path))
+        } else {
+            (None, None)
+        };
+        Ok(SenderZone {
+            dns,
+            dkim_pem: dkim.private_pem,
+            arc_pem,
+            arc_key,
+        })
+    }
+
+    /// The gateway's `dns:` section: this server only.
+    fn config(&self) -> String {
+        format!(
+            "dns:\n  nameservers: [\"{}\"]\n  timeout: 2s\n  attempts: 2\n  cache_entries: 10000\n",
+            self.dns.addr
+        )
+    }
+
+    /// An RSA-2048 key for the floor measurement: the sealing key when there is one.
+    fn rsa_pem(&self) -> &str {
+        self.arc_pem.as_deref().unwrap_or(&self.dkim_pem)
+    }
+}
+
+/// One message ready to send: the pipelined MAIL, RCPT and DATA, and the content with
+/// the final `.` line.
+struct Prepared {
+    commands: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl Prepared {
+    fn new(data: Vec<u8>) -> Prepared {
+        let commands = format!(
+            "MAIL FROM:<{MAIL_FROM}> SIZE={}\r\nRCPT TO:<{RCPT_TO}>\r\nDATA\r\n",
+            data.len() - 3
+        )
+        .into_bytes();
+        Prepared { commands, data }
+    }
+
+    /// Bytes without the final `.` line.
+    fn size(&self) -> usize {
+        self.data.len() - 3
+    }
+}
+
+/// `count` messages DKIM-signed by the sender domain (rsa-sha256, relaxed/relaxed), each
+/// `size` bytes with its DKIM-Signature, each with its own Message-ID.
+fn signed_pool(size: usize, count: usize, pkcs8_pem: &str) -> Result<Vec<Prepared>, String> {
+    use mail_auth::common::crypto::{RsaKey, Sha256};
+    use mail_auth::common::headers::HeaderWriter;
+    use mail_auth::dkim::{Canonicalization, DkimSigner};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes())
+        .map_err(|e| format!("DKIM key: {e}"))?;
+    let key = RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs8(der))
+        .map_err(|e| format!("DKIM key: {e}"))?;
+    let signer = DkimSigner::from_key(key)
+        .domain(SENDER_DOMAIN)
+        .selector(DKIM_SELECTOR)
+        .headers([
+            "From",
+            "To",
+            "Subject",
+            "Date",
+            "Message-ID",
+            "MIME-Version",
+            "Content-Type",
+        ])
+        .header_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed);
+    // The DKIM-Signature's length: a first guess, corrected by the first signature.
+    let mut overhead = 0;
+    let mut pool = Vec::with_capacity(count);
+    for n in 0..count {
+        let id = format!("{n:06}");
+        let mut attempt = 0;
+        let signed = loop {
+            let unsigned = build_message(size.saturating_sub(overhead), &id);
+            let content = &unsigned[..unsigned.len() - 3];
+            let header = signer
+                .sign(content)
+                .map_err(|e| format!("DKIM signing: {e}"))?
+                .to_header();
+            attempt += 1;
+            if header.len() == overhead || attempt == 3 {
+                let mut signed = header.into_bytes();
+                signed.extend_from_slice(&unsigned);
+                break signed;
+            }
+            overhead = header.len();
+        };
+        pool.push(Prepared::new(signed));
+    }
+    Ok(pool)
+}
+
+/// Measures the RSA-2048 costs on a thread of their own and prints them.
+async fn rsa_floor(zone: &SenderZone, signs: usize, when: &str) -> Option<RsaCost> {
+    let pem = zone.rsa_pem().to_string();
+    match tokio::task::spawn_blocking(move || measure_rsa(&pem, signs)).await {
+        Ok(Ok(rsa)) => {
+            println!(
+                "RSA-2048 with ring (PKCS#1 v1.5 SHA-256, one thread in this process, {when}), CPU per operation, median of {RSA_BATCHES} batches: sign {}, verify {}",
+                rsa.sign.describe(),
+                rsa.verify.describe()
+            );
+            Some(rsa)
+        }
+        Ok(Err(err)) => {
+            loud(&format!("RSA measurement failed: {err}"));
+            None
+        }
+        Err(err) => {
+            loud(&format!("RSA measurement failed: {err}"));
+            None
+        }
+    }
+}
+
+/// CPU per RSA-2048 operation with ring.
+struct RsaCost {
+    sign_us: f64,
+    verify_us: f64,
+    sign: BatchTiming,
+    verify: BatchTiming,
+}
+
+/// Times `signs` RSA-2048 PKCS#1 v1.5 SHA-256 signatures and ten times as many
+/// verifications with ring on the calling thread, by that thread's CPU time; the figures
+/// are the median of ten batches.
+fn measure_rsa(pkcs8_pem: &str, signs: usize) -> Result<RsaCost, String> {
+    use ring::signature::{
+        RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256, RsaKeyPair, UnparsedPublicKey,
+    };
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes())
+        .map_err(|e| format!("RSA key: {e}"))?;
+    let key =
+        RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| format!("RSA key: {e}"))?;
+    let rng = ring::rand::SystemRandom::new();
+    // About what a seal signs: a few header fields.
+    let data: Vec<u8> = (0..512u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut signature = vec![0u8; key.public().modulus_len()];
+    // Parsed on every verification, as mail-auth does.
+    let public = key.public().as_ref().to_vec();
+    let sign = |signature: &mut [u8]| {
+        key.sign(&RSA_PKCS1_SHA256, &rng, &data, signature)
+            .map_err(|e| format!("RSA signing: {e}"))
+    };
+    let verify = |signature: &[u8]| {
+        UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &public)
+            .verify(&data, signature)
+            .map_err(|e| format!("RSA verification: {e}"))
+    };
+    for _ in 0..10 {
+        sign(&mut signature)?;
+        verify(&signature)?;
+    }
+    let sign = timed_batches(signs, || sign(&mut signature))?;
+    let verify = timed_batches(signs * 10, || verify(&signature))?;
+    Ok(RsaCost {
+        sign_us: sign.median_us,
+        verify_us: verify.median_us,
+        sign,
+        verify,
+    })
+}
+
+/// Batches an operation is timed in: the median batch is the figure, so that a moment
+/// of interference (other processes, a hypervisor's steal) does not move it.
+const RSA_BATCHES: usize = 10;
+
+/// CPU per operation, by the calling thread's CPU time, over batches.
+struct BatchTiming {
+    median_us: f64,
+    min_us: f64,
+    max_us: f64,
+    ops: usize,
+    wall: Duration,
+}
+
+impl BatchTiming {
+    fn describe(&self) -> String {
+        format!(
+            "{:.1} us ({} in {:.2} s; batches {:.1}..{:.1} us)",
+            self.median_us,
+            self.ops,
+            self.wall.as_secs_f64(),
+            self.min_us,
+            self.max_us
+        )
+    }
+}
+
+fn timed_batches(
+    total: usize,
+    mut op: impl FnMut() -> Result<(), String>,
+) -> Result<BatchTiming, String> {
+    let batches = RSA_BATCHES.min(total.max(1));
+    let per_batch = (total / batches).max(1);
+    let mut samples = Vec::with_capacity(batches);
+    let wall = Instant::now();
+    for _ in 0..batches {
+        let cpu = thread_cpu_seconds();
+        for _ in 0..per_batch {
+            op()?;
+        }
+        samples.push((thread_cpu_seconds() - cpu) * 1e6 / per_batch as f64);
+    }
+    let wall = wall.elapsed();
+    samples.sort_by(f64::total_cmp);
+    let middle = samples.len() / 2;
+    let median_us = if samples.len() % 2 == 0 {
+        (samples[middle - 1] + samples[middle]) / 2.0
+    } else {
+        samples[middle]
+    };
+    Ok(BatchTiming {
+        median_us,
+        min_us: samples[0],
+        max_us: samples[samples.len() - 1],
+        ops: per_batch * batches,
+        wall,
+    })
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a local.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The gateway's counters of what the checks found: `check=result` from
+/// `mxgate_auth_results_total`, `arc_seal=result` from `mxgate_arc_seals_total` and
+/// `dns_cache_<type>=<hit|miss>` from `mxgate_dns_cache_requests_total`.
+async fn outcome_counters(metrics: SocketAddr) -> Result<BTreeMap<String, u64>, String> {
+    let fetch = async {
+        let mut stream = TcpStream::connect(metrics).await?;
+        // HTTP/1.0: the body ends when the connection closes, never chunked.
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        stream.read_to_end(&mut body).await?;
+        Ok::<_, io::Error>(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| "metrics: timeout".to_string())?
+        .map_err(|e| format!("metrics: {e}"))?;
+    let text = String::from_utf8_lossy(&body);
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let (kind, rest) = if let Some(rest) = line.strip_prefix("mxgate_auth_results_total{") {
+            ("auth", rest)
+        } else if let Some(rest) = line.strip_prefix("mxgate_arc_seals_total{") {
+            ("seal", rest)
+        } else if let Some(rest) = line.strip_prefix("mxgate_dns_cache_requests_total{") {
+            ("dns", rest)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                (key.trim() == name).then(|| value.trim().trim_matches('"').to_string())
+            })
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let key = match kind {
+            "auth" => format!(
+                "{}={}",
+                label("check").unwrap_or_default(),
+                label("result").unwrap_or_default()
+            ),
+            "seal" => format!("arc_seal={}", label("result").unwrap_or_default()),
+            _ => format!(
+                "dns_cache_{}={}",
+                label("type").unwrap_or_default(),
+                label("result").unwrap_or_default()
+            ),
+        };
+        *out.entry(key).or_default() += value as u64;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
 // The load generator
 
-fn build_message(size: usize) -> Vec<u8> {
+/// A message of `size` bytes (without the final `.` line, which it ends with); `id` goes
+/// into the Message-ID.
+fn build_message(size: usize, id: &str) -> Vec<u8> {
     let mut message = format!(
         "From: Bench Sender <{MAIL_FROM}>\r\n\
          To: <{RCPT_TO}>\r\n\
          Subject: mxgate benchmark message\r\n\
          Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n\
-         Message-ID: <bench.1@bench.example.net>\r\n\
+         Message-ID: <bench.{id}@bench.example.net>\r\n\
          MIME-Version: 1.0\r\n\
          Content-Type: text/plain; charset=us-ascii\r\n\
          \r\n"
@@ -1020,9 +1879,8 @@ impl Client {
             pos: 0,
         };
         client.expect(220, "greeting").await?;
-        client
-            .command(b"EHLO client.bench.example.net\r\n", 250)
-            .await?;
+        let ehlo = format!("EHLO {HELO_NAME}\r\n");
+        client.command(ehlo.as_bytes(), 250).await?;
         if let Some(tls) = tls {
             client.command(b"STARTTLS\r\n", 220).await?;
             let Stream::Plain(tcp) = client.io else {
@@ -1034,9 +1892,7 @@ impl Client {
                 buf: Vec::with_capacity(4096),
                 pos: 0,
             };
-            client
-                .command(b"EHLO client.bench.example.net\r\n", 250)
-                .await?;
+            client.command(ehlo.as_bytes(), 250).await?;
         }
         Ok(client)
     }
@@ -1130,8 +1986,8 @@ struct LoadSpec {
     tls: Option<ClientTls>,
     messages: usize,
     concurrency: usize,
-    commands: Arc<[u8]>,
-    message: Arc<Vec<u8>>,
+    /// Sent in turn: message n is `pool[n % pool.len()]`.
+    pool: Arc<[Prepared]>,
 }
 
 #[derive(Default)]
@@ -1235,12 +2091,15 @@ async fn run_load(spec: LoadSpec, gateway_pid: Option<i32>, sink: &Sink) -> Phas
             worker(&spec, &next, &start, &stop).await
         }));
     }
+    // Two rounds: every session is set up (first), the counters are read, then the load
+    // is let go (second), so that no message slips in before the counters.
     start.wait().await;
     let sink_before = sink.received();
     let gateway_cpu_before = gateway_pid.and_then(|pid| proc_cpu(Some(pid)));
     let bench_cpu_before = proc_cpu(None).unwrap_or_default();
     let machine_before = machine_cpu();
     let started = Instant::now();
+    start.wait().await;
     stop.wait().await;
     let elapsed = started.elapsed();
     let gateway_cpu_after = gateway_pid.and_then(|pid| proc_cpu(Some(pid)));
@@ -1309,8 +2168,15 @@ async fn worker(
             None
         }
     };
+    // Sessions ready; then wait for the counters to be read.
     start.wait().await;
-    while next.fetch_add(1, Ordering::Relaxed) < spec.messages {
+    start.wait().await;
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        if n >= spec.messages {
+            break;
+        }
+        let item = &spec.pool[n % spec.pool.len()];
         let session = match client.as_mut() {
             Some(session) => session,
             None => match open().await {
@@ -1326,7 +2192,7 @@ async fn worker(
         let started = Instant::now();
         let outcome = tokio::time::timeout(
             TRANSACTION_TIMEOUT,
-            session.transaction(&spec.commands, &spec.message),
+            session.transaction(&item.commands, &item.data),
         )
         .await;
         match outcome {
