@@ -621,3 +621,264 @@ async fn keygen_and_check() {
 fn arcverify_passed(output: &str) -> bool {
     output.contains("arc verification: cv=b'pass'") || output.contains("arc verification: cv=pass")
 }
+
+/// The relay scenario end to end, with a real internal relay: sender -> mxgate A (edge,
+/// seals) -> Postfix (Debian's package), which re-sends from its own address 127.0.0.2
+/// -> mxgate B (downstream) -> B's Maildir. At B, SPF for sender.test fails (only the
+/// sender's IP is allowed) and the DKIM signature is not aligned, so DMARC fails with
+/// p=reject; only A's seal can save the message.
+struct RelayScenario {
+    dns: TestDns,
+    esp: DkimKey,
+    a: Gateway,
+    postfix: support::postfix::Postfix,
+    b: Gateway,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy)]
+struct RelaySetup {
+    /// A seals what it relays (`arc.seal`).
+    a_seals: bool,
+    /// B lists A's seal domain in `arc.trusted_sealers`.
+    b_trusts_a: bool,
+    /// Postfix rewrites the Subject header on the way (as a transport rule that tags
+    /// external mail would), after A sealed it.
+    postfix_tampers: bool,
+}
+
+impl RelayScenario {
+    async fn start(setup: RelaySetup) -> Option<RelayScenario> {
+        let dns = TestDns::start().await;
+        let esp = zone(&dns);
+        let dir = tempfile::tempdir().unwrap();
+        let key = sealing_key(
+            &dns,
+            dir.path(),
+            "edge.test",
+            "arc2026",
+            KeyAlgorithm::Rsa,
+            true,
+        );
+        let trusted: &[&str] = if setup.b_trusts_a {
+            &["edge.test"]
+        } else {
+            &["google.com"]
+        };
+        let b = Gateway::start(TestConfig {
+            hostname: "mx-b.example.test".into(),
+            extra: format!(
+                "{}arc:\n  trusted_sealers: [{}]\n",
+                dns.config(),
+                trusted
+                    .iter()
+                    .map(|t| format!("\"{t}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ..Default::default()
+        })
+        .await;
+        let mut options = support::postfix::PostfixOptions::relay(
+            &["example.test"],
+            &b.smtp.to_string(),
+            Some("127.0.0.2"),
+        );
+        if setup.postfix_tampers {
+            let checks = dir.path().join("header_checks");
+            std::fs::write(
+                &checks,
+                "/^Subject: / REPLACE Subject: [EXTERNAL] invoice\n",
+            )
+            .unwrap();
+            options
+                .main_cf
+                .push(format!("header_checks = regexp:{}", checks.display()));
+        }
+        let Some(postfix) = support::postfix::start_or_skip(options) else {
+            b.stop().await;
+            return None;
+        };
+        let a = Gateway::start(TestConfig {
+            hostname: "mx-a.example.test".into(),
+            backends: vec![format!("smtp://127.0.0.1:{}", postfix.port())],
+            extra: format!(
+                "{}{}",
+                dns.config(),
+                arc_yaml(
+                    "edge.test",
+                    "arc2026",
+                    &key,
+                    &[],
+                    &format!("  seal: {}\n", setup.a_seals)
+                )
+            ),
+            ..Default::default()
+        })
+        .await;
+        Some(RelayScenario {
+            dns,
+            esp,
+            a,
+            postfix,
+            b,
+            _dir: dir,
+        })
+    }
+
+    /// The invoice, DKIM-signed by the email service, sent to A from the sender's IP.
+    /// A's reply is Postfix's: A passes it through once Postfix queued the message.
+    async fn send_invoice(&self) {
+        let reply = send_from(
+            self.a.smtp,
+            LEGIT_IP,
+            "bounce@sender.test",
+            &self.esp.sign(&message("invoice")),
+        )
+        .await;
+        assert_eq!(
+            reply.code,
+            250,
+            "A: {reply}\nPostfix log:\n{}",
+            self.postfix.log()
+        );
+        assert!(
+            reply.text().contains("queued as"),
+            "not Postfix's reply: {reply}"
+        );
+    }
+
+    /// Waits until Postfix reports B's answer to its delivery attempt.
+    async fn b_answered(&self, answer: &str) -> String {
+        self.postfix
+            .wait_for_log(&format!(
+                "relay=127.0.0.1[127.0.0.1]:{}",
+                self.b.smtp.port()
+            ))
+            .await;
+        self.postfix.wait_for_log(answer).await
+    }
+
+    /// B refused the message at end of data with 550 5.7.1 (DMARC, p=reject); Postfix
+    /// bounced it and B delivered nothing.
+    async fn assert_b_rejected(&self) {
+        let log = self.b_answered("status=bounced").await;
+        assert!(
+            log.contains("said: 550 5.7.1") && log.contains("DMARC"),
+            "B did not reject with 550 5.7.1 for DMARC:\n{log}"
+        );
+        assert!(self.b.delivered().is_empty(), "{:#?}", self.b.delivered());
+    }
+
+    async fn stop(self) {
+        self.a.stop().await;
+        self.b.stop().await;
+        drop(self.postfix);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_postfix_a_trusted_seal_overrides_dmarc_at_b() {
+    let Some(scenario) = RelayScenario::start(RelaySetup {
+        a_seals: true,
+        b_trusts_a: true,
+        postfix_tampers: false,
+    })
+    .await
+    else {
+        return;
+    };
+    scenario.send_invoice().await;
+    scenario.b_answered("status=sent").await;
+    let delivered = scenario.b.delivered();
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    let message = &delivered[0];
+    let unfolded = message.replace("\n\t", " ").replace("\n ", " ");
+    // Postfix really sat in between: its Received field, and B saw it connect from
+    // its own address (so SPF failed there).
+    let b_received = unfolded
+        .lines()
+        .find(|l| l.starts_with("Received:") && l.contains("by mx-b.example.test (mxgate)"))
+        .unwrap_or_else(|| panic!("no Received from B:\n{message}"));
+    assert!(b_received.contains("[127.0.0.2]"), "{b_received}");
+    assert!(
+        unfolded.contains("by relay.example.test (Postfix)"),
+        "{message}"
+    );
+    let ar = unfolded
+        .lines()
+        .find(|l| l.starts_with("Authentication-Results: mx-b.example.test;"))
+        .unwrap_or_else(|| panic!("no results from B:\n{message}"));
+    assert!(ar.contains("spf=fail"), "{ar}");
+    assert!(
+        ar.contains("dkim=pass") && ar.contains("header.d=esp.test"),
+        "{ar}"
+    );
+    assert!(ar.contains("arc=pass"), "{ar}");
+    assert!(
+        ar.contains("dmarc=fail (p=reject, overridden by local policy: trusted ARC sealer edge.test recorded dmarc=pass)"),
+        "{ar}"
+    );
+    // A's seal survived Postfix for an independent verifier too.
+    let crlf = support::crlf(message);
+    if let Some(out) = support::pyverify::run("arcverify", scenario.dns.addr, crlf.as_bytes()) {
+        assert!(arcverify_passed(&out), "arcverify:\n{out}\n{message}");
+    }
+    scenario.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_postfix_without_a_seal_b_rejects() {
+    let Some(scenario) = RelayScenario::start(RelaySetup {
+        a_seals: false,
+        b_trusts_a: true,
+        postfix_tampers: false,
+    })
+    .await
+    else {
+        return;
+    };
+    scenario.send_invoice().await;
+    scenario.assert_b_rejected().await;
+    scenario.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_postfix_b_rejects_when_it_does_not_trust_a() {
+    let Some(scenario) = RelayScenario::start(RelaySetup {
+        a_seals: true,
+        b_trusts_a: false,
+        postfix_tampers: false,
+    })
+    .await
+    else {
+        return;
+    };
+    scenario.send_invoice().await;
+    scenario.assert_b_rejected().await;
+    scenario.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_postfix_a_tampered_sealed_header_makes_b_reject() {
+    let Some(scenario) = RelayScenario::start(RelaySetup {
+        a_seals: true,
+        b_trusts_a: true,
+        postfix_tampers: true,
+    })
+    .await
+    else {
+        return;
+    };
+    scenario.send_invoice().await;
+    scenario.assert_b_rejected().await;
+    assert!(
+        scenario
+            .postfix
+            .log()
+            .contains("replace: header Subject: invoice"),
+        "Postfix did not rewrite the Subject:\n{}",
+        scenario.postfix.log()
+    );
+    scenario.stop().await;
+}
