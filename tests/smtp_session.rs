@@ -177,6 +177,46 @@ async fn recipient_limit() {
     gw.stop().await;
 }
 
+/// A client that pipelines more recipients than we take gets `452 4.5.3` for the rest
+/// and sends them later; those replies are not errors, so the accepted recipients'
+/// message is still delivered however many there were.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_over_the_limit_do_not_count_as_errors() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_recipients: 3\n  max_errors: 2\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    let mut pipelined = String::from("MAIL FROM:<a@b.test>\r\n");
+    for n in 0..8 {
+        pipelined.push_str(&format!("RCPT TO:<u{n}@example.test>\r\n"));
+    }
+    pipelined.push_str("DATA\r\n");
+    client.send(pipelined.as_bytes()).await;
+    assert_eq!(client.read_reply().await.code, 250, "MAIL");
+    let codes: Vec<u16> = {
+        let mut codes = Vec::new();
+        for _ in 0..8 {
+            codes.push(client.read_reply().await.code);
+        }
+        codes
+    };
+    assert_eq!(codes, [250, 250, 250, 452, 452, 452, 452, 452]);
+    assert_eq!(client.read_reply().await.code, 354);
+    client.send(b"Subject: many\r\n\r\nhi\r\n.\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(gw.delivered().len(), 1);
+    assert!(gw.delivered()[0].contains("Delivered-To: u2@example.test"));
+    // Real mistakes still count: two and the session ends.
+    assert_eq!(client.cmd("BOGUS").await.code, 500);
+    client.send(b"BOGUS\r\n").await;
+    assert_eq!(client.read_reply().await.code, 500);
+    assert_eq!(client.read_reply().await.code, 421);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn size_limits() {
     let gw = Gateway::start(TestConfig {

@@ -100,6 +100,15 @@ impl Reply {
         (400..500).contains(&self.code)
     }
 
+    /// Whether this reply counts towards the session's error limit: mistakes of the
+    /// client (syntax, sequence, parameters, recipients in domains we do not serve).
+    /// Verdicts on a message, the backend's own refusals and `452 4.5.3` (which RFC 5321
+    /// section 4.5.3.1.10 tells clients to handle by sending the rest later) are not
+    /// mistakes: counting them would cut off a legitimate transaction before its DATA.
+    pub fn counts_as_client_error(&self) -> bool {
+        self.code >= 400 && matches!(self.reason, "protocol" | "parameters" | "relay_denied")
+    }
+
     pub fn is_permanent(&self) -> bool {
         self.code >= 500
     }

@@ -256,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if reply.closes_session() {
             return true;
         }
-        if reply.code() >= 400 {
+        if reply.counts_as_client_error() {
             self.errors += 1;
             if self.errors >= self.conn.snapshot.limits.max_errors {
                 let limit = Reply::too_many_errors();
