@@ -262,6 +262,54 @@ async fn actions_reject_tempfail_tag_quarantine() {
     gw.stop().await;
 }
 
+/// Rules on recipients decide per recipient: a refusal refuses that recipient whatever
+/// came before it, and an `accept` for one mailbox (abuse@ takes everything) applies
+/// only when every recipient of the message is that mailbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipient_rules_decide_per_recipient() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let policy = r#"rules:
+  - name: abuse-takes-everything
+    match: { rcpt: abuse@example.test }
+    action: accept
+  - name: ceo-protection
+    match: { rcpt: ceo@example.test }
+    action: reject
+"#;
+    let (gw, _) = gateway(&dns, policy, "").await;
+    // customer.test is p=reject and 192.0.2.60 is not its server: a spoof.
+    let spoof = support::crlf(&format!("{}.\n", message("boss@customer.test", "spoof")));
+    assert!(support::net::source_address("192.0.2.60"));
+    let (mut client, _) = SmtpClient::connect_from(gw.smtp, "192.0.2.60").await;
+    assert_eq!(client.cmd("EHLO sender.host.test").await.code, 250);
+
+    // abuse@ first, then the others: the CEO is still refused, and the message as a
+    // whole is judged by DMARC, which rejects it.
+    assert_eq!(client.cmd("MAIL FROM:<boss@customer.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<abuse@example.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+    let reply = client.cmd("RCPT TO:<ceo@example.test>").await;
+    assert_eq!((reply.code, reply.status()), (550, "5.7.1"), "{reply}");
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send(spoof.as_bytes()).await;
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (550, "5.7.1"), "{reply}");
+    assert!(reply.text().contains("DMARC"), "{reply}");
+    assert!(gw.delivered().is_empty());
+
+    // To abuse@ alone, the same spoof is delivered: that mailbox takes everything.
+    assert_eq!(client.cmd("MAIL FROM:<boss@customer.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<abuse@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send(spoof.as_bytes()).await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(gw.delivered().len(), 1);
+    assert!(gw.delivered()[0].contains("Delivered-To: abuse@example.test\n"));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn quarantine_to_an_address() {
     let dns = TestDns::start().await;

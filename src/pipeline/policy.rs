@@ -64,15 +64,16 @@ impl Connection {
         let mut seen = std::mem::take(&mut self.shadow_seen);
         let decided = decide(policy.disposition_rules(), &facts, &mut seen);
         self.shadow_seen = seen;
-        match decided {
-            Some(rule) => match &rule.action {
-                Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.as_greeting()),
-                action => {
-                    self.policy_hit = Some(hit(rule, action, "connect"));
-                    Ok(())
-                }
-            },
-            None => Ok(()),
+        let Some(rule) = decided else {
+            return Ok(());
+        };
+        metrics::hit(rule);
+        match &rule.action {
+            Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.as_greeting()),
+            action => {
+                self.policy_hit = Some(hit(rule, action, "connect"));
+                Ok(())
+            }
         }
     }
 
@@ -121,16 +122,19 @@ impl Connection {
         };
         tx.shadow_seen = seen;
         if let Some(rule) = decided {
-            match &rule.action {
-                Action::Reject(reply) | Action::Tempfail(reply) => return Err(reply.clone()),
-                action => tx.policy_hit = Some(hit(rule, action, "mail")),
+            metrics::hit(rule);
+            tx.policy_hit = Some(hit(rule, &rule.action, "mail"));
+            if let Action::Reject(reply) | Action::Tempfail(reply) = &rule.action {
+                return Err(reply.clone());
             }
         }
         Ok(())
     }
 
-    /// RCPT stage: a refusal applies to this recipient only; any other decision to the
-    /// whole message.
+    /// RCPT stage: a refusal applies to this recipient only. Any other decision waits
+    /// for the end of data, where it must hold for every recipient: otherwise the first
+    /// recipient would decide for all, and a rule for one mailbox could wave through
+    /// mail for the others, or spare a later recipient the refusal meant for it.
     pub(super) fn policy_at_rcpt(&mut self, tx: &mut Transaction, rcpt: &str) -> Option<Reply> {
         let policy = self.policy()?;
         if self.policy_hit.is_some() || tx.policy_hit.is_some() {
@@ -151,21 +155,16 @@ impl Connection {
             ..Facts::default()
         };
         let mut seen = std::mem::take(&mut tx.shadow_seen);
-        let decided = decide(policy.disposition_rules(), &facts, &mut seen)
-            .map(|rule| (rule.name.clone(), rule.action.clone()));
+        let refusal = decide(policy.disposition_rules(), &facts, &mut seen).and_then(|rule| {
+            let (Action::Reject(reply) | Action::Tempfail(reply)) = &rule.action else {
+                return None;
+            };
+            metrics::hit(rule);
+            tracing::info!(rule = %rule.name, action = rule.action.name(), "recipient refused by policy");
+            Some(reply.clone())
+        });
         tx.shadow_seen = seen;
-        match decided {
-            Some((_, Action::Reject(reply) | Action::Tempfail(reply))) => Some(reply),
-            Some((rule, action)) => {
-                tx.policy_hit = Some(PolicyHit {
-                    rule,
-                    action,
-                    stage: "rcpt",
-                });
-                None
-            }
-            None => None,
-        }
+        refusal
     }
 
     /// End of data: every fact is known; the decision made at an earlier stage stands.
@@ -186,8 +185,10 @@ impl Connection {
             report,
         );
         let mut seen = std::mem::take(&mut tx.shadow_seen);
-        let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen)
-            .map(|rule| hit(rule, &rule.action, "data"));
+        let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen).map(|rule| {
+            metrics::hit(rule);
+            hit(rule, &rule.action, "data")
+        });
         tx.shadow_seen = seen;
         decided
     }
@@ -317,7 +318,8 @@ pub fn full_facts(
     }
 }
 
-/// Evaluates `rules`, counting shadow matches once per transaction, and the decision.
+/// Evaluates `rules`, counting shadow matches once per transaction; the caller counts
+/// the decision when it applies it.
 fn decide<'p>(
     rules: impl Iterator<Item = &'p Rule>,
     facts: &Facts<'_>,
@@ -331,9 +333,7 @@ fn decide<'p>(
             tracing::info!(rule = %rule.name, action = rule.action.name(), origin = %rule.origin, "shadow rule matched (not applied)");
         }
     }
-    let rule = evaluation.decision?;
-    metrics::hit(rule);
-    Some(rule)
+    evaluation.decision
 }
 
 fn hit(rule: &Rule, action: &Action, stage: &'static str) -> PolicyHit {

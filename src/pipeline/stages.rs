@@ -80,7 +80,9 @@ impl Connection {
             spf,
             policy_hit: None,
             dns_facts: Default::default(),
-            shadow_seen: Vec::new(),
+            // Shadow rules that matched at connect were counted there, for the first
+            // transaction; later transactions count their own.
+            shadow_seen: std::mem::take(&mut self.shadow_seen),
             record,
             started: Instant::now(),
         };

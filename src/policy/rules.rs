@@ -95,7 +95,8 @@ pub struct Facts<'a> {
     /// For each SPF record name the policy uses: does it authorise the client IP?
     pub spf_records: Option<&'a HashMap<String, bool>>,
     pub envelope_from: Option<&'a str>,
-    /// At RCPT, the recipient being decided; at the end of data, all of them.
+    /// At RCPT, the recipient being decided; at the end of data, all of them (an `rcpt`
+    /// condition holds only when it holds for each).
     pub rcpts: Option<&'a [String]>,
     /// `Some(None)`: plaintext; `Some(Some("1.3"))`: TLS 1.3.
     pub tls: Option<Option<&'a str>>,
@@ -147,8 +148,10 @@ impl Condition {
             Condition::Dmarc(results) => any(facts.dmarc, |r| results.contains(&r)),
             Condition::Arc(results) => any(facts.arc, |r| results.contains(&r)),
             Condition::Iprev(results) => any(facts.iprev, |r| results.contains(&r)),
+            // Every recipient must match: one recipient (say abuse@, which takes
+            // everything) must not lift the checks for the others of the same message.
             Condition::Rcpt(patterns) => any(facts.rcpts, |rcpts| {
-                rcpts.iter().any(|r| patterns.iter().any(|p| p.matches(r)))
+                !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
             }),
             Condition::Tls(want) => any(facts.tls, |tls| tls.is_some() == *want),
             Condition::TlsVersion(versions) => any(facts.tls, |tls| {
@@ -497,6 +500,27 @@ mod tests {
             netvisor.test(&mixed),
             Some(false),
             "a second From address must not ride along"
+        );
+        let two_rcpts = vec![
+            "abuse@example.test".to_string(),
+            "ceo@example.test".to_string(),
+        ];
+        let abuse = Condition::Rcpt(vec![AddressPattern::Address("abuse@example.test".into())]);
+        let both = Facts {
+            rcpts: Some(&two_rcpts),
+            ..Facts::default()
+        };
+        assert_eq!(
+            abuse.test(&both),
+            Some(false),
+            "a rule for one recipient must not decide for the others"
+        );
+        assert_eq!(
+            abuse.test(&Facts {
+                rcpts: Some(&two_rcpts[..1]),
+                ..Facts::default()
+            }),
+            Some(true)
         );
         let plaintext = Facts {
             tls: Some(None),
