@@ -14,6 +14,8 @@
 
 mod support;
 
+use std::io::Write as _;
+
 use mail_auth::AuthenticatedMessage;
 use mxgate::auth::Authenticator;
 use mxgate::auth::results::{AuthResult, SpfCheck};
@@ -286,8 +288,14 @@ fn judge(label: &str, outcomes: &mut [Outcome], known: &[(&str, &str)]) {
             ));
         }
     }
-    writeln!(report, "{label}: {passed} passed, {failed} failed").unwrap();
+        // The details show with --nocapture; the summary line always does (written to
+    // stdout directly, past the test harness's capture of print!).
     print!("{report}");
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "{label}: {passed} passed, {failed} failed (each failure is listed in the test with its reason)"
+    );
     assert!(
         unexpected.is_empty(),
         "{label}: results that disagree with the table:\n  {}",

@@ -17,6 +17,8 @@
 
 mod support;
 
+use std::io::Write as _;
+
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, TXT};
 use hickory_proto::rr::{Name, RData, RecordType};
 use mxgate::auth::Authenticator;
@@ -660,9 +662,15 @@ async fn run_suite(label: &str, file: &str, known: &[(&str, &str)], mxgate_bugs:
         explanations.0, explanations.1
     )
     .unwrap();
-    writeln!(report, "{label}: {passed} passed, {failed} failed").unwrap();
-    writeln!(report, "({label} took {:?})", started.elapsed()).unwrap();
+        writeln!(report, "({label} took {:?})", started.elapsed()).unwrap();
+    // The details show with --nocapture; the summary line always does (written to
+    // stdout directly, past the test harness's capture of print!).
     print!("{report}");
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "{label}: {passed} passed, {failed} failed (each failure is listed in the test with its reason)"
+    );
     assert!(
         unexpected.is_empty(),
         "{label}: results that disagree with the tables:\n  {}",

@@ -359,8 +359,34 @@ async fn promtool_accepts_live_metrics() {
         assert!(Instant::now() < deadline, "/readyz: {status} {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A reload builds new backends; their health carries over, so readiness does not
+    // drop until the next probe round.
+    gw.running.as_ref().unwrap().reload().expect("reload");
+    let (status, body) = http_get(metrics, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"), "right after a reload");
     let (status, _) = http_get(metrics, "/nothing-here").await;
     assert_eq!(status, 404);
+    gw.stop().await;
+}
+
+/// Not ready while no backend answers; alive all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_fails_without_a_reachable_backend() {
+    let dead = support::backend::dead_address().await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![format!("smtp://{dead}")],
+        extra: "metrics:\n  listen: 127.0.0.1:0\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let (status, body) = http_get(metrics, "/readyz").await;
+    assert_eq!(
+        (status, body.trim()),
+        (503, "not ready: no backend reachable recently")
+    );
+    let (status, _) = http_get(metrics, "/healthz").await;
+    assert_eq!(status, 200);
     gw.stop().await;
 }
 

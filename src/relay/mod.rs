@@ -265,6 +265,18 @@ impl Relay {
         &self.backends
     }
 
+    /// After a reload: backends still configured keep their last success, so `/readyz`
+    /// does not call a healthy backend unreachable until the next probe round.
+    pub fn inherit_health(&self, previous: &Relay) {
+        for backend in &self.backends {
+            if let Some(old) = previous.backends.iter().find(|b| b.label == backend.label) {
+                backend
+                    .last_success
+                    .store(old.last_success_unix(), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Checks that each backend answers (a pooled connection and NOOP, or a writable
     /// Maildir) and records the time of success, which `/readyz` reads.
     pub async fn probe(&self) {

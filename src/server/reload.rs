@@ -96,6 +96,7 @@ impl Reloader {
                 if snapshot.loaded.config.server.listen != current.loaded.config.server.listen {
                     tracing::warn!("server.listen changed: listeners change only on restart");
                 }
+                snapshot.relay.inherit_health(&current.relay);
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
                 let backends: Vec<String> = snapshot
