@@ -288,7 +288,7 @@ fn judge(label: &str, outcomes: &mut [Outcome], known: &[(&str, &str)]) {
             ));
         }
     }
-        // The details show with --nocapture; the summary line always does (written to
+    // The details show with --nocapture; the summary line always does (written to
     // stdout directly, past the test harness's capture of print!).
     print!("{report}");
     let mut stdout = std::io::stdout().lock();
@@ -307,10 +307,10 @@ fn judge(label: &str, outcomes: &mut [Outcome], known: &[(&str, &str)]) {
 async fn arc_validation_suite() {
     support::init_logging();
     let Some(dir) = conformance_dir() else {
-        println!(
-            "skipping: ../shared/conformance not found ({}/../shared/conformance)",
+        support::skip(format!(
+            "../shared/conformance not found ({}/../shared/conformance)",
             env!("CARGO_MANIFEST_DIR")
-        );
+        ));
         return;
     };
     let started = Instant::now();
@@ -374,10 +374,10 @@ fn header(name: &str, value: &str, tag_list: bool) -> String {
 async fn arc_signing_suite_expected_seals_validate() {
     support::init_logging();
     let Some(dir) = conformance_dir() else {
-        println!(
-            "skipping: ../shared/conformance not found ({}/../shared/conformance)",
+        support::skip(format!(
+            "../shared/conformance not found ({}/../shared/conformance)",
             env!("CARGO_MANIFEST_DIR")
-        );
+        ));
         return;
     };
     let scenarios = load(&dir.join("arc-valimail/arc-draft-sign-tests.yml"));

@@ -534,3 +534,83 @@ async fn transactions_in_flight_keep_their_policy_during_reloads() {
     );
     gw.stop().await;
 }
+
+/// SIGHUP (not the file poll, which is set to an hour here) reloads the policy, the log
+/// says what changed, and a broken file afterwards leaves the running policy in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_and_logs_what_changed() {
+    use support::gateway::GatewayProcess;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy_path = dir.path().join("policies/rules.yaml");
+    std::fs::write(
+        &policy_path,
+        "rules:\n  - name: old-rule\n    match: { client_ip: 198.51.100.99 }\n    action: reject\n",
+    )
+    .unwrap();
+    let config = TestConfig {
+        extra: "policy:\n  files: [\"policies/*.yaml\"]\n  reload_interval: 1h\n".into(),
+        ..Default::default()
+    };
+    let config_path = dir.path().join("mxgate.yaml");
+    std::fs::write(&config_path, config.yaml(dir.path())).unwrap();
+    let gateway = GatewayProcess::spawn(&config_path);
+    assert!(support::net::source_address("192.0.2.70"));
+    let greeting = |gateway: &GatewayProcess| {
+        let smtp = gateway.smtp;
+        async move { SmtpClient::connect_from(smtp, "192.0.2.70").await.1 }
+    };
+    assert_eq!(greeting(&gateway).await.code, 220);
+
+    std::fs::write(
+        &policy_path,
+        "rules:\n  - name: block-test-net\n    match: { client_ip: 192.0.2.70 }\n    action: reject\n",
+    )
+    .unwrap();
+    gateway.signal(libc::SIGHUP);
+    let log = wait_for_log(&gateway, "configuration reloaded").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
+    for part in [
+        "SIGHUP",
+        "rules added: block-test-net",
+        "rules removed: old-rule",
+    ] {
+        assert!(line.contains(part), "{part:?} not in {line:?}");
+    }
+    assert_eq!(greeting(&gateway).await.code, 554, "new policy applies");
+
+    std::fs::write(
+        &policy_path,
+        "rules:\n  - name: broken\n    match: { nonsense: 1 }\n",
+    )
+    .unwrap();
+    gateway.signal(libc::SIGHUP);
+    let log = wait_for_log(&gateway, "configuration reload failed").await;
+    assert!(
+        log.contains("rules.yaml:3:"),
+        "the error names file and line:\n{log}"
+    );
+    assert_eq!(
+        greeting(&gateway).await.code,
+        554,
+        "the running policy stays"
+    );
+}
+
+async fn wait_for_log(gateway: &support::gateway::GatewayProcess, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = gateway.log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} not logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

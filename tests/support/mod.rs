@@ -26,3 +26,13 @@ pub fn init_logging() {
 pub fn crlf(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\n', "\r\n")
 }
+
+/// A test that cannot run on this machine says why and returns early. Under CI
+/// (`CI=true`), where `.ci/run` installed every program the tests use, a skip is a
+/// failure: a broken install step must not pass as green.
+pub fn skip(why: impl std::fmt::Display) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test would skip, which CI does not allow: {why}");
+    }
+    eprintln!("skipping: {why}");
+}

@@ -120,7 +120,7 @@ pub fn start_or_skip(options: PostfixOptions) -> Option<Postfix> {
     match Postfix::start(options) {
         Ok(postfix) => Some(postfix),
         Err(why) => {
-            eprintln!("skipping: {why}");
+            super::skip(&why);
             None
         }
     }

@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 /// `None` when python3-dkim is not installed.
 pub fn run(tool: &str, dns: SocketAddr, message: &[u8]) -> Option<String> {
     if !std::path::Path::new(&format!("/usr/bin/{tool}")).exists() {
-        eprintln!("skipping {tool}: python3-dkim is not installed (.ci/run installs it)");
+        super::skip(format!(
+            "{tool}: python3-dkim is not installed (.ci/run installs it)"
+        ));
         return None;
     }
     let module = match tool {
