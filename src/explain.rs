@@ -32,8 +32,12 @@ pub struct Request {
 struct Explanation<'a> {
     client: Client<'a>,
     envelope: Envelope<'a>,
+    /// The checks' results; when none ran, the same fields say `none` and why, so
+    /// scripts can read `spf`, `dkim`, `dmarc`, ... whatever the client was.
     #[serde(flatten)]
     report: Option<&'a AuthReport>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    not_checked: Option<NotChecked>,
     verdict: VerdictView,
     #[serde(skip_serializing_if = "Option::is_none")]
     authentication_results: Option<String>,
@@ -41,6 +45,40 @@ struct Explanation<'a> {
     policy: Option<PolicyView>,
     /// Every rule, in order, with each condition's result.
     policy_trace: Vec<RuleView>,
+}
+
+/// The check fields of a message whose checks did not run.
+#[derive(Serialize)]
+struct NotChecked {
+    iprev: Unchecked,
+    helo_spf: Unchecked,
+    spf: Unchecked,
+    dkim: [Unchecked; 0],
+    arc: Unchecked,
+    dmarc: Unchecked,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct Unchecked {
+    result: &'static str,
+    reason: &'static str,
+}
+
+impl NotChecked {
+    fn because(reason: &'static str) -> Self {
+        let none = Unchecked {
+            result: "none",
+            reason,
+        };
+        NotChecked {
+            iprev: none,
+            helo_spf: none,
+            spf: none,
+            dkim: [],
+            arc: none,
+            dmarc: none,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -226,10 +264,14 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         .find(|rcpt| !rcpt_domain_accepted(snapshot, rcpt));
 
     let mut report = None;
+    let mut not_checked = None;
     let mut ar_value = None;
     let mut policy = None;
     let mut rules = Vec::new();
     let verdict = if let Some(rcpt) = refused_rcpt {
+        not_checked = Some(NotChecked::because(
+            "not checked: a recipient is refused first",
+        ));
         let reply = Reply::relay_denied(rcpt);
         Verdict::refuse(
             Action::Reject,
@@ -237,6 +279,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             format!("{rcpt} is not in server.domains"),
         )
     } else if trusted {
+        not_checked = Some(NotChecked::because("not checked: trusted network"));
         Verdict::deliver("trusted network: no sender checks")
     } else if let Some(auth) = &snapshot.auth {
         let envelope = EnvelopeChecks::run(auth, ip, &request.helo, &request.mail_from).await;
@@ -287,6 +330,9 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         let (hit, trace) = policy_trace(snapshot, &facts);
         policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
         rules = trace;
+        not_checked = Some(NotChecked::because(
+            "not checked: sender checks are disabled",
+        ));
         let mut verdict = verdict::decide(&snapshot.dmarc, None, hit.as_ref());
         if verdict.rule.is_none() {
             verdict.reason = "sender checks are disabled (auth.enabled: false)".into();
@@ -305,6 +351,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             rcpt: &request.rcpts,
         },
         report: report.as_ref(),
+        not_checked,
         verdict: VerdictView::new(&verdict, &snapshot.dmarc.quarantine_header),
         authentication_results: ar_value,
         policy,
