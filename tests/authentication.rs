@@ -534,3 +534,101 @@ async fn trusted_networks_skip_the_checks() {
     assert!(!gw.delivered()[0].contains("Authentication-Results: mx.example.test"));
     gw.stop().await;
 }
+
+/// RFC 7489 3.1 alignment (relaxed by default, strict with adkim=s / aspf=s) and the
+/// subdomain policy `sp`, with the record found at the organisational domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn alignment_modes_and_the_subdomain_policy() {
+    struct Case {
+        record: &'static str,
+        source: &'static str,
+        mail_from: &'static str,
+        from: &'static str,
+        /// Sign with sender.test's key (d=sender.test).
+        signed: bool,
+        code: u16,
+        results: &'static str,
+    }
+    let cases = [
+        // d=sender.test for From news.sender.test: relaxed alignment passes...
+        Case {
+            record: "v=DMARC1; p=reject",
+            source: OTHER_IP,
+            mail_from: "bounce@elsewhere.test",
+            from: "alice@news.sender.test",
+            signed: true,
+            code: 250,
+            results: "dmarc=pass (p=reject) header.from=news.sender.test",
+        },
+        // ...strict does not.
+        Case {
+            record: "v=DMARC1; p=reject; adkim=s",
+            source: OTHER_IP,
+            mail_from: "bounce@elsewhere.test",
+            from: "alice@news.sender.test",
+            signed: true,
+            code: 550,
+            results: "",
+        },
+        // SPF for mail.sender.test passes; From sender.test: aligned when relaxed...
+        Case {
+            record: "v=DMARC1; p=reject",
+            source: LEGIT_IP,
+            mail_from: "bounce@mail.sender.test",
+            from: "alice@sender.test",
+            signed: false,
+            code: 250,
+            results: "dmarc=pass (p=reject) header.from=sender.test",
+        },
+        // ...not when strict.
+        Case {
+            record: "v=DMARC1; p=reject; aspf=s",
+            source: LEGIT_IP,
+            mail_from: "bounce@mail.sender.test",
+            from: "alice@sender.test",
+            signed: false,
+            code: 550,
+            results: "",
+        },
+        // sp=reject applies to a subdomain's mail, p=none to the domain's own.
+        Case {
+            record: "v=DMARC1; p=none; sp=reject",
+            source: OTHER_IP,
+            mail_from: "bounce@elsewhere.test",
+            from: "alice@news.sender.test",
+            signed: false,
+            code: 550,
+            results: "",
+        },
+        Case {
+            record: "v=DMARC1; p=none; sp=reject",
+            source: OTHER_IP,
+            mail_from: "bounce@elsewhere.test",
+            from: "alice@sender.test",
+            signed: false,
+            code: 250,
+            results: "dmarc=fail (p=none) header.from=sender.test",
+        },
+    ];
+    for case in cases {
+        let dns = TestDns::start().await;
+        let (rsa, _) = sender_zone(&dns, case.record);
+        dns.a("news.sender.test", "198.51.100.1");
+        let gw = gateway(&dns, "").await;
+        let mut data = message(case.from, "alignment");
+        if case.signed {
+            data = rsa.sign(&data);
+        }
+        let reply = send(&gw, case.source, "client.test", case.mail_from, &data).await;
+        let what = format!("{} From {}: {reply}", case.record, case.from);
+        assert_eq!(reply.code, case.code, "{what}");
+        if case.code == 550 {
+            assert_eq!(reply.status(), "5.7.1", "{what}");
+            assert!(reply.text().contains("DMARC"), "{what}");
+        } else {
+            let ar = results_header(&gw.delivered()[0]);
+            assert!(ar.contains(case.results), "{what}\n{ar}");
+        }
+        gw.stop().await;
+    }
+}

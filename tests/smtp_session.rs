@@ -456,3 +456,61 @@ async fn mxgate_check_reports_positions() {
         "{stderr}"
     );
 }
+
+/// RFC 5321 4.5.3.2 deadlines, configured short: a client that goes quiet between
+/// commands, or in the middle of its data, gets `421 4.4.2` and the connection closes;
+/// a half-sent message is not delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_clients_time_out() {
+    let gw = Gateway::start(TestConfig {
+        server_extra:
+            "  timeouts:\n    command: 300ms\n    data_block: 300ms\n    shutdown_grace: 1s\n"
+                .into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    let started = std::time::Instant::now();
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.4.2"), "{reply}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    assert!(client.is_closed().await);
+
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send(b"Subject: half\r\n\r\nthe first half of").await;
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.4.2"), "{reply}");
+    assert!(client.is_closed().await);
+    assert!(gw.delivered().is_empty());
+    gw.stop().await;
+}
+
+/// A message over `spool_threshold` goes through a temporary file instead of memory and
+/// arrives byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_messages_are_spooled_and_arrive_intact() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  spool_threshold: 4096\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    let body: String = (0..5000)
+        .map(|n| format!("line {n:05} of a large message, with some text to fill it\n"))
+        .collect();
+    let reply = client
+        .send_mail(
+            "a@b.test",
+            &["bob@example.test"],
+            &format!("Subject: large\n\n{body}"),
+        )
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let delivered = &gw.delivered()[0];
+    assert!(body.len() > 250_000);
+    assert!(delivered.ends_with(&format!("\n\n{body}")), "body changed");
+    gw.stop().await;
+}

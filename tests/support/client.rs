@@ -147,12 +147,21 @@ impl SmtpClient {
 
     /// Upgrades to TLS, verifying the server certificate against `ca` for `name`.
     pub async fn starttls(self, ca: &Path, name: &str) -> (SmtpClient, TlsSummary) {
+        self.starttls_with(client_config(ca), name).await
+    }
+
+    /// Upgrades to TLS with a client configuration of the caller's (versions, say).
+    pub async fn starttls_with(
+        self,
+        config: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> (SmtpClient, TlsSummary) {
         let SmtpClient { io, buf } = self;
         assert!(
             buf.is_empty(),
             "plaintext left in the buffer before TLS: {buf:?}"
         );
-        let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+        let connector = tokio_rustls::TlsConnector::from(config);
         let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
         let tls = tokio::time::timeout(WAIT, connector.connect(server_name, io))
             .await
@@ -207,6 +216,14 @@ pub struct TlsSummary {
 }
 
 pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    client_config_versions(ca, rustls::DEFAULT_VERSIONS)
+}
+
+/// A client that trusts `ca` and speaks only `versions`.
+pub fn client_config_versions(
+    ca: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -216,7 +233,7 @@ pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth(),
