@@ -599,6 +599,13 @@ async fn alert_rules_are_valid() {
     let (ok, output) = run_promtool(&["check", "rules", rules.to_str().unwrap()], None);
     assert!(ok, "promtool check rules:\n{output}");
     assert!(output.contains("SUCCESS"), "{output}");
+    // The alerts' own unit tests (fire when they should, resolve when they should).
+    let tests = repo_file("deploy/prometheus/alerts_test.yaml");
+    let (ok, output) = run_promtool(&["test", "rules", tests.to_str().unwrap()], None);
+    assert!(
+        ok && output.contains("SUCCESS"),
+        "promtool test rules:\n{output}"
+    );
     let config = repo_file("deploy/prometheus/prometheus.yml");
     let (ok, output) = run_promtool(&["check", "config", config.to_str().unwrap()], None);
     assert!(ok, "promtool check config:\n{output}");
@@ -1125,4 +1132,99 @@ fn legend_labels(legend: &str) -> Vec<String> {
         rest = &rest[start + end + 2..];
     }
     out
+}
+
+/// One JSON log line per transaction with everything an admin asks about it, and never
+/// the message content.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_json_log_line_per_transaction_without_content() {
+    let dns = TestDns::start().await;
+    dns.txt("sender.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject");
+    let dkim = DkimKey::ed25519("sender.test", "ed1");
+    dkim.publish(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/tag.yaml"),
+        "rules:\n  - name: tag-sender\n    match: { envelope_from: sender.test, spf: pass }\n    action: tag\n    header: \"X-Tagged: yes\"\n",
+    )
+    .unwrap();
+    let config = TestConfig {
+        extra: format!(
+            "{}policy:\n  files: [\"policies/*.yaml\"]\nlog:\n  format: json\n",
+            dns.config()
+        ),
+        ..Default::default()
+    };
+    let config_path = dir.path().join("mxgate.yaml");
+    std::fs::write(&config_path, config.yaml(dir.path())).unwrap();
+    let gateway = GatewayProcess::spawn(&config_path);
+
+    let mut client = session(gateway.smtp, "127.0.0.1").await;
+    let signed = dkim.sign(
+        "From: alice@sender.test\nTo: bob@example.test\nSubject: Quarterly SECRET-SUBJECT\n\nSECRET-BODY-TEXT\n",
+    );
+    let reply = client
+        .send_mail("alice@sender.test", &["bob@example.test"], &signed)
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(client.cmd("QUIT").await.code, 221);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (line, log) = loop {
+        let log = gateway.log();
+        let line = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "mxgate::transaction" && v["outcome"] == "delivered");
+        if let Some(line) = line {
+            break (line, log);
+        }
+        assert!(Instant::now() < deadline, "no transaction line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The JSON format flattens the event's fields into the object.
+    let fields = &line;
+    let id = fields["id"].as_str().unwrap();
+    assert!(!id.is_empty());
+    assert!(
+        reply.text().contains(id),
+        "the reply names the transaction: {reply}"
+    );
+    for (key, want) in [
+        ("client_ip", "127.0.0.1"),
+        ("helo", "client.example.net"),
+        ("tls", "none"),
+        ("mail_from", "alice@sender.test"),
+        ("rcpts", "bob@example.test"),
+        ("rule", "tag-sender"),
+        ("action", "deliver"),
+        ("outcome", "delivered"),
+    ] {
+        assert_eq!(fields[key], want, "{key} in {line}");
+    }
+    let auth = fields["auth"].as_str().unwrap();
+    for part in [
+        "iprev=",
+        "spf=pass(sender.test)",
+        "helo_spf=",
+        "dkim=pass(sender.test)",
+        "arc=none",
+        "dmarc=pass(sender.test)",
+    ] {
+        assert!(auth.contains(part), "{part} not in auth={auth}");
+    }
+    assert!(fields["backend"].as_str().unwrap().starts_with("maildir:"));
+    assert!(fields["reply"].as_str().unwrap().starts_with("250 2.0.0"));
+    assert!(fields["duration_ms"].is_u64(), "{line}");
+    let transactions = log
+        .lines()
+        .filter(|l| l.contains("\"target\":\"mxgate::transaction\""))
+        .count();
+    assert_eq!(transactions, 1, "{log}");
+    assert!(
+        !log.contains("SECRET-BODY-TEXT") && !log.contains("SECRET-SUBJECT"),
+        "message content in the log:\n{log}"
+    );
 }

@@ -34,6 +34,12 @@ static LAST_SUCCESS: LazyLock<IntGauge> = LazyLock::new(|| {
         "When the running configuration was loaded.",
     )
 });
+static LAST_OK: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_config_last_reload_successful",
+        "1 when the latest load of the configuration files succeeded, 0 when it failed (the previous configuration keeps running).",
+    )
+});
 static CERT_EXPIRY: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "mxgate_tls_certificate_expiry_timestamp_seconds",
@@ -45,6 +51,7 @@ pub fn init() {
     LazyLock::force(&RELOADS);
     LazyLock::force(&GENERATION);
     LazyLock::force(&LAST_SUCCESS);
+    LazyLock::force(&LAST_OK);
     // The certificate expiry is registered only once a certificate is loaded: a 0 for
     // "no TLS" would look like a certificate expired in 1970.
     for result in ["success", "failure"] {
@@ -56,6 +63,7 @@ pub fn init() {
 pub fn note_running(snapshot: &Snapshot) {
     GENERATION.set(snapshot.generation as i64);
     LAST_SUCCESS.set(unix_now());
+    LAST_OK.set(1);
     if let Some(expiry) = snapshot.tls.as_ref().and_then(|t| t.not_after) {
         CERT_EXPIRY.set(expiry);
     }
@@ -113,6 +121,7 @@ impl Reloader {
             }
             Err(errors) => {
                 RELOADS.with_label_values(&["failure"]).inc();
+                LAST_OK.set(0);
                 for error in &errors {
                     tracing::error!("{error}");
                 }
