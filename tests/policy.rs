@@ -345,6 +345,23 @@ async fn quarantine_to_an_address() {
             .text()
             .contains("X-Mxgate-Quarantined-For: bob@example.test")
     );
+    // A backend that refuses the quarantine address (a typo in the config, a mailbox
+    // removed) must not turn kept mail into a bounce: 451, the sender retries.
+    backend.set(|b| {
+        b.rcpt_replies.insert(
+            "quarantine@example.test".into(),
+            "550 5.1.1 no such user".into(),
+        );
+    });
+    let reply = send(
+        &gw,
+        "192.0.2.60",
+        "x@customer.test",
+        &message("x@customer.test", "q2"),
+    )
+    .await;
+    assert_eq!((reply.code, reply.status()), (451, "4.3.0"), "{reply}");
+    assert_eq!(backend.messages().len(), 1, "nothing more delivered");
     gw.stop().await;
 }
 

@@ -203,11 +203,17 @@ impl Connection {
                 tx.backend = Some(*backend);
                 Ok(())
             }
+            // The backend refusing our quarantine address is a configuration problem,
+            // not the sender's: defer (451) rather than bounce mail we meant to keep.
             Ok(crate::relay::Begin::Open(backend, reply)) => {
                 backend.abort().await;
-                Err(reply.to_reply())
+                tracing::error!(quarantine_to = %to, backend_reply = %reply.to_reply(), "the backend refuses the quarantine address; deferring the message");
+                Err(Reply::quarantine_refused())
             }
-            Ok(crate::relay::Begin::MailRefused(reply)) => Err(reply.to_reply()),
+            Ok(crate::relay::Begin::MailRefused(reply)) => {
+                tracing::error!(quarantine_to = %to, backend_reply = %reply.to_reply(), "the backend refuses the sender for quarantine; deferring the message");
+                Err(Reply::quarantine_refused())
+            }
             Err(err) => Err(err.reply()),
         }
     }

@@ -424,6 +424,16 @@ impl Reply {
             .because("local_error")
     }
 
+    /// The mailbox server refused the configured quarantine address.
+    pub fn quarantine_refused() -> Self {
+        Reply::with(
+            451,
+            (4, 3, 0),
+            "Local error in processing (quarantine unavailable), try again later",
+        )
+        .because("local_error")
+    }
+
     pub fn spool_error() -> Self {
         Reply::with(
             452,
