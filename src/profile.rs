@@ -26,6 +26,17 @@ pub fn render(target: Target, config: &Config) -> String {
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(", ");
+    let selector = config
+        .arc
+        .as_ref()
+        .and_then(|a| a.selector.clone())
+        .unwrap_or_else(|| "<selector>".into());
+    let key = config
+        .arc
+        .as_ref()
+        .and_then(|a| a.private_key.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| format!("certs/{selector}.pem"));
     let comments = config.auth.comments;
     let (quarantine_name, quarantine_value) =
         crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header)
@@ -65,8 +76,8 @@ New-TransportRule -Name \"mxgate quarantine\" -HeaderMatchesMessageHeader \"{qua
 #     comments: false   # Exchange Online refuses ARC results whose comments hold ';'
 #   arc:
 #     domain: {sealer_text}
-#     selector: <selector>            # mxgate keygen --algorithm rsa ...
-#     private_key: certs/<selector>.pem
+#     selector: {selector}            # mxgate keygen --algorithm rsa ...
+#     private_key: {key}
 "
             ));
             if comments {
@@ -136,8 +147,11 @@ mod tests {
     fn exchange_profile_uses_the_sealer_domain() {
         let text = render(
             Target::ExchangeOnline,
-            &config("arc:\n  domain: seal.example.test\n  seal: false\nauth:\n  comments: false\n"),
+            &config(
+                "arc:\n  domain: seal.example.test\n  selector: arc2026\n  seal: false\nauth:\n  comments: false\n",
+            ),
         );
+        assert!(text.contains("#     selector: arc2026 "), "{text}");
         assert!(
             text.contains("Set-ArcConfig -Identity Default -ArcTrustedSealers seal.example.test"),
             "{text}"

@@ -566,6 +566,7 @@ async fn keygen_and_check() {
     );
 
     let config = dir.path().join("mxgate.yaml");
+    let config_path = config.clone();
     std::fs::write(
         &config,
         format!(
@@ -613,6 +614,27 @@ async fn keygen_and_check() {
         .map(|(_, s)| s)
         .collect::<String>();
     dns.txt("arc2026._domainkey.edge.test", &record);
+    let (ok, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+    assert!(ok && !stderr.contains("_domainkey"), "{stderr}");
+
+    // Rotation: the next key is listed in arc.keys before it is used, and check says
+    // whether its record is out there yet.
+    let next = generate(KeyAlgorithm::Ed25519, 2048).unwrap();
+    std::fs::write(dir.path().join("arc2027.pem"), &next.private_pem).unwrap();
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        format!("{text}  keys:\n    - selector: arc2027\n      private_key: arc2027.pem\n"),
+    )
+    .unwrap();
+    let (ok, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: no DKIM key is published at arc2027._domainkey.edge.test"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("arc2026._domainkey"), "{stderr}");
+    dns.txt("arc2027._domainkey.edge.test", &next.record);
     let (ok, stderr) = tokio::task::spawn_blocking(check.clone()).await.unwrap();
     assert!(ok && !stderr.contains("_domainkey"), "{stderr}");
 }
@@ -881,4 +903,93 @@ async fn through_postfix_a_tampered_sealed_header_makes_b_reject() {
         scenario.postfix.log()
     );
     scenario.stop().await;
+}
+
+/// RFC 8617 section 4.2.1: a chain holds at most 50 sets. A message that arrives with
+/// 49 (valid) sets gets our seal as the 50th; one that arrives with 50 is relayed
+/// unsealed rather than with an invalid 51st set, and is still delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn chains_stop_at_fifty_sets() {
+    use mxgate::rewrite::arc::{Sealer, SigningKeyPair};
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    // Upstream hops seal with Ed25519 (fast); each set is valid and continues the chain.
+    let upstream_key = sealing_key(
+        &dns,
+        dir.path(),
+        "hop.test",
+        "hop",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
+    let upstream = Sealer::new(
+        SigningKeyPair::load(&upstream_key).unwrap(),
+        "hop.test",
+        "hop",
+    );
+    let config = mxgate::config::Dns {
+        nameservers: Some(vec![dns.addr]),
+        timeout: std::time::Duration::from_millis(500),
+        attempts: 1,
+        cache_entries: 1000,
+    };
+    let (resolver, _) = mxgate::auth::dns::resolver(&config).unwrap();
+    let mut chain = support::crlf(&message("chain"));
+    let mut with_49 = String::new();
+    for n in 1..=50 {
+        let sealed = {
+            let parsed = mail_auth::AuthenticatedMessage::parse(chain.as_bytes()).unwrap();
+            let incoming = resolver.verify_arc(&parsed).await;
+            assert_eq!(incoming.sets().len(), n - 1);
+            let set = upstream
+                .seal(&parsed, &incoming, &format!("hop{n}.hop.test; arc=pass"))
+                .unwrap_or_else(|e| panic!("upstream seal {n}: {e:?}"));
+            String::from_utf8(set).unwrap()
+        };
+        chain = format!("{sealed}{chain}");
+        if n == 49 {
+            with_49 = chain.clone();
+        }
+    }
+
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    for (incoming, sets) in [(&with_49, 49), (&chain, 50)] {
+        let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", incoming).await;
+        assert_eq!(reply.code, 250, "{sets} sets: {reply}");
+    }
+    let relayed: Vec<String> = backend.messages().iter().map(|m| m.text()).collect();
+    let seals = |text: &str| {
+        text.matches("\r\nARC-Seal: ").count() + usize::from(text.starts_with("ARC-Seal: "))
+    };
+    assert_eq!(seals(&relayed[0]), 50, "49 + ours");
+    assert!(
+        relayed[0]
+            .starts_with("ARC-Seal: i=50; a=ed25519-sha256; s=arc2026; d=edge.test; cv=pass;"),
+        "{}",
+        &relayed[0][..300]
+    );
+    let (result, instances, _) = arc_result(&dns, relayed[0].as_bytes()).await;
+    assert_eq!((result.as_str(), instances), ("pass", 50));
+    assert_eq!(seals(&relayed[1]), 50, "no 51st set");
+    assert!(!relayed[1].contains("d=edge.test"), "sealed past the limit");
+    gw.stop().await;
 }
