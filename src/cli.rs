@@ -131,11 +131,17 @@ pub fn main() -> i32 {
 }
 
 fn check(path: &std::path::Path) -> i32 {
-    let (loaded, mut diagnostics) = match config::load(path) {
-        Ok(ok) => ok,
-        Err(errors) => {
-            for error in &errors {
-                eprintln!("{error}");
+    let (loaded, mut diagnostics) = config::load_for_check(path);
+    let loaded = match loaded {
+        Some(loaded) if !config::diagnostics::has_errors(&diagnostics) => loaded,
+        found => {
+            // Errors in the main file: still read the policy files it names, so one
+            // run shows everything there is to fix.
+            if let Some(loaded) = found {
+                diagnostics.extend(crate::policy::compile::load(&loaded).1);
+            }
+            for d in &diagnostics {
+                eprintln!("{d}");
             }
             return 1;
         }

@@ -142,10 +142,9 @@ pub fn compile(
         }
     };
 
-    let relay = match compile_relay(&loaded, mode, &mut diagnostics, &mut watched) {
-        Some(relay) => relay,
-        None => return Err(diagnostics),
-    };
+    // A backend error does not stop here: the checks below add their own errors, so
+    // that `mxgate check` reports everything at once.
+    let relay = compile_relay(&loaded, mode, &mut diagnostics, &mut watched);
 
     let auth = compile_auth(&loaded, previous, &mut diagnostics);
     let quarantine_header =
@@ -167,9 +166,10 @@ pub fn compile(
     diagnostics.extend(policy_diagnostics);
     watched.extend(policy.files.iter().cloned());
 
-    if crate::config::diagnostics::has_errors(&diagnostics) {
-        return Err(diagnostics);
-    }
+    let relay = match relay {
+        Some(relay) if !crate::config::diagnostics::has_errors(&diagnostics) => relay,
+        _ => return Err(diagnostics),
+    };
     let snapshot = Snapshot {
         generation,
         hostname: config.server.hostname.to_string(),

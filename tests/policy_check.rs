@@ -213,3 +213,41 @@ async fn explain_shows_the_rule_and_its_conditions() {
     );
     assert!(text.contains("verdict     reject -> 550 5.7.1"), "{text}");
 }
+
+/// Errors in the main file and in the policy files it names, and a backend error next
+/// to others: one run of `mxgate check` prints them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_in_config_and_policies_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: broken\n    match: { client_ip: 999.1.1.1 }\n    action: accept\n",
+    );
+    let policy = dir.path().join("policies/a.yaml").display().to_string();
+    let path = dir.path().join("mxgate.yaml");
+    for (backend, spool, config_error) in [
+        // A validation error in the main file.
+        ("maildir:./mail", "0", ":5:"),
+        // A backend that cannot be set up (found while compiling, after validation).
+        ("maildir:/proc/mxgate-cannot-exist", "1000000", ":6:"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:0\"]\n  domains: [example.test]\n  spool_threshold: {spool}\nbackend: [\"{backend}\"]\npolicy:\n  files: [\"policies/*.yaml\"]\n"),
+        )
+        .unwrap();
+        let (ok, stderr) = check(&path).await;
+        assert!(!ok, "{stderr}");
+        let config = path.display().to_string();
+        assert!(
+            stderr.contains(&format!("{config}{config_error}")),
+            "config error: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("{policy}:3:")),
+            "policy error: {stderr}"
+        );
+        assert!(stderr.contains("999.1.1.1"), "{stderr}");
+    }
+}

@@ -50,6 +50,28 @@ pub fn load(path: &Path) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnost
 }
 
 pub fn load_source(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let (loaded, diagnostics) = load_unchecked(source)?;
+    if diagnostics::has_errors(&diagnostics) {
+        Err(diagnostics)
+    } else {
+        Ok((loaded, diagnostics))
+    }
+}
+
+/// For `mxgate check`: the configuration with its validation findings, errors included,
+/// so that the files it names (policies) can be checked as well and every error printed
+/// at once. `None` when the file does not even parse into the model.
+pub fn load_for_check(path: &Path) -> (Option<LoadedConfig>, Vec<Diagnostic>) {
+    match SourceFile::read(path)
+        .map_err(|d| vec![d])
+        .and_then(load_unchecked)
+    {
+        Ok((loaded, diagnostics)) => (Some(loaded), diagnostics),
+        Err(diagnostics) => (None, diagnostics),
+    }
+}
+
+fn load_unchecked(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
     let tree = source.parse_tree().map_err(|d| vec![d])?;
     let config: Config = source
         .deserialize(&YamlPath::root(), tree)
@@ -66,9 +88,5 @@ pub fn load_source(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>)
         base_dir,
     };
     let diagnostics = validate::validate(&loaded);
-    if diagnostics::has_errors(&diagnostics) {
-        Err(diagnostics)
-    } else {
-        Ok((loaded, diagnostics))
-    }
+    Ok((loaded, diagnostics))
 }
