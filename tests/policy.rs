@@ -631,3 +631,29 @@ async fn wait_for_log(gateway: &support::gateway::GatewayProcess, needle: &str) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A rule on the iprev result decides at MAIL, as soon as the check started at connect
+/// has its answer, not only at the end of data.
+#[tokio::test(flavor = "multi_thread")]
+async fn iprev_rules_decide_at_mail() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let policy = r#"rules:
+  - name: need-reverse-dns
+    match: { iprev: [fail, permerror] }
+    action: tempfail
+    reply: { code: 450, status: "4.7.25", text: "Reverse DNS of your address does not match" }
+"#;
+    let (gw, _) = gateway(&dns, policy, "").await;
+    for (source, code) in [("192.0.2.21", 450), ("192.0.2.20", 250)] {
+        assert!(support::net::source_address(source));
+        let (mut client, _) = SmtpClient::connect_from(gw.smtp, source).await;
+        assert_eq!(client.cmd("EHLO sender.host.test").await.code, 250);
+        let reply = client.cmd("MAIL FROM:<x@customer.test>").await;
+        assert_eq!(reply.code, code, "{source}: {reply}");
+        if code == 450 {
+            assert_eq!(reply.status(), "4.7.25");
+        }
+    }
+    gw.stop().await;
+}

@@ -21,6 +21,7 @@ pub struct PolicyHit {
 #[derive(Clone, Debug, Default)]
 pub struct DnsFacts {
     pub hosts: Option<Vec<String>>,
+    pub iprev: Option<AuthResult>,
     pub spf_records: Option<HashMap<String, bool>>,
     pub spf: Option<AuthResult>,
 }
@@ -98,6 +99,7 @@ impl Connection {
             envelope_from: Some(&tx.mail_from),
             tls: Some(tls_version),
             spf: dns.spf,
+            iprev: dns.iprev,
             ..Facts::default()
         };
         let mut seen = std::mem::take(&mut tx.shadow_seen);
@@ -152,6 +154,7 @@ impl Connection {
             rcpts: Some(&rcpts),
             tls: Some(tls_version),
             spf: dns.spf,
+            iprev: dns.iprev,
             ..Facts::default()
         };
         let mut seen = std::mem::take(&mut tx.shadow_seen);
@@ -196,14 +199,16 @@ impl Connection {
     async fn gather_dns_facts(&mut self, policy: &Policy, tx: &mut Transaction) -> DnsFacts {
         let mut facts = DnsFacts::default();
         if policy.needs_hosts {
-            facts.hosts = Some(match &mut self.iprev {
-                Some(pending) => pending
-                    .get()
-                    .await
-                    .map(|i| i.confirmed.clone())
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            });
+            // No pending check: sender checks are off (none); a check that died: temperror.
+            let (hosts, result) = match &mut self.iprev {
+                Some(pending) => match pending.get().await {
+                    Some(iprev) => (iprev.confirmed.clone(), iprev.result),
+                    None => (Vec::new(), AuthResult::TempError),
+                },
+                None => (Vec::new(), AuthResult::None),
+            };
+            facts.hosts = Some(hosts);
+            facts.iprev = Some(result);
         }
         if !policy.spf_records.is_empty() {
             facts.spf_records = Some(match &mut self.spf_records {

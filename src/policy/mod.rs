@@ -19,7 +19,8 @@ pub struct Policy {
     pub files: Vec<PathBuf>,
     /// Every SPF record name a rule refers to (evaluated for the client IP).
     pub spf_records: Vec<String>,
-    /// Whether any rule needs the forward-confirmed host names (iprev).
+    /// Whether any rule needs the forward-confirmed host names or the iprev result:
+    /// both come from the iprev check started at connect, awaited at MAIL.
     pub needs_hosts: bool,
     /// Whether any rule needs the MAIL FROM SPF result before the end of data.
     pub needs_spf: bool,
@@ -40,7 +41,9 @@ impl Policy {
             }
         }
         Policy {
-            needs_hosts: rules.iter().any(|r| r.uses("client_host")),
+            needs_hosts: rules
+                .iter()
+                .any(|r| r.uses("client_host") || r.uses("iprev")),
             needs_spf: rules.iter().any(|r| r.uses("spf")),
             spf_records,
             rules,
