@@ -121,7 +121,7 @@ pub async fn spf_record_warnings(
             };
             for record in records {
                 let result = auth
-                    .spf_record_authorizes(probe, record, "probe.invalid")
+                    .spf_record_authorizes(probe, record, "probe.invalid", "")
                     .await;
                 let problem = match result {
                     AuthResult::PermError => {

@@ -288,7 +288,9 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         let mut dns = DnsFacts::default();
         let mut records = std::collections::HashMap::new();
         for record in &snapshot.policy.spf_records {
-            let authorised = auth.spf_record_authorizes(ip, record, &request.helo).await
+            let authorised = auth
+                .spf_record_authorizes(ip, record, &request.helo, &request.mail_from)
+                .await
                 == crate::auth::results::AuthResult::Pass;
             records.insert(record.clone(), authorised);
         }

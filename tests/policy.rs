@@ -28,6 +28,14 @@ fn zone(dns: &TestDns) {
         "v=spf1 ip4:192.0.2.30 include:_spf2.netigate.se -all",
     );
     dns.txt("_spf2.netigate.se", "v=spf1 ip4:192.0.2.31 -all");
+    // The German service's record works with exists: and macros: the client IP (%{i})
+    // listed under _ip, or the sender (%{l}, %{o}) at the HELO name (%{h}).
+    dns.txt(
+        "_spf.ntgt.de",
+        "v=spf1 exists:%{i}._ip.ntgt.de exists:%{l}.%{o}.%{h}._helo.ntgt.de -all",
+    );
+    dns.a("192.0.2.40._ip.ntgt.de", "127.0.0.2");
+    dns.a("survey.ntgt.de.sender.host.test._helo.ntgt.de", "127.0.0.2");
 }
 
 const POLICY: &str = r#"rules:
@@ -133,6 +141,18 @@ async fn spf_record_authorises_the_survey_service() {
         )
         .await;
         assert_eq!(reply.code, 250, "{ip} (via include:): {reply}");
+    }
+    // exists: with macros: %{i} matches for 192.0.2.40; for 192.0.2.41, %{l}.%{o}.%{h}
+    // matches because the record sees the real sender and HELO name.
+    for ip in ["192.0.2.40", "192.0.2.41"] {
+        let reply = send(
+            &gw,
+            ip,
+            "survey@ntgt.de",
+            &message("first.last@customer.test", ip),
+        )
+        .await;
+        assert_eq!(reply.code, 250, "{ip} (via exists:): {reply}");
     }
     // Not in Netigate's records.
     let reply = send(

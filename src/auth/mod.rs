@@ -173,14 +173,22 @@ impl Authenticator {
     }
 
     /// Whether the SPF record published at `record_domain` (for example
-    /// `_spf.netigate.se`) authorises `ip`, evaluated with the full SPF engine.
+    /// `_spf.netigate.se`) authorises `ip`, evaluated with the full SPF engine. The
+    /// HELO name and envelope sender are the client's, so macros such as `%{h}`, `%{s}`
+    /// and `%{l}` see what they would see for the sender's own record.
     pub async fn spf_record_authorizes(
         &self,
         ip: IpAddr,
         record_domain: &str,
         helo: &str,
+        mail_from: &str,
     ) -> AuthResult {
-        let sender = format!("postmaster@{record_domain}");
+        // RFC 7208 section 4.3: a null sender is postmaster@ the HELO name.
+        let sender = if mail_from.is_empty() {
+            format!("postmaster@{helo}")
+        } else {
+            mail_from.to_string()
+        };
         let output = self
             .resolver
             .check_host(self.caches.parameters(SpfParameters::new(

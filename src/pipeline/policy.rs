@@ -32,8 +32,9 @@ impl Connection {
             .then(|| self.snapshot.policy.clone())
     }
 
-    /// Starts the SPF-record checks rules refer to, so they are ready at MAIL.
-    pub(super) fn start_policy_checks(&mut self) {
+    /// Starts the SPF-record checks rules refer to, at MAIL: they run beside the MAIL
+    /// FROM SPF check, with the HELO name and sender their macros may use.
+    pub(super) fn start_policy_checks(&mut self, mail_from: &str) {
         let (Some(policy), Some(auth)) = (self.policy(), self.auth.clone()) else {
             return;
         };
@@ -42,11 +43,15 @@ impl Connection {
         }
         let ip = self.client_ip;
         let records = policy.spf_records.clone();
+        let helo = self.helo.clone().unwrap_or_else(|| "unknown".into());
+        let mail_from = mail_from.to_string();
         self.spf_records = Some(Pending::spawn(async move {
             let mut results = HashMap::with_capacity(records.len());
             for record in records {
-                let authorised =
-                    auth.spf_record_authorizes(ip, &record, "unknown").await == AuthResult::Pass;
+                let authorised = auth
+                    .spf_record_authorizes(ip, &record, &helo, &mail_from)
+                    .await
+                    == AuthResult::Pass;
                 results.insert(record, authorised);
             }
             results

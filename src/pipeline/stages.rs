@@ -24,7 +24,6 @@ impl Connection {
             let ip = self.client_ip;
             self.iprev = Some(Pending::spawn(async move { auth.iprev(ip).await }));
         }
-        self.start_policy_checks();
         Ok(())
     }
 
@@ -59,6 +58,7 @@ impl Connection {
                 snapshot.limits.max_message_size,
             ));
         }
+        self.start_policy_checks(&mail.address);
         let id = new_transaction_id();
         let record = TransactionRecord::new(&id, self, &mail.address);
         let spf = self.auth.clone().map(|auth| {
