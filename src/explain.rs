@@ -43,6 +43,9 @@ struct Explanation<'a> {
     authentication_results: Option<String>,
     /// The rule that decided (null when none matched).
     policy: Option<PolicyView>,
+    /// Recipients a rule refuses at RCPT; the verdict is about the others.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refused_rcpts: Vec<RcptRefusal>,
     /// Every rule, in order, with each condition's result.
     policy_trace: Vec<RuleView>,
 }
@@ -119,6 +122,47 @@ struct ConditionView {
     result: bool,
 }
 
+/// Recipients a rule refuses at RCPT (reject or tempfail), with that rule: as live, they
+/// are refused before the data and take no part in the rest of the evaluation.
+fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Vec<RcptRefusal> {
+    rcpts
+        .iter()
+        .filter_map(|rcpt| {
+            let evaluation =
+                crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts.at_rcpt(rcpt));
+            let rule = evaluation.decision?;
+            let (crate::policy::Action::Reject(reply) | crate::policy::Action::Tempfail(reply)) =
+                &rule.action
+            else {
+                return None;
+            };
+            Some(RcptRefusal {
+                rcpt: rcpt.clone(),
+                rule: rule.name.to_string(),
+                code: reply.code(),
+                enhanced: reply.status().map(|s| s.to_string()).unwrap_or_default(),
+                text: reply.text(),
+                hit: PolicyHit {
+                    rule: rule.name.clone(),
+                    action: rule.action.clone(),
+                    stage: "rcpt",
+                },
+            })
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct RcptRefusal {
+    rcpt: String,
+    rule: String,
+    code: u16,
+    enhanced: String,
+    text: String,
+    #[serde(skip)]
+    hit: PolicyHit,
+}
+
 /// Evaluates every rule on complete facts: the decision and the trace.
 fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, Vec<RuleView>) {
     let facts = facts.facts();
@@ -138,7 +182,7 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
                 .iter()
                 .map(|c| ConditionView {
                     condition: c.to_string(),
-                    result: c.test(&facts).unwrap_or(false),
+                    result: c.test_for(&facts, &rule.action).unwrap_or(false),
                 })
                 .collect();
             RuleView {
@@ -264,6 +308,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         .find(|rcpt| !rcpt_domain_accepted(snapshot, rcpt));
 
     let mut report = None;
+    let mut refused = Vec::new();
     let mut not_checked = None;
     let mut ar_value = None;
     let mut policy = None;
@@ -295,18 +340,33 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             records.insert(record.clone(), authorised);
         }
         dns.spf_records = Some(records);
-        let facts = full_facts(
-            ip,
-            Some(&request.helo),
-            request.tls.then_some("1.3"),
-            &request.mail_from,
-            &request.rcpts,
-            &dns,
-            Some(&full),
-        );
+        let facts_for = |rcpts: &[String]| {
+            full_facts(
+                ip,
+                Some(&request.helo),
+                request.tls.then_some("1.3"),
+                &request.mail_from,
+                rcpts,
+                &dns,
+                Some(&full),
+            )
+        };
+        refused = rcpt_refusals(snapshot, &facts_for(&request.rcpts), &request.rcpts);
+        let remaining: Vec<String> = request
+            .rcpts
+            .iter()
+            .filter(|r| !refused.iter().any(|x| &x.rcpt == *r))
+            .cloned()
+            .collect();
+        let facts = facts_for(&remaining);
         let (hit, trace) = policy_trace(snapshot, &facts);
-        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
         rules = trace;
+        // Every recipient refused at RCPT: the message never gets to its data.
+        let hit = match (remaining.is_empty(), refused.first()) {
+            (true, Some(first)) => Some(first.hit.clone()),
+            _ => hit,
+        };
+        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
         let verdict = verdict::decide(&snapshot.dmarc, Some(&full), hit.as_ref());
         if verdict.reply.is_none() {
             ar_value = Some(unfolded(&results_value(&ResultsInput {
@@ -354,6 +414,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         },
         report: report.as_ref(),
         not_checked,
+        refused_rcpts: refused,
         verdict: VerdictView::new(&verdict, &snapshot.dmarc.quarantine_header),
         authentication_results: ar_value,
         policy,
@@ -473,6 +534,12 @@ fn print_text(e: &Explanation<'_>) {
                 condition.result, condition.condition
             );
         }
+    }
+    for refusal in &e.refused_rcpts {
+        println!(
+            "rcpt        {} refused at RCPT by {} -> {} {} {}",
+            refusal.rcpt, refusal.rule, refusal.code, refusal.enhanced, refusal.text
+        );
     }
     println!(
         "verdict     {} -> {} {} {}",

@@ -152,3 +152,53 @@ async fn trusted_client_is_not_checked() {
     }
     assert_eq!(v["dkim"], serde_json::json!([]));
 }
+
+/// A rule that refuses one recipient does so at RCPT live, and the message goes on to
+/// the others; explain says the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipient_refused_at_rcpt_is_explained() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &dns, "");
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        "rules:\n  - name: ceo-protection\n    match: { rcpt: ceo@example.test }\n    action: reject\n  - name: sender-host\n    match: { client_ip: 192.0.2.5 }\n    action: tag\n    header: \"X-Known: yes\"\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}policy:\n  files: [\"policies/*.yaml\"]\n"),
+    )
+    .unwrap();
+    let message = dir.path().join("m.eml");
+    std::fs::write(&message, MESSAGE).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"));
+    command
+        .args(["explain", "--config"])
+        .arg(&config)
+        .args(["--ip", "192.0.2.5", "--helo", "mail.sender.test"])
+        .args(["--mail-from", "alice@sender.test"])
+        .args([
+            "--rcpt",
+            "bob@example.test",
+            "--rcpt",
+            "ceo@example.test",
+            "--json",
+        ])
+        .arg(&message);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["refused_rcpts"][0]["rcpt"], "ceo@example.test", "{out}");
+    assert_eq!(v["refused_rcpts"][0]["rule"], "ceo-protection", "{out}");
+    assert_eq!(v["refused_rcpts"][0]["code"], 550, "{out}");
+    assert_eq!(v["refused_rcpts"].as_array().unwrap().len(), 1, "{out}");
+    // bob's copy: the next rule tags it, and it is delivered.
+    assert_eq!(v["policy"]["rule"], "sender-host", "{out}");
+    assert_eq!(v["verdict"]["action"], "deliver", "{out}");
+}

@@ -1228,3 +1228,55 @@ async fn one_json_log_line_per_transaction_without_content() {
         "message content in the log:\n{log}"
     );
 }
+
+/// A backend removed by a reload disappears from the health gauges (no alert for a
+/// backend nobody runs any more).
+#[tokio::test(flavor = "multi_thread")]
+async fn removed_backends_leave_the_health_gauges() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("mxgate.yaml");
+    let write = |backends: &[&str]| {
+        let config = TestConfig {
+            backends: backends
+                .iter()
+                .map(|b| format!("maildir:{}", dir.path().join(b).display()))
+                .collect(),
+            extra: "metrics:\n  listen: 127.0.0.1:0\npolicy:\n  reload_interval: 1h\n".into(),
+            ..Default::default()
+        };
+        std::fs::write(&config_path, config.yaml(dir.path())).unwrap();
+    };
+    write(&["first", "second"]);
+    let gateway = GatewayProcess::spawn(&config_path);
+    let metrics = gateway.metrics.expect("metrics listener");
+    let up = |samples: &[Sample], name: &str| {
+        samples.iter().any(|s| {
+            s.name == "mxgate_backend_up" && s.labels.iter().any(|(_, v)| v.ends_with(name))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(metrics).await;
+        if up(&samples, "/first") && up(&samples, "/second") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both backends probed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    write(&["first"]);
+    gateway.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(metrics).await;
+        if !up(&samples, "/second") {
+            assert!(up(&samples, "/first"), "the remaining backend stays");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "removed backend still exported:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -296,6 +296,9 @@ async fn recipient_rules_decide_per_recipient() {
   - name: ceo-protection
     match: { rcpt: ceo@example.test }
     action: reject
+  - name: cfo-review
+    match: { rcpt: cfo@example.test }
+    action: quarantine
 "#;
     let (gw, _) = gateway(&dns, policy, "").await;
     // customer.test is p=reject and 192.0.2.60 is not its server: a spoof.
@@ -327,6 +330,23 @@ async fn recipient_rules_decide_per_recipient() {
     assert_eq!(reply.code, 250, "{reply}");
     assert_eq!(gw.delivered().len(), 1);
     assert!(gw.delivered()[0].contains("Delivered-To: abuse@example.test\n"));
+
+    // A restriction on one recipient cannot be dodged by adding another: mail for the
+    // CFO and bob (from a sender without DMARC) is quarantined for both.
+    assert_eq!(client.cmd("MAIL FROM:<x@nodmarc.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<cfo@example.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    let plain = support::crlf(&format!("{}.\n", message("x@nodmarc.test", "review")));
+    client.send(plain.as_bytes()).await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let delivered = &gw.delivered()[1];
+    assert!(delivered.contains("\nX-Spam-Flag: YES\n"), "{delivered}");
+    assert!(
+        delivered.contains("Delivered-To: bob@example.test\n"),
+        "{delivered}"
+    );
     gw.stop().await;
 }
 

@@ -409,3 +409,34 @@ async fn chunking_backends_get_one_bdat_chunk() {
         gw.stop().await;
     }
 }
+
+/// Unknown recipients, as the mailbox server reports them, count towards the error
+/// limit: a client cannot harvest the directory on one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_unknown_to_the_backend_count_as_errors() {
+    let mut behaviour = Behaviour::default();
+    for n in 0..3 {
+        behaviour.rcpt_replies.insert(
+            format!("guess{n}@example.test"),
+            "550 5.1.1 User unknown".into(),
+        );
+    }
+    let backend = FakeBackend::start(behaviour).await;
+    let mut config = config(vec![backend.url()]);
+    config.server_extra = "  max_errors: 3\n".into();
+    let gw = Gateway::start(config).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    for n in 0..2 {
+        let reply = client
+            .cmd(&format!("RCPT TO:<guess{n}@example.test>"))
+            .await;
+        assert_eq!(reply.code, 550, "{reply}");
+    }
+    client.send(b"RCPT TO:<guess2@example.test>\r\n").await;
+    assert_eq!(client.read_reply().await.code, 550);
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.7.0"), "{reply}");
+    assert!(client.is_closed().await);
+    gw.stop().await;
+}

@@ -183,11 +183,13 @@ impl Authenticator {
         helo: &str,
         mail_from: &str,
     ) -> AuthResult {
-        // RFC 7208 section 4.3: a null sender is postmaster@ the HELO name.
-        let sender = if mail_from.is_empty() {
-            format!("postmaster@{helo}")
-        } else {
-            mail_from.to_string()
+        // RFC 7208 section 4.3: a null sender is postmaster@ the HELO name. The sender's
+        // macros (%{s}, %{l}, %{o}) are the client's word, as they are when the
+        // sender's own record includes this one.
+        let sender = match (mail_from.is_empty(), helo.is_empty()) {
+            (false, _) => mail_from.to_string(),
+            (true, false) => format!("postmaster@{helo}"),
+            (true, true) => format!("postmaster@{record_domain}"),
         };
         let output = self
             .resolver

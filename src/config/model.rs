@@ -57,7 +57,8 @@ pub struct Server {
     pub max_connections: usize,
     #[serde(default = "defaults::max_connections_per_ip")]
     pub max_connections_per_ip: usize,
-    /// Protocol errors a client may make before it gets 421 and is disconnected.
+    /// Refusals a client may cause before it gets 421 and is disconnected (see
+    /// `Reply::counts_as_client_error`).
     #[serde(default = "defaults::max_errors")]
     pub max_errors: u32,
     #[serde(default)]
@@ -529,7 +530,9 @@ mod defaults {
         20
     }
     pub fn max_errors() -> u32 {
-        10
+        // Postfix's smtpd_hard_error_limit: room for a message to a few unknown
+        // recipients, not for harvesting a directory.
+        20
     }
     pub fn spool_threshold() -> usize {
         1024 * 1024

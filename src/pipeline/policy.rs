@@ -43,7 +43,8 @@ impl Connection {
         }
         let ip = self.client_ip;
         let records = policy.spf_records.clone();
-        let helo = self.helo.clone().unwrap_or_else(|| "unknown".into());
+        // The same identities as the MAIL FROM SPF check.
+        let helo = self.helo.clone().unwrap_or_default();
         let mail_from = mail_from.to_string();
         self.spf_records = Some(Pending::spawn(async move {
             let mut results = HashMap::with_capacity(records.len());
@@ -252,6 +253,22 @@ pub struct DataFacts {
 }
 
 impl DataFacts {
+    /// What is known at RCPT for one recipient (what `policy_at_rcpt` sees live).
+    pub fn at_rcpt<'a>(&'a self, rcpt: &'a String) -> Facts<'a> {
+        Facts {
+            client_ip: Some(self.client_ip),
+            client_hosts: Some(&self.hosts),
+            helo: Some(self.helo.as_deref().unwrap_or("")),
+            spf_records: Some(&self.spf_records),
+            envelope_from: Some(&self.envelope_from),
+            rcpts: Some(std::slice::from_ref(rcpt)),
+            tls: Some(self.tls),
+            spf: Some(self.spf),
+            iprev: Some(self.iprev),
+            ..Facts::default()
+        }
+    }
+
     pub fn facts(&self) -> Facts<'_> {
         Facts {
             client_ip: Some(self.client_ip),

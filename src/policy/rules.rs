@@ -96,7 +96,7 @@ pub struct Facts<'a> {
     pub spf_records: Option<&'a HashMap<String, bool>>,
     pub envelope_from: Option<&'a str>,
     /// At RCPT, the recipient being decided; at the end of data, all of them (an `rcpt`
-    /// condition holds only when it holds for each).
+    /// condition of an `accept` must hold for each, of any other action for one).
     pub rcpts: Option<&'a [String]>,
     /// `Some(None)`: plaintext; `Some(Some("1.3"))`: TLS 1.3.
     pub tls: Option<Option<&'a str>>,
@@ -148,15 +148,27 @@ impl Condition {
             Condition::Dmarc(results) => any(facts.dmarc, |r| results.contains(&r)),
             Condition::Arc(results) => any(facts.arc, |r| results.contains(&r)),
             Condition::Iprev(results) => any(facts.iprev, |r| results.contains(&r)),
-            // Every recipient must match: one recipient (say abuse@, which takes
-            // everything) must not lift the checks for the others of the same message.
+            // Any recipient (see `test_for` for `accept`).
             Condition::Rcpt(patterns) => any(facts.rcpts, |rcpts| {
-                !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
+                rcpts.iter().any(|r| patterns.iter().any(|p| p.matches(r)))
             }),
             Condition::Tls(want) => any(facts.tls, |tls| tls.is_some() == *want),
             Condition::TlsVersion(versions) => any(facts.tls, |tls| {
                 tls.is_some_and(|v| versions.iter().any(|w| w == v))
             }),
+        }
+    }
+
+    /// As `test`, for a rule with `action`: an `accept` on recipients holds only when
+    /// every recipient matches, so one mailbox that takes everything (abuse@) cannot
+    /// lift the checks for the others; a restriction (tag, quarantine, reject) holds
+    /// when any does, so adding a recipient cannot dodge it.
+    pub fn test_for(&self, facts: &Facts<'_>, action: &Action) -> Option<bool> {
+        match (self, action) {
+            (Condition::Rcpt(patterns), Action::Accept) => any(facts.rcpts, |rcpts| {
+                !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
+            }),
+            _ => self.test(facts),
         }
     }
 
@@ -285,7 +297,7 @@ impl Rule {
     pub fn test(&self, facts: &Facts<'_>) -> Option<bool> {
         let mut unknown = false;
         for condition in &self.conditions {
-            match condition.test(facts) {
+            match condition.test_for(facts, &self.action) {
                 Some(false) => return Some(false),
                 Some(true) => {}
                 None => unknown = true,
@@ -511,16 +523,24 @@ mod tests {
             ..Facts::default()
         };
         assert_eq!(
-            abuse.test(&both),
+            abuse.test_for(&both, &Action::Accept),
             Some(false),
-            "a rule for one recipient must not decide for the others"
+            "an accept for one recipient must not decide for the others"
         );
         assert_eq!(
-            abuse.test(&Facts {
-                rcpts: Some(&two_rcpts[..1]),
-                ..Facts::default()
-            }),
+            abuse.test_for(
+                &Facts {
+                    rcpts: Some(&two_rcpts[..1]),
+                    ..Facts::default()
+                },
+                &Action::Accept
+            ),
             Some(true)
+        );
+        assert_eq!(
+            abuse.test_for(&both, &Action::Quarantine(None)),
+            Some(true),
+            "another recipient must not dodge a restriction"
         );
         let plaintext = Facts {
             tls: Some(None),

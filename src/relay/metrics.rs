@@ -84,29 +84,34 @@ fn reply_label(code: u16) -> &'static str {
     }
 }
 
-/// Backends the health gauges currently export.
-static EXPORTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// The backends the health gauges export: those of the running configuration (`None`
+/// before the first configuration runs, as in tests that build a relay on its own).
+static CONFIGURED: std::sync::Mutex<Option<Vec<String>>> = std::sync::Mutex::new(None);
 
-/// After a reload: stop exporting backends that are no longer configured, so an alert
-/// cannot fire for a backend that was removed.
+/// A configuration runs (at start, after a reload): stop exporting backends that are no
+/// longer configured, so an alert
+/// cannot fire for a backend that was removed; connections still on the old
+/// configuration cannot bring them back (see `health`).
 pub fn retain_backends(current: &[String]) {
-    let mut exported = EXPORTED.lock().unwrap_or_else(|e| e.into_inner());
-    exported.retain(|backend| {
-        let keep = current.contains(backend);
-        if !keep {
+    let mut configured = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(previous) = configured.as_ref() {
+        for backend in previous.iter().filter(|b| !current.contains(b)) {
             let _ = UP.remove_label_values(&[backend]);
             let _ = LAST_SUCCESS.remove_label_values(&[backend]);
         }
-        keep
-    });
+    }
+    *configured = Some(current.to_vec());
 }
 
 /// Records a probe or delivery outcome for the backend's health gauges.
 pub fn health(backend: &str, ok: bool, now: i64) {
     {
-        let mut exported = EXPORTED.lock().unwrap_or_else(|e| e.into_inner());
-        if !exported.iter().any(|b| b == backend) {
-            exported.push(backend.to_string());
+        let configured = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+        if configured
+            .as_ref()
+            .is_some_and(|list| !list.iter().any(|b| b == backend))
+        {
+            return;
         }
     }
     UP.with_label_values(&[backend]).set(i64::from(ok));

@@ -61,6 +61,13 @@ pub fn init() {
 
 /// Records that `snapshot` is now the running one.
 pub fn note_running(snapshot: &Snapshot) {
+    let backends: Vec<String> = snapshot
+        .relay
+        .backends()
+        .iter()
+        .map(|b| b.label.clone())
+        .collect();
+    crate::relay::metrics::retain_backends(&backends);
     GENERATION.set(snapshot.generation as i64);
     LAST_SUCCESS.set(unix_now());
     LAST_OK.set(1);
@@ -107,13 +114,6 @@ impl Reloader {
                 snapshot.relay.inherit_health(&current.relay);
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
-                let backends: Vec<String> = snapshot
-                    .relay
-                    .backends()
-                    .iter()
-                    .map(|b| b.label.clone())
-                    .collect();
-                crate::relay::metrics::retain_backends(&backends);
                 self.snapshots.store(Arc::new(snapshot));
                 RELOADS.with_label_values(&["success"]).inc();
                 tracing::info!(generation, reason, changes = %changes, "configuration reloaded");

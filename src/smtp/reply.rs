@@ -100,13 +100,19 @@ impl Reply {
         (400..500).contains(&self.code)
     }
 
-    /// Whether this reply counts towards the session's error limit: mistakes of the
-    /// client (syntax, sequence, parameters, recipients in domains we do not serve).
-    /// Verdicts on a message, the backend's own refusals and `452 4.5.3` (which RFC 5321
-    /// section 4.5.3.1.10 tells clients to handle by sending the rest later) are not
-    /// mistakes: counting them would cut off a legitimate transaction before its DATA.
+    /// Whether this reply counts towards the session's error limit: every permanent
+    /// refusal (so unknown recipients cannot be harvested without end, nor a refused
+    /// MAIL repeated), and the temporary ones the client brought on itself. Not counted:
+    /// `452 4.5.3` (RFC 5321 section 4.5.3.1.10 tells clients to send the remaining
+    /// recipients later, so counting it would cut off the transaction before its DATA)
+    /// and our own or the backend's temporary trouble.
     pub fn counts_as_client_error(&self) -> bool {
-        self.code >= 400 && matches!(self.reason, "protocol" | "parameters" | "relay_denied")
+        self.code >= 500
+            || (self.code >= 400
+                && matches!(
+                    self.reason,
+                    "protocol" | "parameters" | "relay_denied" | "policy" | "tls_required"
+                ))
     }
 
     pub fn is_permanent(&self) -> bool {
