@@ -110,3 +110,39 @@ impl Policy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rules: &[(&str, &str)]) -> Policy {
+        let rules = rules
+            .iter()
+            .enumerate()
+            .map(|(index, (name, fingerprint))| Rule {
+                name: (*name).into(),
+                origin: String::new(),
+                file: PathBuf::new(),
+                index,
+                conditions: Vec::new(),
+                action: Action::Accept,
+                shadow: false,
+                fingerprint: (*fingerprint).into(),
+            })
+            .collect();
+        Policy::new(rules, Vec::new())
+    }
+
+    #[test]
+    fn reload_log_says_what_changed() {
+        let old = policy(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        assert_eq!(old.describe_changes(&old), "rules unchanged");
+        let new = policy(&[("a", "1"), ("c", "2"), ("d", "1")]);
+        assert_eq!(
+            new.describe_changes(&old),
+            "rules added: d; rules removed: b; rules changed: c"
+        );
+        let reordered = policy(&[("c", "1"), ("a", "1"), ("b", "1")]);
+        assert_eq!(reordered.describe_changes(&old), "rule order changed");
+    }
+}
