@@ -42,38 +42,28 @@ async fn swaks_over_starttls_through_mxgate_into_postfix() {
         return;
     };
     let gw = Gateway::start(in_front_of(&postfix)).await;
-    let server = gw.smtp.to_string();
-    let swaks = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("swaks")
-            .args(["--server", &server])
-            .args(["--to", "bob@example.test", "--from", "alice@sender.test"])
-            .arg("--tls")
-            .args(["--header", "Subject: e2e", "--body", "hello from swaks"])
-            .output()
-    })
+    let Some(swaks) = support::swaks::send_tls(
+        gw.smtp,
+        &[
+            "--to",
+            "bob@example.test",
+            "--from",
+            "alice@sender.test",
+            "--header",
+            "Subject: e2e",
+            "--body",
+            "hello from swaks",
+        ],
+    )
     .await
-    .expect("swaks task");
-    let output = match swaks {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            support::skip("swaks not installed (apt-get install swaks)");
-            return;
-        }
-        Err(e) => panic!("run swaks: {e}"),
-    };
-    let transcript = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if transcript.contains("TLS not available: requires Net::SSLeay") {
-        support::skip("swaks cannot do TLS here (apt-get install libnet-ssleay-perl)");
+    else {
         return;
-    }
+    };
+    let transcript = &swaks.text;
     assert!(
-        output.status.success(),
+        swaks.status.success(),
         "swaks failed ({}):\n{transcript}\nPostfix log:\n{}",
-        output.status,
+        swaks.status,
         postfix.log()
     );
     assert!(

@@ -48,37 +48,19 @@ async fn shipped_config_delivers_a_swaks_message_over_starttls() {
         "no development certificate generated:\n{}",
         gateway.log()
     );
-    let server = gateway.smtp.to_string();
-    let swaks = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("swaks")
-            .args(["--server", &server])
-            .args(["--to", "alice@example.test", "--from", "bob@sender.example"])
-            .arg("--tls")
-            .output()
-    })
+    let Some(swaks) = support::swaks::send_tls(
+        gateway.smtp,
+        &["--to", "alice@example.test", "--from", "bob@sender.example"],
+    )
     .await
-    .unwrap();
-    let output = match swaks {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            support::skip("swaks not installed (apt-get install swaks)");
-            return;
-        }
-        Err(e) => panic!("run swaks: {e}"),
-    };
-    let transcript = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if transcript.contains("TLS not available: requires Net::SSLeay") {
-        support::skip("swaks cannot do TLS here (apt-get install libnet-ssleay-perl)");
+    else {
         return;
-    }
+    };
+    let transcript = &swaks.text;
     assert!(
-        output.status.success(),
+        swaks.status.success(),
         "swaks: {}\n{transcript}\nmxgate log:\n{}",
-        output.status,
+        swaks.status,
         gateway.log()
     );
     assert!(transcript.contains("=== TLS started"), "{transcript}");

@@ -256,16 +256,13 @@ impl DataFacts {
     /// What is known at RCPT for one recipient (what `policy_at_rcpt` sees live).
     pub fn at_rcpt<'a>(&'a self, rcpt: &'a String) -> Facts<'a> {
         Facts {
-            client_ip: Some(self.client_ip),
-            client_hosts: Some(&self.hosts),
-            helo: Some(self.helo.as_deref().unwrap_or("")),
-            spf_records: Some(&self.spf_records),
-            envelope_from: Some(&self.envelope_from),
             rcpts: Some(std::slice::from_ref(rcpt)),
-            tls: Some(self.tls),
-            spf: Some(self.spf),
-            iprev: Some(self.iprev),
-            ..Facts::default()
+            // Known only once the data is in.
+            header_from: None,
+            dkim_pass: None,
+            dmarc: None,
+            arc: None,
+            ..self.facts()
         }
     }
 
