@@ -153,6 +153,14 @@ struct Args {
     #[arg(long)]
     keep_dir: bool,
 
+    /// What receives the mail on both paths: `internal`, the bench's own SMTP sink that
+    /// does no work (measures the gateway's own cost), or `postfix`, a private instance
+    /// of Debian's Postfix delivering into a Maildir (measures what putting mxgate in
+    /// front of a real mailbox server costs; needs root and /usr/sbin/postfix; use fewer
+    /// --messages, Postfix writes every one to disk).
+    #[arg(long, value_enum, default_value_t = SinkKind::Internal)]
+    sink: SinkKind,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -160,6 +168,12 @@ struct Args {
     /// Benchmark name filters `cargo bench` may pass through; ignored.
     #[arg(hide = true)]
     filters: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SinkKind {
+    Internal,
+    Postfix,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -283,7 +297,16 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
     };
     let size = pool[0].size();
 
-    let sink = Sink::start().await;
+    let sink = match args.sink {
+        SinkKind::Internal => Sink::start().await,
+        SinkKind::Postfix => match Sink::postfix() {
+            Ok(sink) => sink,
+            Err(err) => {
+                eprintln!("{err}");
+                return 2;
+            }
+        },
+    };
     let mut configs = Vec::with_capacity(setups.len());
     for &setup in setups {
         match write_config(&args, dir.path(), sink.addr, setup, zone.as_ref()) {
@@ -533,10 +556,12 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
                 )),
             }
         }
-        if through.sink_messages < through.ok as u64 {
+        if let Some(received) = through.sink_messages
+            && received < through.ok as u64
+        {
             loud(&format!(
-                "the sink received {} messages but the gateway answered 250 to {}",
-                through.sink_messages, through.ok
+                "the sink received {received} messages but the gateway answered 250 to {}",
+                through.ok
             ));
         }
         gateway.stop();
@@ -1249,7 +1274,34 @@ fn machine_cpu() -> Option<(u64, u64)> {
 
 struct Sink {
     addr: SocketAddr,
-    messages: Arc<AtomicU64>,
+    /// Messages the internal sink took.
+    messages: Option<Arc<AtomicU64>>,
+    /// Keeps the Postfix instance running (stopped and removed on drop).
+    _postfix: Option<postfix::Postfix>,
+}
+
+/// The test suite's private Postfix, and the two helpers of the test support it uses
+/// (`super::gateway::read_maildir`, `super::skip`).
+#[path = "../tests/support/postfix.rs"]
+#[allow(dead_code)]
+mod postfix;
+
+#[allow(dead_code)]
+mod gateway {
+    pub fn read_maildir(root: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(root.join("new"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[allow(dead_code)]
+fn skip(why: impl std::fmt::Display) {
+    eprintln!("{why}");
 }
 
 impl Sink {
@@ -1271,11 +1323,27 @@ impl Sink {
                 }
             }
         });
-        Sink { addr, messages }
+        Sink {
+            addr,
+            messages: Some(messages),
+            _postfix: None,
+        }
     }
 
-    fn received(&self) -> u64 {
-        self.messages.load(Ordering::Relaxed)
+    /// A private Postfix that delivers everything for example.test into a Maildir.
+    fn postfix() -> Result<Sink, String> {
+        use postfix::{Postfix, PostfixOptions};
+        let postfix = Postfix::start(PostfixOptions::mailbox(&["example.test"]))
+            .map_err(|why| format!("cannot run Postfix as the sink: {why}"))?;
+        Ok(Sink {
+            addr: postfix.addr,
+            messages: None,
+            _postfix: Some(postfix),
+        })
+    }
+
+    fn received(&self) -> Option<u64> {
+        self.messages.as_ref().map(|m| m.load(Ordering::Relaxed))
     }
 }
 
@@ -2013,7 +2081,8 @@ struct PhaseResult {
     gateway_cpu: Option<CpuTime>,
     bench_cpu: CpuTime,
     machine_busy: f64,
-    sink_messages: u64,
+    /// Messages the sink took during the run (`None` for Postfix, which counts its own).
+    sink_messages: Option<u64>,
 }
 
 impl PhaseResult {
@@ -2105,7 +2174,7 @@ async fn run_load(spec: LoadSpec, gateway_pid: Option<i32>, sink: &Sink) -> Phas
     let gateway_cpu_after = gateway_pid.and_then(|pid| proc_cpu(Some(pid)));
     let bench_cpu_after = proc_cpu(None).unwrap_or_default();
     let machine_after = machine_cpu();
-    let sink_messages = sink.received() - sink_before;
+    let sink_messages = sink.received().zip(sink_before).map(|(after, before)| after - before);
 
     let mut ok = 0;
     let mut failures = BTreeMap::new();
