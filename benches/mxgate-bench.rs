@@ -2174,7 +2174,10 @@ async fn run_load(spec: LoadSpec, gateway_pid: Option<i32>, sink: &Sink) -> Phas
     let gateway_cpu_after = gateway_pid.and_then(|pid| proc_cpu(Some(pid)));
     let bench_cpu_after = proc_cpu(None).unwrap_or_default();
     let machine_after = machine_cpu();
-    let sink_messages = sink.received().zip(sink_before).map(|(after, before)| after - before);
+    let sink_messages = sink
+        .received()
+        .zip(sink_before)
+        .map(|(after, before)| after - before);
 
     let mut ok = 0;
     let mut failures = BTreeMap::new();
