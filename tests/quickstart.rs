@@ -56,14 +56,7 @@ async fn shipped_config_delivers_a_swaks_message_over_starttls() {
     else {
         return;
     };
-    let transcript = &swaks.text;
-    assert!(
-        swaks.status.success(),
-        "swaks: {}\n{transcript}\nmxgate log:\n{}",
-        swaks.status,
-        gateway.log()
-    );
-    assert!(transcript.contains("=== TLS started"), "{transcript}");
+    swaks.assert_delivered_over_tls(&format!("mxgate log:\n{}", gateway.log()));
     let delivered = read_maildir(&dir.path().join("var/mail"));
     assert_eq!(delivered.len(), 1, "{delivered:#?}\n{}", gateway.log());
     let message = &delivered[0];

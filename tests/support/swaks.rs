@@ -43,3 +43,21 @@ pub async fn send_tls(server: SocketAddr, args: &[&str]) -> Option<Transcript> {
         text,
     })
 }
+
+impl Transcript {
+    /// swaks succeeded and really used STARTTLS; `context` (a server log) goes into the
+    /// failure message.
+    pub fn assert_delivered_over_tls(&self, context: &str) {
+        assert!(
+            self.status.success(),
+            "swaks failed ({}):\n{}\n{context}",
+            self.status,
+            self.text
+        );
+        assert!(
+            self.text.contains("=== TLS started"),
+            "no STARTTLS:\n{}",
+            self.text
+        );
+    }
+}
