@@ -68,6 +68,10 @@ const GOAL_SEAL_TOTAL_US: f64 = 700.0;
 #[allow(dead_code)]
 mod dns;
 
+/// The relay ceiling: a byte-copying TCP proxy in the gateway's place.
+#[path = "mxgate-bench/proxy.rs"]
+mod proxy;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mxgate-bench",
@@ -161,6 +165,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SinkKind::Internal)]
     sink: SinkKind,
 
+    /// Skip the relay-ceiling run (a TCP proxy that only copies bytes, in the gateway's
+    /// place, between the direct and the gateway runs).
+    #[arg(long)]
+    no_proxy: bool,
+
+    /// Internal: run as the relay-ceiling proxy child, forwarding to this address.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    proxy_to: Option<SocketAddr>,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -248,6 +261,9 @@ impl Setup {
 
 fn main() {
     let args = Args::parse();
+    if let Some(target) = args.proxy_to {
+        proxy::serve(target);
+    }
     if args.messages == 0 || args.concurrency == 0 {
         eprintln!("--messages and --concurrency must be at least 1");
         std::process::exit(2);
@@ -383,6 +399,7 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         pool: pool.clone(),
     };
     let mut direct: Option<PhaseResult> = None;
+    let mut ceiling: Option<Ceiling> = None;
     let mut runs: Vec<GatewayRun> = Vec::with_capacity(configs.len());
     for (index, (setup, config_path)) in configs.iter().enumerate() {
         let mut gateway = match Gateway::spawn(binary, config_path, dir.path()) {
@@ -421,6 +438,12 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
             }
             let measured = run_load(load(sink.addr, None, args.messages), None, &sink).await;
             print_phase("direct ", "client -> sink", &measured);
+            if !args.no_proxy {
+                match measure_ceiling(&args, &load(sink.addr, None, 0), &sink, &measured).await {
+                    Ok(measured) => ceiling = Some(measured),
+                    Err(err) => loud(&format!("relay-ceiling run failed: {err}")),
+                }
+            }
             direct = Some(measured);
         }
         let direct = direct.as_ref().expect("direct path measured first");
@@ -493,6 +516,12 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
             0.0
         };
         println!("ratio gateway/direct msgs/s: {ratio:.3}");
+        if let Some(ceiling) = &ceiling {
+            println!(
+                "ratio gateway/proxy msgs/s: {:.3} (of what an in-line relay can reach here)",
+                through.msgs_per_s() / ceiling.phase.msgs_per_s().max(f64::MIN_POSITIVE)
+            );
+        }
         if let Some(queries) = dns_queries {
             println!(
                 "DNS queries to the bench's server during the measured run: {queries}{}",
@@ -678,6 +707,12 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         ratio * 100.0,
         goal(ratio >= GOAL_RATIO)
     );
+    if let Some(ceiling) = &ceiling {
+        println!(
+            "    (the ceiling for any in-line relay on this machine: a TCP proxy that only copies bytes reaches {:.1}% of direct)",
+            ceiling.ratio * 100.0
+        );
+    }
     if let Some(rss) = peak_rss_mb {
         println!(
             "  gateway peak RSS < {GOAL_PEAK_RSS_MB:.0} MB: {rss:.1} MB -- {}",
@@ -767,6 +802,18 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
         mode: args.mode.label(),
         cpus,
         goal_ratio_ok: ratio >= GOAL_RATIO,
+        proxy_msgs_per_s: ceiling.as_ref().map(|c| round(c.phase.msgs_per_s(), 1)),
+        proxy_ratio: ceiling.as_ref().map(|c| round(c.ratio, 4)),
+        proxy_cpu_us_per_msg: ceiling
+            .as_ref()
+            .and_then(Ceiling::cpu_us_per_msg)
+            .map(|v| round(v, 1)),
+        gateway_to_proxy_ratio: ceiling.as_ref().map(|c| {
+            round(
+                through.msgs_per_s() / c.phase.msgs_per_s().max(f64::MIN_POSITIVE),
+                4,
+            )
+        }),
         goal_peak_rss_ok: peak_rss_mb.map(|v| v < GOAL_PEAK_RSS_MB),
         goal_idle_rss_ok: idle_ref.map(|i| i.after_mb < GOAL_IDLE_RSS_MB),
         primary_mode: primary.setup.label(),
@@ -801,6 +848,64 @@ async fn run(args: Args, nofile: NofileLimit) -> i32 {
     } else {
         0
     }
+}
+
+/// The relay-ceiling run: the same load through a byte-copying TCP proxy.
+struct Ceiling {
+    phase: PhaseResult,
+    /// Proxy msgs/s over direct msgs/s.
+    ratio: f64,
+}
+
+impl Ceiling {
+    fn cpu_us_per_msg(&self) -> Option<f64> {
+        self.phase
+            .gateway_cpu
+            .map(|c| c.total() * 1e6 / self.phase.ok.max(1) as f64)
+    }
+}
+
+/// Warm-up and measured run through [`proxy`], with the proxy process's CPU.
+async fn measure_ceiling(
+    args: &Args,
+    spec: &LoadSpec,
+    sink: &Sink,
+    direct: &PhaseResult,
+) -> Result<Ceiling, String> {
+    let proxy = proxy::Proxy::spawn(spec.target)?;
+    let spec_for = |messages: usize| LoadSpec {
+        target: proxy.addr,
+        tls: None,
+        messages,
+        concurrency: spec.concurrency,
+        pool: spec.pool.clone(),
+    };
+    if args.warmup > 0 {
+        run_load(spec_for(args.warmup), Some(proxy.pid), sink).await;
+    }
+    let phase = run_load(spec_for(args.messages), Some(proxy.pid), sink).await;
+    print_phase("proxy  ", "client -> TCP proxy -> sink", &phase);
+    let ceiling = Ceiling {
+        ratio: phase.msgs_per_s() / direct.msgs_per_s().max(f64::MIN_POSITIVE),
+        phase,
+    };
+    if let Some(cpu) = ceiling.cpu_us_per_msg() {
+        println!(
+            "proxy CPU: {cpu:.1} us/message (a process that copies bytes both ways and parses nothing)"
+        );
+    }
+    println!(
+        "ratio proxy/direct msgs/s: {:.3}: the most an in-line relay reaches on this machine",
+        ceiling.ratio
+    );
+    if ceiling.phase.errors() > 0 {
+        return Err(format!(
+            "{} failed messages through the proxy ({})",
+            ceiling.phase.errors(),
+            ceiling.phase.error_summary()
+        ));
+    }
+    Ok(ceiling)
 }
 
 /// One measured gateway configuration.
@@ -937,6 +1042,12 @@ struct Summary {
     mode: &'static str,
     cpus: usize,
     goal_ratio_ok: bool,
+    /// The relay ceiling (a byte-copying TCP proxy in the gateway's place); `None` with
+    /// --no-proxy.
+    proxy_msgs_per_s: Option<f64>,
+    proxy_ratio: Option<f64>,
+    proxy_cpu_us_per_msg: Option<f64>,
+    gateway_to_proxy_ratio: Option<f64>,
     goal_peak_rss_ok: Option<bool>,
     goal_idle_rss_ok: Option<bool>,
     /// The mode the figures above describe: the first of the run's modes.
