@@ -440,3 +440,57 @@ async fn recipients_unknown_to_the_backend_count_as_errors() {
     assert!(client.is_closed().await);
     gw.stop().await;
 }
+
+/// A recipient the backend answers too late: its reply must not be read as the answer
+/// to a later command (before, it was taken for the reply to DATA, and the client got
+/// 250 for a message the backend never received).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_backend_reply_poisons_the_transaction_not_the_next_one() {
+    for chunking in [false, true] {
+        let mut behaviour = Behaviour {
+            chunking,
+            ..Default::default()
+        };
+        behaviour
+            .rcpt_delays
+            .insert("late@example.test".into(), Duration::from_secs(3));
+        let backend = FakeBackend::start(behaviour).await;
+        let gw = Gateway::start(config(vec![backend.url()])).await;
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &["bob@example.test", "late@example.test"]).await;
+        assert_eq!(replies[1].code, 250, "{}", replies[1]);
+        assert_eq!(
+            (replies[2].code, replies[2].status()),
+            (451, "4.4.2"),
+            "rcpt timeout is 2s: {}",
+            replies[2]
+        );
+        // The late reply arrives meanwhile.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let more = client.cmd("RCPT TO:<carol@example.test>").await;
+        assert_eq!(more.code, 451, "chunking {chunking}: {more}");
+        let data = client.cmd("DATA").await;
+        assert_eq!(
+            (data.code, data.status()),
+            (451, "4.4.2"),
+            "chunking {chunking}: DATA after a broken backend session: {data}"
+        );
+        assert!(backend.messages().is_empty(), "chunking {chunking}");
+
+        // The session itself is fine: after RSET the next transaction gets a fresh
+        // connection.
+        assert_eq!(client.cmd("RSET").await.code, 250);
+        let reply = client
+            .send_mail(
+                "alice@sender.test",
+                &["bob@example.test"],
+                "Subject: after\n\nx\n",
+            )
+            .await;
+        assert_eq!(reply.code, 250, "chunking {chunking}: {reply}");
+        let messages = backend.messages();
+        assert_eq!(messages.len(), 1, "chunking {chunking}");
+        assert_eq!(messages[0].rcpts, vec!["bob@example.test"]);
+        gw.stop().await;
+    }
+}

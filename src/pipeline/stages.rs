@@ -77,6 +77,7 @@ impl Connection {
             },
             rcpts: Vec::new(),
             backend: None,
+            relay_failed: None,
             spf,
             policy_hit: None,
             dns_facts: Default::default(),
@@ -116,12 +117,22 @@ impl Connection {
             tx.record.rejected_rcpts += 1;
             return reply;
         }
+        if let Some(reply) = &tx.relay_failed {
+            tx.record.rejected_rcpts += 1;
+            return reply.clone();
+        }
         let reply = match &mut tx.backend {
             Some(backend) => match backend.rcpt(&address).await {
                 Ok(reply) => reply.to_reply(),
                 Err(err) => {
+                    // A late reply may still arrive and would be read as the answer to
+                    // the next command: close the connection (dropping it does) and
+                    // refuse the rest of this transaction.
                     tx.record.note_relay_error(&err);
-                    err.reply()
+                    tx.backend = None;
+                    let reply = err.reply();
+                    tx.relay_failed = Some(reply.clone());
+                    reply
                 }
             },
             None => {
@@ -162,6 +173,9 @@ impl Connection {
 
     /// DATA or the first BDAT: is there anyone to deliver to?
     pub fn on_data(&self, tx: &Transaction) -> Result<(), Reply> {
+        if let Some(reply) = &tx.relay_failed {
+            return Err(reply.clone());
+        }
         if tx.rcpts.is_empty() {
             return Err(Reply::no_valid_recipients());
         }

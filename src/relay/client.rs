@@ -189,6 +189,7 @@ impl ClientConn {
     }
 
     pub async fn write_all(&mut self, bytes: &[u8], limit: Duration) -> Result<(), RelayError> {
+        self.usable()?;
         let result = timeout(limit, async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
@@ -209,6 +210,7 @@ impl ClientConn {
 
     /// Reads one complete reply (all continuation lines).
     pub async fn read_reply(&mut self, limit: Duration) -> Result<BackendReply, RelayError> {
+        self.usable()?;
         let deadline = Instant::now() + limit;
         let mut receiver = ResponseReceiver::default();
         loop {
@@ -259,6 +261,17 @@ impl ClientConn {
                 Ok(Ok(_)) => {}
             }
         }
+    }
+
+    /// After a timeout or a protocol error the replies may be out of step with the
+    /// commands (a late reply would answer the next one): nothing more is sent or read.
+    fn usable(&self) -> Result<(), RelayError> {
+        if self.broken {
+            return Err(RelayError::Lost(
+                "connection unusable after an earlier error".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Sends a command line and reads its reply.

@@ -560,6 +560,14 @@ async fn send_remote(
         let reply = conn
             .command(b"DATA\r\n", settings.timeouts.data_init)
             .await?;
+        if reply.code < 400 && reply.code != 354 {
+            // Not an answer DATA can get: the replies are out of step with the commands.
+            conn.broken = true;
+            return Err(RelayError::Protocol(format!(
+                "unexpected reply {} to DATA",
+                reply.code
+            )));
+        }
         if reply.code != 354 {
             // Refused before content (e.g. 554): the session is at its initial state.
             if reply.code != 421 {

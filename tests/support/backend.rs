@@ -17,6 +17,8 @@ pub struct Behaviour {
     pub mail_reply: String,
     /// Reply per recipient; others get `250 2.1.5 OK`.
     pub rcpt_replies: HashMap<String, String>,
+    /// Wait this long before replying to RCPT for these recipients.
+    pub rcpt_delays: HashMap<String, Duration>,
     pub data_reply: String,
     /// LMTP: final reply per recipient; others get `data_reply`.
     pub lmtp_replies: HashMap<String, String>,
@@ -40,6 +42,7 @@ impl Default for Behaviour {
             pipelining: true,
             mail_reply: "250 2.1.0 Ok".into(),
             rcpt_replies: HashMap::new(),
+            rcpt_delays: HashMap::new(),
             data_reply: "250 2.0.0 Ok: queued as BACKEND1".into(),
             lmtp_replies: HashMap::new(),
             data_delay: None,
@@ -235,6 +238,9 @@ async fn serve(
                 .get(&rcpt)
                 .cloned()
                 .unwrap_or_else(|| "250 2.1.5 OK".into());
+            if let Some(delay) = b.rcpt_delays.get(&rcpt) {
+                tokio::time::sleep(*delay).await;
+            }
             if reply.starts_with('2') {
                 current.rcpts.push(rcpt);
             }
