@@ -257,6 +257,104 @@ async fn overlong_command_line_is_refused() {
     let line = format!("MAIL FROM:<{}@b.test>", "a".repeat(5000));
     let reply = client.cmd(&line).await;
     assert_eq!((reply.code, reply.status()), (500, "5.5.2"), "{reply}");
+
+    // The tail of a line that reaches the limit exactly in the middle of a read is part
+    // of the refused line, never a command of its own (here HELP, then RSET inside a
+    // transaction), however the line is cut into reads.
+    for piece in [1024, 4096, 333] {
+        assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+        assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+        for tail in ["HELP", "RSET"] {
+            let line = format!("NOOP {}{tail}\r\n", "x".repeat(4091));
+            for chunk in line.as_bytes().chunks(piece) {
+                client.send(chunk).await;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let reply = client.read_reply().await;
+            assert_eq!((reply.code, reply.status()), (500, "5.5.2"), "{reply}");
+        }
+        let noop = client.cmd("NOOP").await;
+        assert_eq!(
+            noop.code, 250,
+            "piece {piece}: only one reply per line: {noop}"
+        );
+        let data = client.cmd("DATA").await;
+        assert_eq!(
+            data.code, 354,
+            "piece {piece}: the transaction survived: {data}"
+        );
+        client.send(b"Subject: t\r\n\r\nx\r\n.\r\n").await;
+        assert_eq!(client.read_reply().await.code, 250);
+    }
+    gw.stop().await;
+}
+
+/// smtp-proto drops the quotes of a quoted domain: `a@"x.test> RET=FULL"` must not reach
+/// the backend as `MAIL FROM:<a@x.test> RET=FULL>`.
+#[tokio::test(flavor = "multi_thread")]
+async fn quoted_domains_cannot_carry_parameters() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    for sender in [
+        "MAIL FROM:<a@\"x.test> RET=FULL NOTIFY=NEVER\">",
+        "MAIL FROM:<a@\"x.test>\">",
+        "MAIL FROM:<a@\"x test\">",
+    ] {
+        let reply = client.cmd(sender).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (553, "5.1.7"),
+            "{sender}: {reply}"
+        );
+    }
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    for rcpt in [
+        "RCPT TO:<bob@\"example.test> NOTIFY=NEVER\">",
+        "RCPT TO:<bob@\"example.test x\">",
+    ] {
+        let reply = client.cmd(rcpt).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (553, "5.1.3"),
+            "{rcpt}: {reply}"
+        );
+    }
+    gw.stop().await;
+}
+
+/// A null forward-path is never valid (RFC 5321 4.1.1.3); `<postmaster>` is (4.5.1).
+/// smtp-proto reports both as an empty address.
+#[tokio::test(flavor = "multi_thread")]
+async fn null_recipient_is_refused_postmaster_is_not() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(
+        client.cmd("RCPT TO:<>").await.code,
+        503,
+        "sequence first, outside a transaction"
+    );
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    for null in ["RCPT TO:<>", "RCPT TO:< >", "rcpt to:<>"] {
+        let reply = client.cmd(null).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (553, "5.1.3"),
+            "{null}: {reply}"
+        );
+    }
+    for postmaster in ["RCPT TO:<postmaster>", "RCPT TO:<PostMaster>"] {
+        let reply = client.cmd(postmaster).await;
+        assert_eq!(reply.code, 250, "{postmaster}: {reply}");
+    }
+    // Split across reads, the line is still judged whole.
+    client.send(b"RCPT TO:<").await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    client.send(b">\r\n").await;
+    assert_eq!(client.read_reply().await.code, 553);
+    client.send(b"RCPT TO:<post").await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    client.send(b"master>\r\n").await;
+    assert_eq!(client.read_reply().await.code, 250);
     gw.stop().await;
 }
 

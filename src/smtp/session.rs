@@ -9,6 +9,7 @@
 //! What a command *means* for the mail is decided by `pipeline`; this module only knows
 //! the protocol.
 
+use super::address;
 use super::data::{Anomalies, BdatReader, DataReader, Progress};
 use super::extensions::ehlo_keywords;
 use super::metrics;
@@ -82,8 +83,10 @@ pub struct Session<S> {
     rpos: usize,
     wbuf: Vec<u8>,
     receiver: RequestReceiver,
-    /// Octets of the command line the receiver holds so far (for the length limit).
-    partial_line: usize,
+    /// The command line received so far when it came in several reads (its length
+    /// counts against the limit; its text tells `<>` from `<postmaster>`, which the
+    /// parser reports alike). Bounded by the line limit.
+    line_head: Vec<u8>,
     /// Dropping the rest of an overlong line.
     skipping_line: bool,
     errors: u32,
@@ -107,7 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             rpos: 0,
             wbuf: Vec::with_capacity(256),
             receiver: RequestReceiver::default(),
-            partial_line: 0,
+            line_head: Vec::new(),
             skipping_line: false,
             errors: 0,
             shutdown,
@@ -306,11 +309,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             return Flow::Continue;
         }
-        let line_len = self.partial_line + line_end.map_or(input.len(), |p| p + 1);
-        if line_len > MAX_COMMAND_LINE {
+        let line_len = self.line_head.len() + line_end.map_or(input.len(), |p| p + 1);
+        // The parser refuses a partial line at the limit, so that is already too long.
+        if line_len > MAX_COMMAND_LINE || (line_end.is_none() && line_len >= MAX_COMMAND_LINE) {
             // Refuse the whole line once, whether it arrived in one piece or several.
             self.receiver = RequestReceiver::default();
-            self.partial_line = 0;
+            self.line_head.clear();
             match line_end {
                 Some(pos) => self.rpos += pos + 1,
                 None => {
@@ -323,24 +327,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut iter = input.iter();
         let parsed = self.receiver.ingest(&mut iter).map(|r| r.into_owned());
         let consumed = input.len() - iter.len();
-        self.rpos += consumed;
         match parsed {
             Ok(request) => {
-                self.partial_line = 0;
+                let null_rcpt = matches!(&request, Request::Rcpt { to } if to.address.is_empty())
+                    && self.is_null_path(&input[..consumed]);
+                self.rpos += consumed;
+                self.line_head.clear();
+                if null_rcpt && matches!(self.state, State::Envelope(_)) {
+                    return self.reply_flow(Reply::bad_recipient_syntax());
+                }
                 self.handle(request).await
             }
             Err(smtp_proto::Error::NeedsMoreData { .. }) => {
                 // The rest of the input is a partial line, kept by the receiver.
-                self.partial_line += input.len();
+                self.line_head.extend_from_slice(input);
                 self.rpos = self.rbuf.len();
                 Flow::Continue
             }
             Err(err) => {
-                self.partial_line = 0;
+                let ended = input[..consumed].contains(&b'\n');
+                self.rpos += consumed;
+                self.line_head.clear();
+                // Whatever the parser left of this line is part of the refused command,
+                // never a command of its own.
+                if !ended {
+                    self.receiver = RequestReceiver::default();
+                    match memchr::memchr(b'\n', &self.rbuf[self.rpos..]) {
+                        Some(pos) => self.rpos += pos + 1,
+                        None => {
+                            self.rpos = self.rbuf.len();
+                            self.skipping_line = true;
+                        }
+                    }
+                }
                 let reply = protocol_error_reply(err);
                 self.reply_flow(reply)
             }
         }
+    }
+
+    /// `RCPT TO:<>` (a null forward-path, never valid) rather than `<postmaster>`,
+    /// which smtp-proto reports the same way. `tail` is the end of the command line.
+    fn is_null_path(&self, tail: &[u8]) -> bool {
+        let line = [self.line_head.as_slice(), tail].concat();
+        !line
+            .windows(b"postmaster".len())
+            .any(|w| w.eq_ignore_ascii_case(b"postmaster"))
     }
 
     async fn handle(&mut self, request: Request<String>) -> Flow {
@@ -350,6 +382,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Mail { from } => {
                 let state = std::mem::replace(&mut self.state, State::Busy);
                 match state {
+                    State::Ready if !address::has_valid_domain(&from.address) => {
+                        self.state = State::Ready;
+                        self.reply_flow(Reply::bad_sender_syntax())
+                    }
                     State::Ready => match self.conn.on_mail(from).await {
                         Ok(tx) => {
                             self.state = State::Envelope(Box::new(tx));
@@ -372,6 +408,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Request::Rcpt { to } => {
                 if let State::Envelope(tx) = &mut self.state {
+                    if !address::has_valid_domain(&to.address) {
+                        return self.reply_flow(Reply::bad_recipient_syntax());
+                    }
                     let reply = self.conn.on_rcpt(tx, to).await;
                     self.reply_flow(reply)
                 } else {
@@ -456,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.rbuf.clear();
                 self.rpos = 0;
                 self.receiver = RequestReceiver::default();
-                self.partial_line = 0;
+                self.line_head.clear();
                 Flow::StartTls
             }
             _ => self.reply_flow(Reply::bad_sequence("mail transaction in progress")),
