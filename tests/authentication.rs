@@ -486,6 +486,46 @@ async fn several_addresses_in_one_from_use_the_strictest_policy() {
     gw.stop().await;
 }
 
+/// The author domain written another way (a trailing dot, obsolete whitespace, upper
+/// case) is still bank.test, and its p=reject applies; before, mail-auth was handed the
+/// address as written and looked up `_dmarc.bank.test.`, or, with two spellings in one
+/// From, exempted the message. A From domain that is no domain at all is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn author_domains_written_another_way_still_get_their_policy() {
+    let dns = TestDns::start().await;
+    sender_zone(&dns, "v=DMARC1; p=none");
+    dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject");
+    let gw = gateway(&dns, "").await;
+    for (from, want) in [
+        ("ceo@bank.test.", "DMARC"),
+        ("CEO <ceo@BANK.test.>", "DMARC"),
+        ("CEO <ceo@bank.test>, <ceo@bank.test.>", "DMARC"),
+        ("ceo@bank . test", "DMARC"),
+        ("<alice@sender.test>, <ceo@bank.test.>", "bank.test"),
+        ("<ceo@bank..test>", "usable domain"),
+        ("<alice@sender.test>, <ceo@bank..test>", "usable domain"),
+    ] {
+        let data = message("alice@sender.test", "spelled")
+            .replace("From: Alice <alice@sender.test>", &format!("From: {from}"));
+        let reply = send(
+            &gw,
+            LEGIT_IP,
+            "mail.sender.test",
+            "alice@sender.test",
+            &data,
+        )
+        .await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (550, "5.7.1"),
+            "From: {from}: {reply}"
+        );
+        assert!(reply.text().contains(want), "From: {from}: {reply}");
+    }
+    assert!(gw.delivered().is_empty());
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn results_without_comments_for_exchange_online() {
     let dns = TestDns::start().await;

@@ -26,6 +26,18 @@ pub(super) async fn evaluate(
 ) -> DmarcCheck {
     let spf_output = spf_output(spf);
     if from.domains.len() <= 1 {
+        // mail-auth reads the author domain from the addresses as written; it gets
+        // them normalised, so that `bank.test.` is evaluated as `bank.test`.
+        let normalised;
+        let message = if message.from == from.addresses {
+            message
+        } else {
+            normalised = AuthenticatedMessage {
+                from: from.addresses.clone(),
+                ..message.clone()
+            };
+            &normalised
+        };
         let output = auth
             .resolver
             .verify_dmarc(auth.caches.parameters(DmarcParameters::new(
@@ -44,7 +56,7 @@ pub(super) async fn evaluate(
         single.from = from
             .addresses
             .iter()
-            .filter(|a| a.to_ascii_lowercase().ends_with(&format!("@{domain}")))
+            .filter(|a| a.ends_with(&format!("@{domain}")))
             .take(1)
             .cloned()
             .collect();

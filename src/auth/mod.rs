@@ -380,21 +380,39 @@ fn from_header(message: &AuthenticatedMessage<'_>) -> FromHeader {
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case(b"from"))
         .count();
-    let addresses: Vec<String> = message.froms().to_vec();
+    let mut addresses = Vec::new();
+    let mut unusable = Vec::new();
+    for address in message.froms() {
+        match author_address(address) {
+            Some(normal) => addresses.push(normal),
+            None => unusable.push(address.clone()),
+        }
+    }
     let mut domains: Vec<String> = addresses
         .iter()
         .filter_map(|a| a.rsplit_once('@'))
-        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-        .filter(|d| !d.is_empty())
+        .map(|(_, d)| d.to_string())
         .collect();
-    domains.dedup();
     domains.sort();
     domains.dedup();
     FromHeader {
         fields,
         addresses,
         domains,
+        unusable,
     }
+}
+
+/// An author address in the form DMARC is evaluated on: the domain in A-labels,
+/// lowercased, without a trailing dot or the whitespace obsolete syntax allows
+/// (`ceo@bank . test`). `None` when the domain is not a usable domain name: such an
+/// address must never be handed on as it is, or `bank.test.` would be looked up as a
+/// different domain from `bank.test` and its policy never applied.
+fn author_address(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    let compact: String = domain.chars().filter(|c| !c.is_whitespace()).collect();
+    let domain = crate::config::DomainName::parse(&compact).ok()?;
+    (!local.is_empty()).then(|| format!("{local}@{}", domain.as_str()))
 }
 
 /// Plain `SpfOutput` rebuilt from our summary, for mail-auth's DMARC check.

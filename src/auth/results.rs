@@ -151,6 +151,9 @@ pub struct FromHeader {
     pub addresses: Vec<String>,
     /// Their domains, lowercased and deduplicated.
     pub domains: Vec<String>,
+    /// Addresses left out of `addresses` because their domain is not a usable domain
+    /// name (`ceo@bank..test`).
+    pub unusable: Vec<String>,
 }
 
 impl FromHeader {
@@ -158,6 +161,9 @@ impl FromHeader {
     pub fn problem(&self) -> Option<&'static str> {
         match self.fields {
             0 => Some("the message has no From header field"),
+            1 if !self.unusable.is_empty() => {
+                Some("the From header field has an address without a usable domain")
+            }
             1 if self.domains.is_empty() => Some("the From header field names no domain"),
             1 => None,
             _ => Some("the message has several From header fields"),

@@ -133,6 +133,7 @@ pub async fn assess<'m>(
                 fields: 0,
                 addresses: Vec::new(),
                 domains: Vec::new(),
+                unusable: Vec::new(),
             },
         },
     };

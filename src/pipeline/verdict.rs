@@ -335,6 +335,7 @@ mod tests {
                 fields: 1,
                 addresses: vec!["a@sender.test".into()],
                 domains: vec!["sender.test".into()],
+                unusable: Vec::new(),
             },
         }
     }
@@ -470,6 +471,7 @@ mod override_tests {
                 fields: 1,
                 addresses: vec!["noreply@netvisor.fi".into()],
                 domains: vec!["netvisor.fi".into()],
+                unusable: Vec::new(),
             },
         }
     }
@@ -624,6 +626,7 @@ mod policy_tests {
                 fields: 1,
                 addresses: vec!["a@customer.test".into()],
                 domains: vec!["customer.test".into()],
+                unusable: Vec::new(),
             },
         }
     }

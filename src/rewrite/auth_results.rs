@@ -298,6 +298,7 @@ mod tests {
                 fields: 1,
                 addresses: vec!["alice@sender.test".into()],
                 domains: vec!["sender.test".into()],
+                unusable: Vec::new(),
             },
         }
     }
