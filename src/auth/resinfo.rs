@@ -39,10 +39,14 @@ fn split_statements(value: &str) -> Vec<String> {
     let mut chars = value.chars();
     while let Some(ch) = chars.next() {
         match ch {
+            // A quoted-pair stays as it is inside a quoted string (the value is
+            // unquoted once, at the end, so `\"` can never end it early); inside a
+            // comment it is dropped with the comment.
             '\\' if quoted || depth > 0 => {
                 if let Some(next) = chars.next()
                     && depth == 0
                 {
+                    current.push('\\');
                     current.push(next);
                 }
             }
@@ -72,10 +76,7 @@ fn parse_resinfo(statement: &str) -> Option<MethodResult> {
     let mut properties = Vec::new();
     for token in tokens {
         if let Some((key, value)) = token.split_once('=') {
-            properties.push((
-                key.to_ascii_lowercase(),
-                value.trim_matches('"').to_string(),
-            ));
+            properties.push((key.to_ascii_lowercase(), unquote(value)));
         }
     }
     Some(MethodResult {
@@ -85,13 +86,40 @@ fn parse_resinfo(statement: &str) -> Option<MethodResult> {
     })
 }
 
-/// Whitespace-separated tokens, keeping quoted strings whole; `a = b` is joined.
+/// A property value: a quoted string loses its quotes and its quoted-pairs become the
+/// characters they stand for (RFC 5322 3.2.4); a token is taken as it is.
+fn unquote(value: &str) -> String {
+    let Some(inner) = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .filter(|_| value.len() >= 2)
+    else {
+        return value.to_string();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whitespace-separated tokens, keeping quoted strings (with their quoted-pairs)
+/// whole; `a = b` is joined.
 fn tokens(statement: &str) -> Vec<String> {
     let mut raw = Vec::new();
     let mut current = String::new();
     let mut quoted = false;
-    for ch in statement.chars() {
+    let mut chars = statement.chars();
+    while let Some(ch) = chars.next() {
         match ch {
+            '\\' if quoted => {
+                current.push(ch);
+                current.extend(chars.next());
+            }
             '"' => {
                 quoted = !quoted;
                 current.push(ch);
@@ -135,6 +163,23 @@ fn tokens(statement: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An escaped quote inside a quoted value does not end it: the mail-from below is
+    /// at attacker.test, not `@quar.test`.
+    #[test]
+    fn quoted_pairs_stay_inside_their_value() {
+        let aar = r#"i=1; mx.example.test; spf=pass smtp.mailfrom="@quar.test\" x@attacker.test"; dmarc=fail header.from=quar.test"#;
+        let results = parse(aar);
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert_eq!(
+            results[0].property("smtp.mailfrom"),
+            Some(r#"@quar.test" x@attacker.test"#)
+        );
+        assert_eq!(results[1].property("header.from"), Some("quar.test"));
+        let semicolon = parse(r#"x.test; spf=pass smtp.mailfrom="a\;b@c.test"; dkim=none"#);
+        assert_eq!(semicolon.len(), 2);
+        assert_eq!(semicolon[0].property("smtp.mailfrom"), Some("a;b@c.test"));
+    }
 
     #[test]
     fn parses_a_google_aar() {

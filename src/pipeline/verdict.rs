@@ -515,6 +515,23 @@ mod override_tests {
         );
     }
 
+    /// The sender chose a MAIL FROM whose quoted local part holds `@netvisor.fi\"`:
+    /// the trusted sealer quoted it correctly, and the escaped quote must not end the
+    /// value early and leave `@netvisor.fi` as an aligned SPF domain.
+    #[test]
+    fn an_escaped_quote_cannot_forge_an_aligned_spf_pass() {
+        let aar = r#"i=1; mx.edge.example; spf=pass smtp.mailfrom="@netvisor.fi\" x"@attacker.test; dmarc=fail header.from=netvisor.fi"#;
+        let aar_quoted = r#"i=1; mx.edge.example; spf=pass smtp.mailfrom="@netvisor.fi\" x@attacker.test"; dmarc=fail header.from=netvisor.fi"#;
+        for aar in [aar, aar_quoted] {
+            let verdict = decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None,
+            );
+            assert_eq!(verdict.action, Action::Reject, "{aar}");
+        }
+    }
+
     #[test]
     fn no_override_without_every_condition() {
         // Broken chain.
