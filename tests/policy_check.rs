@@ -77,6 +77,32 @@ async fn all_errors_at_once_with_positions_and_rules() {
     assert_eq!(errors, expected.len(), "{stderr}");
 }
 
+/// `spf: pass` passes for whatever MAIL FROM domain the sender picked: it proves nothing
+/// about a From or a HELO, only about an envelope sender the rule names.
+#[tokio::test(flavor = "multi_thread")]
+async fn spf_pass_is_evidence_only_for_the_envelope_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: from-spf\n    match: { header_from: ceo@bank.test, spf: pass }\n    action: accept\n  - name: helo-spf\n    match: { helo: mail.bank.test, spf: pass }\n    action: accept\n  - name: envelope-spf\n    match: { envelope_from: \"*@bank.test\", spf: pass }\n    action: accept\n",
+    );
+    let config = config(dir.path(), "");
+    let (ok, stderr) = check(&config).await;
+    assert!(!ok, "{stderr}");
+    let a = dir.path().join("policies/a.yaml").display().to_string();
+    for want in [
+        format!("{a}:3:12: rule `from-spf`: an `accept` rule that matches only on addresses"),
+        format!("{a}:6:12: rule `helo-spf`: an `accept` rule that matches only on addresses"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("envelope-spf"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_rules_and_explicit_unauthenticated_are_valid() {
     let dir = tempfile::tempdir().unwrap();

@@ -200,11 +200,11 @@ impl RuleCompiler<'_> {
         if *action == Action::Accept
             && claims_sender
             && !unauthenticated
-            && !conditions.iter().any(Condition::is_evidence)
+            && !Condition::authenticate_sender(conditions)
         {
             self.error(
                 self.at.key("match"),
-                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, spf: pass, dmarc: pass, client_ip, client_host or spf_record), or set `unauthenticated: true` to accept that risk",
+                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, dmarc: pass, client_ip, client_host, spf_record, or spf: pass together with envelope_from), or set `unauthenticated: true` to accept that risk",
             );
         }
     }

@@ -192,8 +192,23 @@ impl Condition {
         }
     }
 
-    /// Whether the condition authenticates the sender (what an `accept` rule needs
-    /// besides addresses): something the sender cannot simply write in a header.
+    /// Whether these conditions of one rule together authenticate the sender (what an
+    /// `accept` rule needs besides addresses). `spf: pass` proves only that the MAIL
+    /// FROM domain, whichever the sender chose, allows the client: it counts only
+    /// beside an `envelope_from` that names that domain, never for a `header_from`
+    /// or a `helo` on its own.
+    pub fn authenticate_sender(conditions: &[Condition]) -> bool {
+        let names_envelope = conditions
+            .iter()
+            .any(|c| matches!(c, Condition::EnvelopeFrom(_)));
+        conditions.iter().any(|c| match c {
+            Condition::Spf(_) => names_envelope && c.is_evidence(),
+            _ => c.is_evidence(),
+        })
+    }
+
+    /// Whether the condition authenticates something: a fact the sender cannot simply
+    /// write in a header (see `authenticate_sender` for what it authenticates).
     pub fn is_evidence(&self) -> bool {
         match self {
             Condition::ClientIp(_)
@@ -642,5 +657,19 @@ mod tests {
         assert!(!Condition::Spf(vec![AuthResult::Pass, AuthResult::None]).is_evidence());
         assert!(!Condition::HeaderFrom(vec![]).is_evidence());
         assert!(!Condition::Helo(vec![]).is_evidence());
+        let spf = Condition::Spf(vec![AuthResult::Pass]);
+        let header_from = Condition::HeaderFrom(vec![]);
+        let envelope_from = Condition::EnvelopeFrom(vec![]);
+        let helo = Condition::Helo(vec![]);
+        assert!(!Condition::authenticate_sender(&[
+            header_from.clone(),
+            spf.clone()
+        ]));
+        assert!(!Condition::authenticate_sender(&[helo, spf.clone()]));
+        assert!(Condition::authenticate_sender(&[envelope_from, spf]));
+        assert!(Condition::authenticate_sender(&[
+            header_from,
+            Condition::Dmarc(vec![AuthResult::Pass])
+        ]));
     }
 }
