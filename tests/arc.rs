@@ -991,3 +991,58 @@ async fn chains_stop_at_fifty_sets() {
     assert!(!relayed[1].contains("d=edge.test"), "sealed past the limit");
     gw.stop().await;
 }
+
+/// ARC header fields that do not parse (`cv=bogus`), or a set numbered 50 that a broken
+/// chain starts with: our seal on top would be an invalid set (an `i=1` beside the
+/// sender's `i=1`, or an `i=51`), so the message is relayed unsealed, with arc=fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_chains_are_not_sealed_over() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let key = sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let set = |i: u32, cv: &str| {
+        format!(
+            "ARC-Seal: i={i}; a=rsa-sha256; t=1700000000; cv={cv}; d=hop.test; s=s; b=AAAA\n\
+             ARC-Message-Signature: i={i}; a=rsa-sha256; c=relaxed/relaxed; d=hop.test; s=s; t=1700000000; h=from:subject; bh=AAAA; b=AAAA\n\
+             ARC-Authentication-Results: i={i}; hop.test; arc=none\n"
+        )
+    };
+    let cases = [("bogus-cv", set(1, "bogus")), ("fifty", set(50, "pass"))];
+    for (name, headers) in &cases {
+        let data = format!("{headers}{}", esp.sign(&message(name)));
+        let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", &data).await;
+        assert_eq!(reply.code, 250, "{name}: {reply}");
+    }
+    let relayed: Vec<String> = backend.messages().iter().map(|m| m.text()).collect();
+    assert_eq!(relayed.len(), cases.len());
+    for (text, (name, _)) in relayed.iter().zip(&cases) {
+        assert!(
+            !text.contains("d=edge.test"),
+            "{name}: sealed over a broken chain:\n{text}"
+        );
+        assert!(
+            text.contains("arc=fail"),
+            "{name}: our results say fail:\n{text}"
+        );
+    }
+    gw.stop().await;
+}

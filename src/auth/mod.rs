@@ -35,8 +35,8 @@ pub struct Authenticator {
 pub struct MessageVerification<'m> {
     pub dkim_outputs: Vec<DkimOutput<'m>>,
     pub arc_output: ArcOutput<'m>,
-    /// ARC header fields that mail-auth could not even group into sets: never seal on
-    /// top of them.
+    /// ARC header fields that do not parse, or that mail-auth could not even group
+    /// into sets: never seal on top of them.
     pub arc_malformed: bool,
     pub dkim: Vec<DkimCheck>,
     pub arc: ArcCheck,
@@ -237,12 +237,19 @@ impl Authenticator {
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
         let mut arc = arc_check(&arc_output);
         // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
-        // or ARC-Authentication-Results are present: that is a broken chain.
-        let arc_malformed = arc.result == AuthResult::None
-            && (!message.as_headers.is_empty() || !message.aar_headers.is_empty());
+        // or ARC-Authentication-Results are present, and a neutral result without sets
+        // when an ARC header field does not parse (`cv=bogus`): both are broken chains.
+        let unparsable = message.has_arc_errors;
+        let arc_malformed = unparsable
+            || (arc.result == AuthResult::None
+                && (!message.as_headers.is_empty() || !message.aar_headers.is_empty()));
         if arc_malformed {
             arc.result = AuthResult::Fail;
-            arc.reason = Some("ARC header fields without an ARC-Message-Signature".into());
+            arc.reason = Some(if unparsable {
+                "ARC header fields that do not parse".into()
+            } else {
+                "ARC header fields without an ARC-Message-Signature".into()
+            });
         }
         for check in &dkim {
             metrics::check("dkim", check.result, started.elapsed());

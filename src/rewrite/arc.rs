@@ -185,7 +185,10 @@ impl Sealer {
         incoming: &ArcOutput<'_>,
         results: &str,
     ) -> Result<Vec<u8>, NotSealed> {
-        if incoming.sets().len() as u32 >= MAX_ARC_SETS {
+        // Instance numbers run from 1 to 50 (RFC 8617 4.2.1): count the sets and look at
+        // the last number, which a broken chain may have pushed past its count.
+        let last_instance = incoming.sets().last().map_or(0, |set| set.seal.header.i);
+        if incoming.sets().len() as u32 >= MAX_ARC_SETS || last_instance >= MAX_ARC_SETS {
             return Err(NotSealed::ChainFull);
         }
         if !incoming.can_be_sealed() {
