@@ -325,6 +325,41 @@ async fn connections_are_pooled_between_messages() {
     gw.stop().await;
 }
 
+/// A pooled connection whose backend timed out while it idled (Postfix says 421 and
+/// closes) is replaced by a fresh one, with or without PIPELINING; the client never
+/// sees the stale 421.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_the_backend_timed_out_is_replaced() {
+    for pipelining in [false, true] {
+        let backend = FakeBackend::start(Behaviour {
+            pipelining,
+            idle_421: Some(Duration::from_millis(500)),
+            ..Default::default()
+        })
+        .await;
+        let gw = Gateway::start(config(vec![backend.url()])).await;
+        let (mut client, _) = gw.ehlo().await;
+        for n in 0..2 {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+            let reply = client
+                .send_mail(
+                    "alice@sender.test",
+                    &["bob@example.test"],
+                    &format!("Subject: {n}\n\nx\n"),
+                )
+                .await;
+            assert_eq!(
+                reply.code, 250,
+                "pipelining {pipelining}, message {n}: {reply}"
+            );
+        }
+        assert_eq!(backend.messages().len(), 2, "pipelining {pipelining}");
+        gw.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn aborted_transaction_resets_the_backend() {
     let backend = FakeBackend::start(Behaviour::default()).await;

@@ -361,8 +361,13 @@ async fn begin_remote(
     let lease = pool.acquire(false).await?;
     let reused = lease.reused;
     match mail_and_rcpt(backend, lease, envelope, rcpt).await {
-        // A pooled connection the backend closed while it idled: retry once, fresh.
+        // A pooled connection the backend closed while it idled (silently, or with a
+        // 421 that then answers our MAIL): retry once, fresh.
         Err(RelayError::Lost(_) | RelayError::Protocol(_)) if reused => {
+            let lease = pool.acquire(true).await?;
+            mail_and_rcpt(backend, lease, envelope, rcpt).await
+        }
+        Err(RelayError::Refused(reply)) if reused && reply.code == 421 => {
             let lease = pool.acquire(true).await?;
             mail_and_rcpt(backend, lease, envelope, rcpt).await
         }

@@ -32,6 +32,9 @@ pub struct Behaviour {
     pub chunking: bool,
     /// Offer STARTTLS with this server configuration.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// After this long without a command, say `421 4.4.2` and close, as Postfix's
+    /// smtpd does when its timeout expires.
+    pub idle_421: Option<Duration>,
 }
 
 impl Default for Behaviour {
@@ -50,6 +53,7 @@ impl Default for Behaviour {
             drop_after_data: false,
             chunking: false,
             tls: None,
+            idle_421: None,
         }
     }
 }
@@ -189,7 +193,23 @@ async fn serve(
         return Ok(());
     }
     loop {
-        let Some(line) = read_line(&mut stream, &mut buf).await? else {
+        let line = match b.idle_421 {
+            None => read_line(&mut stream, &mut buf).await?,
+            Some(idle) => {
+                match tokio::time::timeout(idle, read_line(&mut stream, &mut buf)).await {
+                    Ok(line) => line?,
+                    Err(_) => {
+                        write_line(
+                            &mut stream,
+                            "421 4.4.2 backend.test Error: timeout exceeded",
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let Some(line) = line else {
             return Ok(());
         };
         log.lock().unwrap().commands.push(line.clone());
