@@ -360,6 +360,28 @@ async fn a_pooled_connection_the_backend_timed_out_is_replaced() {
     }
 }
 
+/// We offer ENHANCEDSTATUSCODES, so a backend reply without one gets its class's code.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_replies_without_enhanced_codes_get_one() {
+    let mut behaviour = Behaviour {
+        data_reply: "451 try later".into(),
+        ..Default::default()
+    };
+    behaviour
+        .rcpt_replies
+        .insert("nobody@example.test".into(), "550 no such user here".into());
+    let backend = FakeBackend::start(behaviour).await;
+    let gw = Gateway::start(config(vec![backend.url()])).await;
+    let (mut client, _) = gw.ehlo().await;
+    let replies = transaction(&mut client, &["nobody@example.test", "bob@example.test"]).await;
+    assert_eq!(replies[1].to_string(), "550 5.0.0 no such user here");
+    assert_eq!(replies[2].code, 250);
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+    assert_eq!(client.read_reply().await.to_string(), "451 4.0.0 try later");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn aborted_transaction_resets_the_backend() {
     let backend = FakeBackend::start(Behaviour::default()).await;

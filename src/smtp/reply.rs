@@ -470,6 +470,9 @@ impl Reply {
         if out.is_empty() {
             out.push(Cow::Borrowed(""));
         }
+        // We offer ENHANCEDSTATUSCODES, so every reply carries one (RFC 2034 3); a
+        // backend that gives none gets the class's undetailed code (RFC 3463 3.1).
+        let status = status.or(Some(Status((code / 100) as u8, 0, 0)));
         Reply {
             code,
             status,
