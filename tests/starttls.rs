@@ -46,6 +46,36 @@ async fn upgrade_verifies_and_is_recorded_in_received() {
     gw.stop().await;
 }
 
+/// STARTTLS takes no parameters (RFC 3207 4), and the error limit is per connection:
+/// a client cannot start counting again by switching to TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_parameters_are_refused_and_errors_count_across_it() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_errors: 3\n".into(),
+        ..config()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client.cmd("STARTTLS now").await;
+    assert_eq!((reply.code, reply.status()), (501, "5.5.4"), "{reply}");
+    assert_eq!(client.cmd("XYZZY").await.code, 500);
+    let reply = client.cmd("STARTTLS  ").await;
+    assert_eq!(
+        reply.code, 220,
+        "trailing white space is no parameter: {reply}"
+    );
+    let (mut client, _) = client.starttls(&gw.cert(), "mx.example.test").await;
+    assert_eq!(client.cmd("EHLO client.example.net").await.code, 250);
+    assert_eq!(client.cmd("XYZZY").await.code, 500);
+    let reply = client.read_reply().await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (421, "4.7.0"),
+        "third error of the connection: {reply}"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plaintext_pipelined_behind_starttls_is_discarded() {
     let gw = Gateway::start(config()).await;

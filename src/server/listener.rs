@@ -148,7 +148,7 @@ async fn serve_connection(
     let local = tcp.local_addr().unwrap_or(peer);
     let conn = Connection::new(snapshot, peer, local);
     let ending = Session::new(tcp, conn, shutdown.clone()).run(true).await;
-    if let Ending::StartTls(tcp, mut conn) = ending {
+    if let Ending::StartTls(tcp, mut conn, errors) = ending {
         let Some(tls) = &conn.snapshot.tls else {
             return;
         };
@@ -166,7 +166,10 @@ async fn serve_connection(
                     .with_label_values(&[info.version_label()])
                     .inc();
                 conn.on_tls_established(info);
-                let _ = Session::new(stream, *conn, shutdown).run(false).await;
+                let _ = Session::new(stream, *conn, shutdown)
+                    .with_errors(errors)
+                    .run(false)
+                    .await;
             }
             Ok(Err(err)) => {
                 smtp_metrics::TLS_HANDSHAKES

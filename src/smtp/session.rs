@@ -65,8 +65,9 @@ struct Chunked {
 pub enum Ending<S> {
     Closed,
     /// The client asked for TLS: the caller handshakes on this stream and starts a new
-    /// session with the same connection.
-    StartTls(S, Box<Connection>),
+    /// session with the same connection and the errors counted so far (the limit is
+    /// per connection, or a client could double it with STARTTLS).
+    StartTls(S, Box<Connection>, u32),
 }
 
 enum Flow {
@@ -117,6 +118,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// A session that goes on after STARTTLS with the errors counted before it.
+    pub fn with_errors(mut self, errors: u32) -> Self {
+        self.errors = errors;
+        self
+    }
+
     /// Runs the session from the 220 greeting (or, after STARTTLS, from the handshake).
     pub async fn run(mut self, greet: bool) -> Ending<S> {
         if greet {
@@ -141,7 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // A transaction still open here was not completed: release its backend.
         self.abort_transaction("disconnect").await;
         match flow {
-            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.conn)),
+            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.conn), self.errors),
             Flow::Close | Flow::Continue => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
                 Ending::Closed
@@ -329,14 +336,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let consumed = input.len() - iter.len();
         match parsed {
             Ok(request) => {
-                let null_rcpt = matches!(&request, Request::Rcpt { to } if to.address.is_empty())
-                    && self.is_null_path(&input[..consumed]);
+                // smtp-proto reports `<>` as `<postmaster>` and ignores what follows
+                // STARTTLS: both need the line itself.
+                let refusal = match &request {
+                    Request::Rcpt { to }
+                        if to.address.is_empty()
+                            && matches!(self.state, State::Envelope(_))
+                            && self.is_null_path(&input[..consumed]) =>
+                    {
+                        Some(Reply::bad_recipient_syntax())
+                    }
+                    Request::StartTls if self.has_arguments(&input[..consumed]) => {
+                        // RFC 3207 4: "501 Syntax error (no parameters allowed)".
+                        Some(Reply::syntax("STARTTLS"))
+                    }
+                    _ => None,
+                };
                 self.rpos += consumed;
                 self.line_head.clear();
-                if null_rcpt && matches!(self.state, State::Envelope(_)) {
-                    return self.reply_flow(Reply::bad_recipient_syntax());
+                match refusal {
+                    Some(reply) => self.reply_flow(reply),
+                    None => self.handle(request).await,
                 }
-                self.handle(request).await
             }
             Err(smtp_proto::Error::NeedsMoreData { .. }) => {
                 // The rest of the input is a partial line, kept by the receiver.
@@ -369,10 +390,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `RCPT TO:<>` (a null forward-path, never valid) rather than `<postmaster>`,
     /// which smtp-proto reports the same way. `tail` is the end of the command line.
     fn is_null_path(&self, tail: &[u8]) -> bool {
-        let line = [self.line_head.as_slice(), tail].concat();
-        !line
+        !self
+            .command_line(tail)
             .windows(b"postmaster".len())
             .any(|w| w.eq_ignore_ascii_case(b"postmaster"))
+    }
+
+    /// Whether anything but white space follows the verb of the command line.
+    fn has_arguments(&self, tail: &[u8]) -> bool {
+        let line = self.command_line(tail);
+        let line = line.trim_ascii();
+        line.iter()
+            .position(u8::is_ascii_whitespace)
+            .is_some_and(|verb_end| !line[verb_end..].trim_ascii().is_empty())
+    }
+
+    /// The whole command line: what earlier reads brought, then `tail`.
+    fn command_line(&self, tail: &[u8]) -> Vec<u8> {
+        [self.line_head.as_slice(), tail].concat()
     }
 
     async fn handle(&mut self, request: Request<String>) -> Flow {
