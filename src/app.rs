@@ -60,8 +60,10 @@ pub fn serve(config_path: &Path) -> i32 {
         if let Some(addr) = running.metrics {
             println!("listening metrics {addr}");
         }
+        // Handlers first, then `ready`: a signal sent on `ready` must find them.
+        let stop = stop_signal();
         println!("ready");
-        wait_for_stop_signal().await;
+        stop.await;
         running.stop().await;
         0
     })
@@ -203,10 +205,18 @@ impl Running {
     }
 }
 
-async fn wait_for_stop_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future ends at the first of them.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    wait_for_stop_signal(term, int)
+}
+
+async fn wait_for_stop_signal(
+    mut term: Option<tokio::signal::unix::Signal>,
+    mut int: Option<tokio::signal::unix::Signal>,
+) {
     let term = async {
         match term.as_mut() {
             Some(s) => {

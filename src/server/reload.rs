@@ -151,16 +151,22 @@ impl Reloader {
             .collect()
     }
 
-    /// Runs until the process stops: reloads on SIGHUP and on file changes.
-    pub async fn run(self, interval: Duration) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
+    /// Runs until the process stops: reloads on SIGHUP and on file changes. The SIGHUP
+    /// handler is installed when this is called, not when the task first runs: a
+    /// SIGHUP before that (a reload right after start) would end the process, which is
+    /// what SIGHUP does by default.
+    pub fn run(self, interval: Duration) -> impl std::future::Future<Output = ()> {
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(signal) => Some(signal),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot listen for SIGHUP");
                 None
             }
         };
+        self.watch(interval, hangup)
+    }
+
+    async fn watch(self, interval: Duration, mut hangup: Option<tokio::signal::unix::Signal>) {
         let mut stamps = self.stamps();
         loop {
             let hup = async {
