@@ -77,6 +77,37 @@ async fn all_errors_at_once_with_positions_and_rules() {
     assert_eq!(errors, expected.len(), "{stderr}");
 }
 
+/// An unknown key does not hide the other errors of its rule; what remains of the rule
+/// is not judged as a whole (without its typo'd condition it would look empty).
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_in_one_rule_do_not_hide_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: two-problems\n    match: { clinet_ip: 1.2.3.4, spf: bogus }\n    action: tag\n",
+    );
+    let config = config(dir.path(), "");
+    let (ok, stderr) = check(&config).await;
+    assert!(!ok, "{stderr}");
+    let a = dir.path().join("policies/a.yaml").display().to_string();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains(": warning: "))
+        .collect();
+    for want in [
+        format!("{a}:3:14: rule `two-problems`: rules[0].match.clinet_ip: unknown field"),
+        format!("{a}:3:39: rule `two-problems`: `bogus` is not a result"),
+        format!("{a}:4:13: rule `two-problems`: "),
+    ] {
+        assert!(
+            errors.iter().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert_eq!(errors.len(), 3, "{stderr}");
+}
+
 /// `spf: pass` passes for whatever MAIL FROM domain the sender picked: it proves nothing
 /// about a From or a HELO, only about an envelope sender the rule names.
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,7 @@
 //! `file:line:column: message` (the format `mxgate check` promises). Problems are
 //! collected rather than returned one by one, so an admin sees all of them at once.
 
-use super::locate::{YamlPath, locate};
+use super::locate::{Segment, YamlPath, locate};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -99,6 +99,68 @@ impl SourceFile {
         })
     }
 
+    /// As [`deserialize`](Self::deserialize), but reports every error, not the first:
+    /// after each one the map entry holding it is taken out and the rest deserialised
+    /// again. Returns the value deserialised without those entries (`None` when even
+    /// that fails, e.g. for a required key that was taken out) and the errors; the
+    /// value is only to look for more errors in, never to run with.
+    pub fn deserialize_all<T: DeserializeOwned>(
+        &self,
+        at: &YamlPath,
+        mut value: serde_yaml_ng::Value,
+    ) -> (Option<T>, Vec<Diagnostic>) {
+        /// Enough for any real file; a bound so that no input can loop.
+        const MAX_ERRORS: usize = 50;
+        let mut errors = Vec::new();
+        let mut removed: Vec<Vec<Segment>> = Vec::new();
+        loop {
+            let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(parsed) => return (Some(parsed), errors),
+                Err(err) => err,
+            };
+            let message = err.inner().to_string();
+            let segments = YamlPath::root().join_serde(err.path()).0;
+            // A required key we took out is missing now: a consequence, not an error.
+            let consequence = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+                .is_some_and(|key| {
+                    removed.iter().any(|r| {
+                        r.len() == segments.len() + 1
+                            && r.starts_with(&segments)
+                            && r.last() == Some(&Segment::Key(key.to_string()))
+                    })
+                });
+            if consequence {
+                return (None, errors);
+            }
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(|key| Segment::Key(key.to_string()));
+            errors.push(self.deserialize_error(at, err));
+            // The entry to take out: the unknown key itself, else the innermost map
+            // entry on the error's path.
+            let mut target = segments;
+            if let Some(key) = unknown
+                && target.last() != Some(&key)
+            {
+                target.push(key);
+            }
+            while !matches!(target.last(), None | Some(Segment::Key(_))) {
+                target.pop();
+            }
+            if target.is_empty()
+                || removed.contains(&target)
+                || errors.len() >= MAX_ERRORS
+                || !remove_entry(&mut value, &target)
+            {
+                return (None, errors);
+            }
+            removed.push(target);
+        }
+    }
+
     /// Deserialises `value` (found at `at` in this file) into `T`. An error names the
     /// exact node, and for an unknown key the key itself.
     pub fn deserialize<T: DeserializeOwned>(
@@ -106,7 +168,15 @@ impl SourceFile {
         at: &YamlPath,
         value: serde_yaml_ng::Value,
     ) -> Result<T, Diagnostic> {
-        serde_path_to_error::deserialize(value).map_err(|err| {
+        serde_path_to_error::deserialize(value).map_err(|err| self.deserialize_error(at, err))
+    }
+
+    fn deserialize_error(
+        &self,
+        at: &YamlPath,
+        err: serde_path_to_error::Error<serde_yaml_ng::Error>,
+    ) -> Diagnostic {
+        {
             let mut path = at.join_serde(err.path());
             let message = err.inner().to_string();
             let mut on_key = false;
@@ -132,8 +202,29 @@ impl SourceFile {
                 severity: Severity::Error,
                 message: shown,
             }
-        })
+        }
     }
+}
+
+/// Takes the map entry at `path` (whose last segment is a key) out of `value`.
+fn remove_entry(value: &mut serde_yaml_ng::Value, path: &[Segment]) -> bool {
+    let Some((Segment::Key(key), parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        let next = match segment {
+            Segment::Key(key) => node.get_mut(key.as_str()),
+            Segment::Index(index) => node.get_mut(*index),
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    node.as_mapping_mut()
+        .and_then(|map| map.remove(key.as_str()))
+        .is_some()
 }
 
 /// Removes serde_yaml_ng's " at line N column M" (the position is reported separately).

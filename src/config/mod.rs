@@ -73,9 +73,12 @@ pub fn load_for_check(path: &Path) -> (Option<LoadedConfig>, Vec<Diagnostic>) {
 
 fn load_unchecked(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
     let tree = source.parse_tree().map_err(|d| vec![d])?;
-    let config: Config = source
-        .deserialize(&YamlPath::root(), tree)
-        .map_err(|d| vec![d])?;
+    // Every error of the file at once: the ones in its shape (unknown keys, values of
+    // the wrong kind), then what validation finds in the rest.
+    let (config, shape_errors) = source.deserialize_all::<Config>(&YamlPath::root(), tree);
+    let Some(config) = config else {
+        return Err(shape_errors);
+    };
     let base_dir = source
         .path
         .parent()
@@ -87,6 +90,7 @@ fn load_unchecked(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>),
         source,
         base_dir,
     };
-    let diagnostics = validate::validate(&loaded);
+    let mut diagnostics = shape_errors;
+    diagnostics.extend(validate::validate(&loaded));
     Ok((loaded, diagnostics))
 }

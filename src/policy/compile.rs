@@ -62,20 +62,22 @@ pub fn load(loaded: &LoadedConfig) -> (Policy, Vec<Diagnostic>) {
                 }
                 names.insert(name.to_string(), origin.clone());
             }
-            let raw: RawRule = match source.deserialize(&at, value) {
-                Ok(raw) => raw,
-                Err(mut d) => {
-                    d.message = format!("{label}: {}", d.message);
-                    diagnostics.push(d);
-                    continue;
-                }
-            };
+            // Every error in the rule's shape is reported (an unknown key, a value of
+            // the wrong kind); what is left of the rule is still checked value by value.
+            let (raw, errors) = source.deserialize_all::<RawRule>(&at, value);
+            let incomplete = !errors.is_empty();
+            for mut d in errors {
+                d.message = format!("{label}: {}", d.message);
+                diagnostics.push(d);
+            }
+            let Some(raw) = raw else { continue };
             let mut compiler = RuleCompiler {
                 source: &source,
                 at: at.clone(),
                 label,
                 diagnostics: &mut diagnostics,
-                failed: false,
+                failed: incomplete,
+                incomplete,
             };
             let rule = compiler.compile(raw, fingerprint, n);
             let Some(rule) = rule else { continue };
@@ -125,6 +127,10 @@ struct RuleCompiler<'a> {
     label: String,
     diagnostics: &'a mut Vec<Diagnostic>,
     failed: bool,
+    /// Parts of the rule had errors and were left out: only the values that remain
+    /// are checked, not the rule as a whole (a missing condition would make it look
+    /// empty or spoofable when it is neither).
+    incomplete: bool,
 }
 
 impl RuleCompiler<'_> {
@@ -145,7 +151,9 @@ impl RuleCompiler<'_> {
             self.error(self.at.key("match"), "`match` needs at least one condition");
         }
         let action = self.action(&raw.action, raw.reply, raw.header, raw.quarantine_to);
-        if let Some(action) = &action {
+        if let Some(action) = &action
+            && !self.incomplete
+        {
             self.check_action_conditions(action, &conditions, raw.unauthenticated);
         }
         if self.failed {
