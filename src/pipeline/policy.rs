@@ -327,7 +327,11 @@ pub fn full_facts(
         spf_records: dns.spf_records.clone().unwrap_or_default(),
         spf: report.map_or(AuthResult::None, |r| r.spf.result),
         iprev: report.map_or(AuthResult::None, |r| r.iprev.result),
-        header_from: report.map(|r| r.from.addresses.clone()).unwrap_or_default(),
+        // Every From address, the unusable ones too: a rule that needs all of them to
+        // match must not be satisfied because one was left out of the DMARC view.
+        header_from: report
+            .map(|r| [r.from.addresses.as_slice(), r.from.unusable.as_slice()].concat())
+            .unwrap_or_default(),
         dkim_pass: report
             .map(|r| {
                 r.dkim
