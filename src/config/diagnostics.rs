@@ -101,21 +101,36 @@ impl SourceFile {
 
     /// As [`deserialize`](Self::deserialize), but reports every error, not the first:
     /// after each one the map entry holding it is taken out and the rest deserialised
-    /// again. Returns the value deserialised without those entries (`None` when even
-    /// that fails, e.g. for a required key that was taken out) and the errors; the
-    /// value is only to look for more errors in, never to run with.
+    /// again (a section that then lacks a required key goes too). Returns the value
+    /// deserialised without those entries (`None` when even that fails, e.g. for a
+    /// required top-level key that was taken out) and the errors. After errors the
+    /// value is incomplete: only to look for more errors in, never to run with or to
+    /// judge as a whole (checks across keys would report what was taken out).
     pub fn deserialize_all<T: DeserializeOwned>(
         &self,
         at: &YamlPath,
         mut value: serde_yaml_ng::Value,
     ) -> (Option<T>, Vec<Diagnostic>) {
-        /// Enough for any real file; a bound so that no input can loop.
-        const MAX_ERRORS: usize = 50;
         let mut errors = Vec::new();
         let mut removed: Vec<Vec<Segment>> = Vec::new();
+        let value = self.deserialize_pruned(&mut value, &mut errors, &mut removed, at);
+        // In the order of the file, not of discovery.
+        errors.sort_by_key(|d: &Diagnostic| (d.line, d.column));
+        (value, errors)
+    }
+
+    fn deserialize_pruned<T: DeserializeOwned>(
+        &self,
+        value: &mut serde_yaml_ng::Value,
+        errors: &mut Vec<Diagnostic>,
+        removed: &mut Vec<Vec<Segment>>,
+        at: &YamlPath,
+    ) -> Option<T> {
+        /// Enough for any real file; a bound so that no input can loop.
+        const MAX_ERRORS: usize = 50;
         loop {
             let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-                Ok(parsed) => return (Some(parsed), errors),
+                Ok(parsed) => return Some(parsed),
                 Err(err) => err,
             };
             let message = err.inner().to_string();
@@ -132,7 +147,20 @@ impl SourceFile {
                     })
                 });
             if consequence {
-                return (None, errors);
+                // The section now lacks a key we took out: take the whole section out
+                // too and go on looking in the others.
+                let mut section = segments;
+                while matches!(section.last(), Some(Segment::Index(_))) {
+                    section.pop();
+                }
+                if section.is_empty()
+                    || removed.contains(&section)
+                    || !remove_entry(value, &section)
+                {
+                    return None;
+                }
+                removed.push(section);
+                continue;
             }
             let unknown = message
                 .strip_prefix("unknown field `")
@@ -153,9 +181,9 @@ impl SourceFile {
             if target.is_empty()
                 || removed.contains(&target)
                 || errors.len() >= MAX_ERRORS
-                || !remove_entry(&mut value, &target)
+                || !remove_entry(value, &target)
             {
-                return (None, errors);
+                return None;
             }
             removed.push(target);
         }

@@ -73,8 +73,8 @@ pub fn load_for_check(path: &Path) -> (Option<LoadedConfig>, Vec<Diagnostic>) {
 
 fn load_unchecked(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>), Vec<Diagnostic>> {
     let tree = source.parse_tree().map_err(|d| vec![d])?;
-    // Every error of the file at once: the ones in its shape (unknown keys, values of
-    // the wrong kind), then what validation finds in the rest.
+    // Every error in the file's shape at once (unknown keys, values of the wrong
+    // kind); once the shape is right, everything validation finds.
     let (config, shape_errors) = source.deserialize_all::<Config>(&YamlPath::root(), tree);
     let Some(config) = config else {
         return Err(shape_errors);
@@ -90,7 +90,12 @@ fn load_unchecked(source: SourceFile) -> Result<(LoadedConfig, Vec<Diagnostic>),
         source,
         base_dir,
     };
-    let mut diagnostics = shape_errors;
-    diagnostics.extend(validate::validate(&loaded));
+    // Validation judges the config as a whole, which it is not after shape errors
+    // (a section without the key that was wrong would be reported as incomplete).
+    let diagnostics = if shape_errors.is_empty() {
+        validate::validate(&loaded)
+    } else {
+        shape_errors
+    };
     Ok((loaded, diagnostics))
 }

@@ -193,31 +193,48 @@ mod tests {
     }
 
     /// Errors in the file's shape (unknown key, bad network, a value that is no
-    /// variant) do not hide each other, nor what validation finds in the rest.
+    /// variant) do not hide each other, wherever they are; validation, which judges
+    /// the config as a whole, waits until the shape is right.
     #[test]
     fn shape_errors_do_not_hide_each_other() {
         let text = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: []\n  trusted_networks: [\"10.0.0.0/33\"]\n  colour: blue\nbackend: [\"maildir:./mail\"]\ndmarc:\n  on_temperror: maybe\nrelay:\n  tls: sometimes\n";
         let errors = load(text).unwrap_err();
-        for want in [
+        let expected = [
             "mxgate.yaml:5:22: server.trusted_networks[0]: `10.0.0.0/33`",
             "mxgate.yaml:6:3: server.colour: unknown field `colour`",
             "mxgate.yaml:9:17: dmarc.on_temperror: unknown variant `maybe`",
             "mxgate.yaml:11:8: relay.tls: unknown variant `sometimes`",
-            "mxgate.yaml:4:12: ",
-        ] {
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
             assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing {want:?} in {errors:#?}"
+                error.starts_with(want),
+                "{want:?}, in file order: {errors:#?}"
             );
         }
-        assert_eq!(errors.len(), 5, "{errors:#?}");
+        // Once the shape is right, validation speaks (the empty domain list).
+        let fixed = text
+            .replace("\"10.0.0.0/33\"", "\"10.0.0.0/8\"")
+            .replace("  colour: blue\n", "")
+            .replace("maybe", "accept")
+            .replace("sometimes", "off");
+        let errors = load(&fixed).unwrap_err();
+        assert!(errors[0].starts_with("mxgate.yaml:4:12: "), "{errors:#?}");
 
-        // A required key with an error is taken out too: the other shape errors are
-        // still reported, without a "missing field" for it.
-        let text = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\n  colour: blue\nbackend:\n  - ftp://127.0.0.1:2526\ndmarc:\n  on_temperror: maybe\n";
+        // A wrong value under a required key takes its section out, without a "missing
+        // field" for it, and the sections after it are still looked at.
+        let text = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\n  colour: blue\nbackend:\n  - ftp://127.0.0.1:2526\ntls:\n  certificate: [7]\n  private_key: k.pem\ndmarc:\n  on_temperror: maybe\n";
         let errors = load(text).unwrap_err();
-        assert_eq!(errors.len(), 3, "{errors:#?}");
-        assert!(errors[1].starts_with("mxgate.yaml:7:5: backend[0]: unknown backend scheme"));
+        let expected = [
+            "mxgate.yaml:5:3: server.colour",
+            "mxgate.yaml:7:5: backend[0]: unknown backend scheme",
+            "mxgate.yaml:9:16: tls.certificate: invalid type",
+            "mxgate.yaml:12:17: dmarc.on_temperror",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{want:?}: {errors:#?}");
+        }
     }
 
     #[test]

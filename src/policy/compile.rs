@@ -127,9 +127,10 @@ struct RuleCompiler<'a> {
     label: String,
     diagnostics: &'a mut Vec<Diagnostic>,
     failed: bool,
-    /// Parts of the rule had errors and were left out: only the values that remain
-    /// are checked, not the rule as a whole (a missing condition would make it look
-    /// empty or spoofable when it is neither).
+    /// Parts of the rule had errors and were left out: only its conditions are
+    /// checked, value by value, not the action or the rule as a whole (what was left
+    /// out would be reported as missing: an empty `match`, a `tag` without header, an
+    /// `accept` without evidence).
     incomplete: bool,
 }
 
@@ -150,10 +151,11 @@ impl RuleCompiler<'_> {
         if conditions.is_empty() && !self.failed {
             self.error(self.at.key("match"), "`match` needs at least one condition");
         }
+        if self.incomplete {
+            return None;
+        }
         let action = self.action(&raw.action, raw.reply, raw.header, raw.quarantine_to);
-        if let Some(action) = &action
-            && !self.incomplete
-        {
+        if let Some(action) = &action {
             self.check_action_conditions(action, &conditions, raw.unauthenticated);
         }
         if self.failed {
