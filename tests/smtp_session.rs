@@ -334,7 +334,12 @@ async fn null_recipient_is_refused_postmaster_is_not() {
         "sequence first, outside a transaction"
     );
     assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
-    for null in ["RCPT TO:<>", "RCPT TO:< >", "rcpt to:<>"] {
+    for null in [
+        "RCPT TO:<>",
+        "RCPT TO:< >",
+        "rcpt to:<>",
+        "RCPT TO:<@postmaster.test:>",
+    ] {
         let reply = client.cmd(null).await;
         assert_eq!(
             (reply.code, reply.status()),
@@ -342,7 +347,11 @@ async fn null_recipient_is_refused_postmaster_is_not() {
             "{null}: {reply}"
         );
     }
-    for postmaster in ["RCPT TO:<postmaster>", "RCPT TO:<PostMaster>"] {
+    for postmaster in [
+        "RCPT TO:<postmaster>",
+        "RCPT TO:<PostMaster>",
+        "RCPT TO:<\"post\\master\">",
+    ] {
         let reply = client.cmd(postmaster).await;
         assert_eq!(reply.code, 250, "{postmaster}: {reply}");
     }

@@ -472,7 +472,8 @@ impl Reply {
         }
         // We offer ENHANCEDSTATUSCODES, so every reply carries one (RFC 2034 3); a
         // backend that gives none gets the class's undetailed code (RFC 3463 3.1).
-        let status = status.or(Some(Status((code / 100) as u8, 0, 0)));
+        let class = (code / 100) as u8;
+        let status = status.or_else(|| matches!(class, 2 | 4 | 5).then_some(Status(class, 0, 0)));
         Reply {
             code,
             status,

@@ -390,10 +390,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `RCPT TO:<>` (a null forward-path, never valid) rather than `<postmaster>`,
     /// which smtp-proto reports the same way. `tail` is the end of the command line.
     fn is_null_path(&self, tail: &[u8]) -> bool {
-        !self
-            .command_line(tail)
-            .windows(b"postmaster".len())
-            .any(|w| w.eq_ignore_ascii_case(b"postmaster"))
+        let line = self.command_line(tail);
+        let path = match (
+            line.iter().position(|&b| b == b'<'),
+            line.iter().rposition(|&b| b == b'>'),
+        ) {
+            (Some(open), Some(close)) if open < close => &line[open + 1..close],
+            _ => return true,
+        };
+        // Without a source route (`<@relay.test:postmaster>`), quotes and quoted-pairs.
+        let path = match path.first() {
+            Some(b'@') => path
+                .iter()
+                .position(|&b| b == b':')
+                .map_or(&path[..0], |colon| &path[colon + 1..]),
+            _ => path,
+        };
+        let bare: Vec<u8> = path
+            .iter()
+            .copied()
+            .filter(|b| !matches!(b, b'"' | b'\\') && !b.is_ascii_whitespace())
+            .collect();
+        !bare.eq_ignore_ascii_case(b"postmaster")
     }
 
     /// Whether anything but white space follows the verb of the command line.
