@@ -300,7 +300,7 @@ fn compile_relay(
         // Do not create directories while only checking.
         specs.retain(|(spec, path)| !matches!(spec, BackendSpec::Maildir { .. }) || path.exists());
     }
-    match Relay::new(&specs, settings, config.server.hostname.as_str()) {
+    match Relay::new(&specs, settings) {
         Ok(relay) => Some(relay),
         Err(err) => {
             diagnostics.push(loaded.error(&YamlPath::root().key("backend"), err));

@@ -8,33 +8,51 @@
 use super::OutboundMessage;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Mail is private: only the gateway's user reads it (as Postfix and Dovecot do).
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+
+/// One counter for the whole process: a reload opens the Maildir again, and names
+/// must stay unique across the old and the new one.
+static DELIVERIES: AtomicU64 = AtomicU64::new(0);
+
 pub struct Maildir {
     root: PathBuf,
-    hostname: String,
-    counter: AtomicU64,
+    /// The machine's name (not the configured greeting name, which replicas share).
+    host: String,
 }
 
 impl Maildir {
     /// Opens (creating if needed) the Maildir at `root`.
-    pub fn open(root: &Path, hostname: &str) -> Result<Maildir, String> {
+    pub fn open(root: &Path) -> Result<Maildir, String> {
         for sub in ["tmp", "new", "cur"] {
             let dir = root.join(sub);
-            fs::create_dir_all(&dir)
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(&dir)
                 .map_err(|e| format!("cannot create maildir {}: {e}", dir.display()))?;
         }
         Ok(Maildir {
             root: root.to_path_buf(),
-            hostname: hostname.replace(['/', ':'], "_"),
-            counter: AtomicU64::new(0),
+            host: machine_name().replace(['/', ':'], "_"),
         })
     }
 
+    /// Whether this process may create files in `tmp` and `new` (for readiness).
     pub fn is_writable(&self) -> bool {
-        let dir = self.root.join("tmp");
-        std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly())
+        ["tmp", "new"].iter().all(|sub| {
+            let dir = self.root.join(sub);
+            let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+                return false;
+            };
+            // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+            unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+        })
     }
 
     /// Stores the message; returns its unique name.
@@ -52,43 +70,79 @@ impl Maildir {
         }
     }
 
+    fn unique_name(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.M{}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            DELIVERIES.fetch_add(1, Ordering::Relaxed),
+            self.host
+        )
+    }
+
     fn write_file(
         &self,
         mail_from: &str,
         recipients: &[String],
         message: &OutboundMessage<'_>,
     ) -> io::Result<String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let name = format!(
-            "{}.M{}P{}Q{}.{}",
-            now.as_secs(),
-            now.subsec_micros(),
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed),
-            self.hostname
-        );
-        let tmp = self.root.join("tmp").join(&name);
-        let new = self.root.join("new").join(&name);
-        let result = (|| {
-            let mut file = io::BufWriter::new(File::create(&tmp)?);
-            writeln!(file, "Return-Path: <{}>", one_line(mail_from))?;
-            for rcpt in recipients {
-                writeln!(file, "Delivered-To: {}", one_line(rcpt))?;
-            }
-            for segment in message.segments() {
-                write_lf(&mut file, segment)?;
-            }
-            let file = file.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            fs::rename(&tmp, &new)?;
-            File::open(self.root.join("new"))?.sync_all()
-        })();
-        if result.is_err() {
+        // A name already taken (another process writing into the same Maildir) is
+        // never overwritten: `create_new` and `link` fail instead, and we pick another.
+        for _ in 0..8 {
+            let name = self.unique_name();
+            let tmp = self.root.join("tmp").join(&name);
+            let new = self.root.join("new").join(&name);
+            let file = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&tmp)
+            {
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+                other => other?,
+            };
+            let result = (|| {
+                let mut file = io::BufWriter::new(file);
+                writeln!(file, "Return-Path: <{}>", one_line(mail_from))?;
+                for rcpt in recipients {
+                    writeln!(file, "Delivered-To: {}", one_line(rcpt))?;
+                }
+                for segment in message.segments() {
+                    write_lf(&mut file, segment)?;
+                }
+                let file = file.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()?;
+                fs::hard_link(&tmp, &new)
+            })();
             let _ = fs::remove_file(&tmp);
+            match result {
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(err) => return Err(err),
+                Ok(()) => {
+                    File::open(self.root.join("new"))?.sync_all()?;
+                    return Ok(name);
+                }
+            }
         }
-        result.map(|()| name)
+        Err(io::Error::other(
+            "no unique Maildir file name after 8 tries",
+        ))
+    }
+}
+
+/// The machine's host name, for unique file names (Maildir's third part).
+fn machine_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates or fails.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "localhost".to_string(),
     }
 }
 
@@ -112,7 +166,7 @@ mod tests {
     #[test]
     fn delivers_atomically_into_new() {
         let dir = tempfile::tempdir().unwrap();
-        let maildir = Maildir::open(dir.path(), "mx.test").unwrap();
+        let maildir = Maildir::open(dir.path()).unwrap();
         let message = OutboundMessage {
             prefix: b"Received: x\r\n",
             original: b"Subject: hi\r\n\r\nbody\r\n",
@@ -127,5 +181,34 @@ mod tests {
             "Return-Path: <a@b.test>\nDelivered-To: c@d.test\nReceived: x\nSubject: hi\n\nbody\n"
         );
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new").join(&name)), 0o600);
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert!(maildir.is_writable());
+    }
+
+    /// Two Maildir objects on one directory (a reload opens it again) never hand out
+    /// the same name, and an existing file is never replaced.
+    #[test]
+    fn names_stay_unique_across_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = OutboundMessage {
+            prefix: b"",
+            original: b"Subject: hi\r\n\r\nbody\r\n",
+            skip: &[],
+        };
+        let first = Maildir::open(dir.path()).unwrap();
+        let second = Maildir::open(dir.path()).unwrap();
+        let mut names = std::collections::HashSet::new();
+        for _ in 0..50 {
+            for maildir in [&first, &second] {
+                let name = maildir
+                    .deliver("a@b.test", &["c@d.test".into()], &message)
+                    .unwrap();
+                assert!(names.insert(name));
+            }
+        }
+        assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 100);
     }
 }

@@ -231,7 +231,6 @@ impl Relay {
     pub fn new(
         specs: &[(BackendSpec, PathBuf)],
         settings: Arc<RelaySettings>,
-        hostname: &str,
     ) -> Result<Relay, String> {
         let mut backends = Vec::with_capacity(specs.len());
         for (spec, maildir_path) in specs {
@@ -249,7 +248,7 @@ impl Relay {
                     settings.clone(),
                 ))),
                 BackendSpec::Maildir { .. } => {
-                    BackendKind::Maildir(maildir::Maildir::open(maildir_path, hostname)?)
+                    BackendKind::Maildir(maildir::Maildir::open(maildir_path)?)
                 }
             };
             backends.push(Arc::new(Backend {
