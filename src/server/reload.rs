@@ -175,18 +175,21 @@ impl Reloader {
                     None => std::future::pending().await,
                 }
             };
+            // The stamps are taken before the files are read, never after: a file that
+            // changes while a reload reads them (a renewed key written just after its
+            // certificate) then differs at the next look and is reloaded, instead of
+            // being recorded as seen while the reload used the old one.
             tokio::select! {
                 _ = hup => {
-                    let _ = self.reload("SIGHUP");
                     stamps = self.stamps();
+                    let _ = self.reload("SIGHUP");
                 }
                 _ = tokio::time::sleep(interval) => {
-                    let now = self.stamps();
-                    if now != stamps {
+                    if self.stamps() != stamps {
                         // Let an editor finish writing before reading.
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        let _ = self.reload("file changed");
                         stamps = self.stamps();
+                        let _ = self.reload("file changed");
                     }
                 }
             }
