@@ -56,6 +56,32 @@ async fn opportunistic_uses_tls_when_offered_and_plaintext_otherwise() {
     gw.stop().await;
 }
 
+/// Opportunistic is Postfix's `may`: a backend that offers STARTTLS and then refuses
+/// it still gets the mail, in plaintext; `required` defers instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn opportunistic_falls_back_to_plaintext_when_starttls_fails() {
+    let (server, _) = tls_config(None);
+    let backend = FakeBackend::start(Behaviour {
+        tls: Some(server),
+        starttls_refusal: Some("454 4.7.0 TLS not available due to local problem".into()),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(config(&backend, "  tls: opportunistic\n")).await;
+    assert_eq!(send(&gw).await.code, 250);
+    assert_eq!(backend.messages().len(), 1);
+    assert!(backend.log.lock().unwrap().tls_sessions.is_empty());
+    gw.stop().await;
+
+    let gw = Gateway::start(config(&backend, "  tls: required\n")).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    let reply = client.cmd("RCPT TO:<bob@example.test>").await;
+    assert_eq!(reply.code, 451, "required never falls back: {reply}");
+    assert_eq!(backend.messages().len(), 1);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn off_never_starts_tls() {
     let (server, _) = tls_config(None);

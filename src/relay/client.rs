@@ -91,6 +91,43 @@ impl ClientConn {
         lmtp: bool,
         settings: &RelaySettings,
     ) -> Result<ClientConn, RelayError> {
+        let conn = Self::open_plain(host, port, lmtp, settings).await?;
+        let want_tls = match settings.tls_mode {
+            RelayTls::Off => false,
+            RelayTls::Opportunistic => conn.caps.starttls,
+            RelayTls::Required => true,
+        };
+        if !want_tls {
+            return Ok(conn);
+        }
+        if !conn.caps.starttls {
+            return Err(RelayError::Tls("backend does not offer STARTTLS".into()));
+        }
+        match conn.start_tls(host, settings).await {
+            Ok(mut conn) => {
+                conn.hello(settings).await?;
+                Ok(conn)
+            }
+            // Opportunistic means TLS when it works (Postfix's `may`): a refused
+            // STARTTLS or a failed handshake is delivered in plaintext, on a new
+            // connection, rather than deferring every message while it lasts.
+            Err(err @ (RelayError::Tls(_) | RelayError::Timeout("TLS handshake")))
+                if settings.tls_mode == RelayTls::Opportunistic =>
+            {
+                tracing::warn!(backend = %format!("{host}:{port}"), error = %err, "STARTTLS to the backend failed; relaying in plaintext (relay.tls: opportunistic)");
+                Self::open_plain(host, port, lmtp, settings).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Connects, reads the greeting and says EHLO/LHLO.
+    async fn open_plain(
+        host: &str,
+        port: u16,
+        lmtp: bool,
+        settings: &RelaySettings,
+    ) -> Result<ClientConn, RelayError> {
         let t = &settings.timeouts;
         let tcp = match timeout(t.connect, TcpStream::connect((host, port))).await {
             Err(_) => return Err(RelayError::Timeout("connect")),
@@ -112,18 +149,6 @@ impl ClientConn {
             return Err(RelayError::Refused(greeting));
         }
         conn.hello(settings).await?;
-        let want_tls = match settings.tls_mode {
-            RelayTls::Off => false,
-            RelayTls::Opportunistic => conn.caps.starttls,
-            RelayTls::Required => true,
-        };
-        if want_tls {
-            if !conn.caps.starttls {
-                return Err(RelayError::Tls("backend does not offer STARTTLS".into()));
-            }
-            conn = conn.start_tls(host, settings).await?;
-            conn.hello(settings).await?;
-        }
         Ok(conn)
     }
 

@@ -35,6 +35,9 @@ pub struct Behaviour {
     /// After this long without a command, say `421 4.4.2` and close, as Postfix's
     /// smtpd does when its timeout expires.
     pub idle_421: Option<Duration>,
+    /// Answer STARTTLS with this refusal (e.g. `454 4.7.0 TLS not available`) although
+    /// it is offered, as a server with a broken certificate setup does.
+    pub starttls_refusal: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -54,6 +57,7 @@ impl Default for Behaviour {
             chunking: false,
             tls: None,
             idle_421: None,
+            starttls_refusal: None,
         }
     }
 }
@@ -304,6 +308,10 @@ async fn serve(
                 tokio::time::sleep(delay).await;
             }
             commit(&mut stream, &b, &log, std::mem::take(&mut current)).await?;
+        } else if upper == "STARTTLS"
+            && let Some(refusal) = b.starttls_refusal.clone()
+        {
+            write_line(&mut stream, &refusal).await?;
         } else if upper == "STARTTLS" && b.tls.is_some() && !tls_active {
             write_line(&mut stream, "220 2.0.0 Ready to start TLS").await?;
             buf.clear();
