@@ -61,6 +61,28 @@ fn arc_yaml(
     )
 }
 
+/// The edge: a gateway sealing as edge.test (selector arc2026, its key written to `dir`
+/// and published) in front of a fake mailbox server.
+async fn sealing_edge(
+    dns: &TestDns,
+    dir: &std::path::Path,
+    algorithm: KeyAlgorithm,
+) -> (Gateway, FakeBackend) {
+    let key = sealing_key(dns, dir, "edge.test", "arc2026", algorithm, true);
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\n{}",
+            dns.config(),
+            arc_yaml("edge.test", "arc2026", &key, &[], "")
+        ),
+        ..Default::default()
+    })
+    .await;
+    (gw, backend)
+}
+
 fn message(subject: &str) -> String {
     format!(
         "From: Netvisor <noreply@sender.test>\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@sender.test>\n\nInvoice 4711 is attached.\n"
@@ -110,25 +132,7 @@ async fn first_seal_verifies_with_mail_auth_and_arcverify() {
     let dns = TestDns::start().await;
     let esp = zone(&dns);
     let dir = tempfile::tempdir().unwrap();
-    let key = sealing_key(
-        &dns,
-        dir.path(),
-        "edge.test",
-        "arc2026",
-        KeyAlgorithm::Rsa,
-        true,
-    );
-    let backend = FakeBackend::start(Behaviour::default()).await;
-    let gw = Gateway::start(TestConfig {
-        backends: vec![backend.url()],
-        extra: format!(
-            "{}relay:\n  tls: off\n{}",
-            dns.config(),
-            arc_yaml("edge.test", "arc2026", &key, &[], "")
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, backend) = sealing_edge(&dns, dir.path(), KeyAlgorithm::Rsa).await;
     let reply = send_from(
         gw.smtp,
         LEGIT_IP,
@@ -219,25 +223,7 @@ async fn existing_chains_are_continued_with_the_right_cv() {
     let Some(upstream) = upstream_seal(&dns, &upstream_key, &esp.sign(&message("chain"))) else {
         return;
     };
-    let key = sealing_key(
-        &dns,
-        dir.path(),
-        "edge.test",
-        "arc2026",
-        KeyAlgorithm::Rsa,
-        true,
-    );
-    let backend = FakeBackend::start(Behaviour::default()).await;
-    let gw = Gateway::start(TestConfig {
-        backends: vec![backend.url()],
-        extra: format!(
-            "{}relay:\n  tls: off\n{}",
-            dns.config(),
-            arc_yaml("edge.test", "arc2026", &key, &[], "")
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, backend) = sealing_edge(&dns, dir.path(), KeyAlgorithm::Rsa).await;
 
     // A valid chain: i=2, cv=pass.
     let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", &upstream).await;
@@ -951,25 +937,7 @@ async fn chains_stop_at_fifty_sets() {
         }
     }
 
-    let key = sealing_key(
-        &dns,
-        dir.path(),
-        "edge.test",
-        "arc2026",
-        KeyAlgorithm::Ed25519,
-        true,
-    );
-    let backend = FakeBackend::start(Behaviour::default()).await;
-    let gw = Gateway::start(TestConfig {
-        backends: vec![backend.url()],
-        extra: format!(
-            "{}relay:\n  tls: off\n{}",
-            dns.config(),
-            arc_yaml("edge.test", "arc2026", &key, &[], "")
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, backend) = sealing_edge(&dns, dir.path(), KeyAlgorithm::Ed25519).await;
     for (incoming, sets) in [(&with_49, 49), (&chain, 50)] {
         let reply = send_from(gw.smtp, LEGIT_IP, "bounce@sender.test", incoming).await;
         assert_eq!(reply.code, 250, "{sets} sets: {reply}");
@@ -1000,25 +968,7 @@ async fn broken_chains_are_not_sealed_over() {
     let dns = TestDns::start().await;
     let esp = zone(&dns);
     let dir = tempfile::tempdir().unwrap();
-    let key = sealing_key(
-        &dns,
-        dir.path(),
-        "edge.test",
-        "arc2026",
-        KeyAlgorithm::Ed25519,
-        true,
-    );
-    let backend = FakeBackend::start(Behaviour::default()).await;
-    let gw = Gateway::start(TestConfig {
-        backends: vec![backend.url()],
-        extra: format!(
-            "{}relay:\n  tls: off\n{}",
-            dns.config(),
-            arc_yaml("edge.test", "arc2026", &key, &[], "")
-        ),
-        ..Default::default()
-    })
-    .await;
+    let (gw, backend) = sealing_edge(&dns, dir.path(), KeyAlgorithm::Ed25519).await;
     let set = |i: u32, cv: &str| {
         format!(
             "ARC-Seal: i={i}; a=rsa-sha256; t=1700000000; cv={cv}; d=hop.test; s=s; b=AAAA\n\
