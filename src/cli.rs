@@ -161,6 +161,7 @@ fn check(path: &std::path::Path) -> i32 {
         if let Some(auth) = &snapshot.auth {
             warnings.extend(crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
             warnings.extend(crate::dnscheck::spf_record_warnings(&snapshot, auth).await);
+            warnings.extend(crate::hostcheck::client_host_warnings(&snapshot, auth).await);
         }
         Ok::<_, Vec<config::Diagnostic>>(warnings)
     });
