@@ -74,13 +74,29 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print what to configure on the mailbox side (Exchange Online, Google Workspace).
+    /// Print what to configure on the mailbox side (Exchange Server, Exchange Online,
+    /// Google Workspace).
     Profile {
         #[arg(value_enum)]
         target: crate::profile::Target,
         #[arg(long, default_value = "mxgate.yaml")]
         config: PathBuf,
+        /// An address (or CIDR range) mxgate connects to the mailbox side from (repeat
+        /// for several); default: the specific addresses of `server.listen`.
+        #[arg(long = "address", value_parser = address)]
+        address: Vec<String>,
     },
+}
+
+/// `--address`: an IP address or network, written back as the address alone when the
+/// network is one host.
+fn address(text: &str) -> Result<String, String> {
+    let network = config::Network::try_from(text.to_string())?.0;
+    Ok(if network.prefix_len() == network.max_prefix_len() {
+        network.addr().to_string()
+    } else {
+        network.to_string()
+    })
 }
 
 pub fn main() -> i32 {
@@ -115,9 +131,16 @@ pub fn main() -> i32 {
             out,
             force,
         } => crate::keygen::run(algorithm, bits, &domain, &selector, &out, force),
-        Command::Profile { target, config } => match config::load(&config) {
+        Command::Profile {
+            target,
+            config,
+            address,
+        } => match config::load(&config) {
             Ok((loaded, _)) => {
-                print!("{}", crate::profile::render(target, &loaded.config));
+                print!(
+                    "{}",
+                    crate::profile::render(target, &loaded.config, &address)
+                );
                 0
             }
             Err(errors) => {
@@ -161,6 +184,7 @@ fn check(path: &std::path::Path) -> i32 {
         if let Some(auth) = &snapshot.auth {
             warnings.extend(crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
             warnings.extend(crate::dnscheck::spf_record_warnings(&snapshot, auth).await);
+            warnings.extend(crate::hostcheck::client_host_warnings(&snapshot, auth).await);
         }
         Ok::<_, Vec<config::Diagnostic>>(warnings)
     });

@@ -39,6 +39,9 @@ struct Explanation<'a> {
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     not_checked: Option<NotChecked>,
     verdict: VerdictView,
+    /// The own-domain guard's decision, when From is one of our domains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    own_domain_guard: Option<crate::pipeline::own_domain::GuardNote>,
     #[serde(skip_serializing_if = "Option::is_none")]
     authentication_results: Option<String>,
     /// The rule that decided (null when none matched).
@@ -142,11 +145,7 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
                 code: reply.code(),
                 enhanced: reply.status().map(|s| s.to_string()).unwrap_or_default(),
                 text: reply.text(),
-                hit: PolicyHit {
-                    rule: rule.name.clone(),
-                    action: rule.action.clone(),
-                    stage: "rcpt",
-                },
+                hit: crate::pipeline::policy::hit(rule, &rule.action, "rcpt"),
             })
         })
         .collect()
@@ -167,11 +166,9 @@ struct RcptRefusal {
 fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, Vec<RuleView>) {
     let facts = facts.facts();
     let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
-    let hit = evaluation.decision.map(|rule| PolicyHit {
-        rule: rule.name.clone(),
-        action: rule.action.clone(),
-        stage: "data",
-    });
+    let hit = evaluation
+        .decision
+        .map(|rule| crate::pipeline::policy::hit(rule, &rule.action, "data"));
     let trace = snapshot
         .policy
         .rules
@@ -349,6 +346,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
                 rcpts,
                 &dns,
                 Some(&full),
+                &snapshot.dmarc.own_domains,
             )
         };
         refused = rcpt_refusals(snapshot, &facts_for(&request.rcpts), &request.rcpts);
@@ -388,6 +386,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             &request.rcpts,
             &DnsFacts::default(),
             None,
+            &snapshot.dmarc.own_domains,
         );
         let (hit, trace) = policy_trace(snapshot, &facts);
         policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
@@ -416,6 +415,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         not_checked,
         refused_rcpts: refused,
         verdict: VerdictView::new(&verdict, &snapshot.dmarc.quarantine_header),
+        own_domain_guard: verdict.own_domain.clone(),
         authentication_results: ar_value,
         policy,
         policy_trace: rules,
@@ -539,6 +539,12 @@ fn print_text(e: &Explanation<'_>) {
         println!(
             "rcpt        {} refused at RCPT by {} -> {} {} {}",
             refusal.rcpt, refusal.rule, refusal.code, refusal.enhanced, refusal.text
+        );
+    }
+    if let Some(guard) = &e.own_domain_guard {
+        println!(
+            "own domain  {:<9} header.from={} ({})",
+            guard.decision, guard.domain, guard.reason
         );
     }
     println!(

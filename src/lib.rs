@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod dnscheck;
 pub mod explain;
+pub mod hostcheck;
 pub mod keygen;
 pub mod logging;
 pub mod metrics;

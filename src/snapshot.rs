@@ -160,6 +160,13 @@ pub fn compile(
             .as_ref()
             .map(|arc| arc.trusted_sealers.iter().map(|d| d.to_string()).collect())
             .unwrap_or_default(),
+        protect_own_domains: config.dmarc.protect_own_domains,
+        own_domains: config
+            .server
+            .domains
+            .iter()
+            .map(|d| d.to_string().to_ascii_lowercase())
+            .collect(),
     };
     let sealer = compile_sealer(&loaded, &mut diagnostics, &mut watched);
     let (policy, policy_diagnostics) = crate::policy::compile::load(&loaded);

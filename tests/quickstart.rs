@@ -13,11 +13,17 @@ mod support;
 use std::path::Path;
 use support::gateway::{GatewayProcess, read_maildir};
 
+/// Copies a directory with its subdirectories (`policies/recipes/` ships beside the
+/// allowlist and must not be loaded by the shipped config).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
     }
 }
 

@@ -121,6 +121,27 @@ impl Authenticator {
         check
     }
 
+    /// The addresses `name` resolves to (A records, else AAAA), for `mxgate check`'s
+    /// forward confirmation of the host names policy rules trust. `Ok(empty)`: no
+    /// address record; `Err`: the look-up failed.
+    pub async fn host_addresses(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let found = self
+            .resolver
+            .ip_lookup(
+                &format!("{}.", name.trim_end_matches('.')),
+                mail_auth::IpLookupStrategy::Ipv4thenIpv6,
+                MAX_PTR_NAMES * 4,
+                Some(&self.caches.ipv4),
+                Some(&self.caches.ipv6),
+            )
+            .await;
+        match found {
+            Ok(addresses) => Ok(addresses),
+            Err(mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_))) => Ok(Vec::new()),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
     /// SPF for the HELO identity (RFC 7208 section 2.3).
     pub async fn spf_helo(&self, ip: IpAddr, helo: &str) -> SpfCheck {
         let started = Instant::now();

@@ -333,6 +333,10 @@ pub struct Dmarc {
     pub on_temperror: TempErrorAction,
     /// Reject messages without exactly one From header field naming a domain.
     pub reject_invalid_from: bool,
+    /// Refuse mail from untrusted clients whose header From is one of `server.domains`
+    /// (or below one) unless it passes DMARC aligned or an `accept` rule with evidence
+    /// matches, whatever the domain's published policy.
+    pub protect_own_domains: bool,
 }
 
 impl Default for Dmarc {
@@ -342,6 +346,7 @@ impl Default for Dmarc {
             quarantine_header: "X-Spam-Flag: YES".into(),
             on_temperror: TempErrorAction::Tempfail,
             reject_invalid_from: true,
+            protect_own_domains: true,
         }
     }
 }

@@ -251,7 +251,10 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
     ));
     record.action = Some(verdict.action.as_str());
     record.rule = verdict.rule.as_ref().map(|r| r.to_string());
+    let guard_refused = own_domain_record(tx, verdict);
     let label = match (report.dmarc.result, verdict.action) {
+        // The own-domain guard refused, not DMARC (counted as reason `own_domain`).
+        _ if guard_refused => None,
         (AuthResult::Fail, Action::Reject) => Some("reject"),
         (AuthResult::Fail, Action::Quarantine) => Some("quarantine"),
         (AuthResult::Fail, _) if verdict.dmarc_override.is_some() => Some("override"),
@@ -272,6 +275,28 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
     {
         arc_metrics::override_applied(sealer);
     }
+}
+
+/// The own-domain guard's decision in the transaction log, and a line of its own when
+/// it refuses. Returns whether it refused.
+fn own_domain_record(tx: &mut Transaction, verdict: &Verdict) -> bool {
+    let Some(note) = &verdict.own_domain else {
+        return false;
+    };
+    tx.record
+        .auth
+        .push(("own_domain", format!("{}({})", note.decision, note.domain)));
+    let refused = matches!(note.decision, "refuse" | "tempfail");
+    if refused {
+        tracing::info!(
+            id = %tx.id,
+            domain = %note.domain,
+            decision = note.decision,
+            reason = %note.reason,
+            "own-domain guard: message From one of our domains refused (dmarc.protect_own_domains)"
+        );
+    }
+    refused
 }
 
 /// The client's final reply from the backend's answer.

@@ -8,6 +8,7 @@
 mod assess;
 mod deliver;
 pub mod metrics;
+pub mod own_domain;
 mod pending;
 pub mod policy;
 mod record;

@@ -15,6 +15,9 @@ pub struct PolicyHit {
     pub rule: Arc<str>,
     pub action: Action,
     pub stage: &'static str,
+    /// The rule's conditions authenticate the sender (`Condition::authenticate_sender`):
+    /// only such an `accept` lifts the own-domain guard.
+    pub evidence: bool,
 }
 
 /// Facts that need DNS, gathered at MAIL for the rules that use them.
@@ -186,13 +189,7 @@ impl Connection {
             return Some(hit);
         }
         let policy = self.policy()?;
-        let facts = data_facts(
-            self.client_ip,
-            self.helo.as_deref(),
-            self.tls.as_ref().map(|t| t.version_label()),
-            tx,
-            report,
-        );
+        let facts = data_facts(self, tx, report);
         let mut seen = std::mem::take(&mut tx.shadow_seen);
         let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen).map(|rule| {
             metrics::hit(rule);
@@ -250,6 +247,7 @@ pub struct DataFacts {
     dkim_pass: Vec<String>,
     dmarc: AuthResult,
     arc: AuthResult,
+    own_domain: bool,
 }
 
 impl DataFacts {
@@ -262,6 +260,7 @@ impl DataFacts {
             dkim_pass: None,
             dmarc: None,
             arc: None,
+            own_domain: None,
             ..self.facts()
         }
     }
@@ -281,30 +280,27 @@ impl DataFacts {
             dkim_pass: Some(&self.dkim_pass),
             dmarc: Some(self.dmarc),
             arc: Some(self.arc),
+            own_domain: Some(self.own_domain),
         }
     }
 }
 
-fn data_facts(
-    client_ip: std::net::IpAddr,
-    helo: Option<&str>,
-    tls: Option<&'static str>,
-    tx: &Transaction,
-    report: Option<&AuthReport>,
-) -> DataFacts {
+fn data_facts(conn: &Connection, tx: &Transaction, report: Option<&AuthReport>) -> DataFacts {
     full_facts(
-        client_ip,
-        helo,
-        tls,
+        conn.client_ip,
+        conn.helo.as_deref(),
+        conn.tls.as_ref().map(|t| t.version_label()),
         &tx.mail_from,
         &tx.rcpts,
         &tx.dns_facts,
         report,
+        &conn.snapshot.dmarc.own_domains,
     )
 }
 
 /// Builds the complete facts from the checks' report; what was never checked (sender
-/// checks disabled) counts as absent.
+/// checks disabled) counts as absent. `own_domains` is `server.domains`.
+#[allow(clippy::too_many_arguments)]
 pub fn full_facts(
     client_ip: std::net::IpAddr,
     helo: Option<&str>,
@@ -313,8 +309,15 @@ pub fn full_facts(
     rcpts: &[String],
     dns: &DnsFacts,
     report: Option<&AuthReport>,
+    own_domains: &[String],
 ) -> DataFacts {
+    // Every From address, the unusable ones too: a rule that needs all of them to
+    // match must not be satisfied because one was left out of the DMARC view.
+    let header_from: Vec<String> = report
+        .map(|r| [r.from.addresses.as_slice(), r.from.unusable.as_slice()].concat())
+        .unwrap_or_default();
     DataFacts {
+        own_domain: super::own_domain::all_own(&header_from, own_domains),
         client_ip,
         helo: helo.map(str::to_string),
         tls,
@@ -327,11 +330,7 @@ pub fn full_facts(
         spf_records: dns.spf_records.clone().unwrap_or_default(),
         spf: report.map_or(AuthResult::None, |r| r.spf.result),
         iprev: report.map_or(AuthResult::None, |r| r.iprev.result),
-        // Every From address, the unusable ones too: a rule that needs all of them to
-        // match must not be satisfied because one was left out of the DMARC view.
-        header_from: report
-            .map(|r| [r.from.addresses.as_slice(), r.from.unusable.as_slice()].concat())
-            .unwrap_or_default(),
+        header_from,
         dkim_pass: report
             .map(|r| {
                 r.dkim
@@ -364,10 +363,11 @@ fn decide<'p>(
     evaluation.decision
 }
 
-fn hit(rule: &Rule, action: &Action, stage: &'static str) -> PolicyHit {
+pub fn hit(rule: &Rule, action: &Action, stage: &'static str) -> PolicyHit {
     PolicyHit {
         rule: rule.name.clone(),
         action: action.clone(),
         stage,
+        evidence: crate::policy::rules::Condition::authenticate_sender(&rule.conditions),
     }
 }

@@ -45,6 +45,8 @@ pub struct Verdict {
     pub rule: Option<Arc<str>>,
     /// Quarantine to this address instead of the recipients.
     pub redirect: Option<String>,
+    /// What the own-domain guard decided, when From is one of our domains.
+    pub own_domain: Option<super::own_domain::GuardNote>,
 }
 
 impl Verdict {
@@ -57,6 +59,7 @@ impl Verdict {
             dmarc_override: None,
             rule: None,
             redirect: None,
+            own_domain: None,
         }
     }
 
@@ -69,6 +72,7 @@ impl Verdict {
             dmarc_override: None,
             rule: None,
             redirect: None,
+            own_domain: None,
         }
     }
 }
@@ -82,11 +86,25 @@ pub struct DmarcSettings {
     pub reject_invalid_from: bool,
     /// ARC sealers whose verdict we honour when DMARC fails here (lowercase domains).
     pub trusted_sealers: Vec<String>,
+    /// `dmarc.protect_own_domains`: the own-domain guard (`own_domain.rs`).
+    pub protect_own_domains: bool,
+    /// `server.domains`, lowercase: the domains the guard protects (and those below).
+    pub own_domains: Vec<String>,
 }
 
 /// Decides what happens to a message: a policy rule's decision first, then DMARC on
-/// the checks' `report` (absent when sender checks did not run).
+/// the checks' `report` (absent when sender checks did not run), then the own-domain
+/// guard.
 pub fn decide(
+    settings: &DmarcSettings,
+    report: Option<&AuthReport>,
+    policy: Option<&PolicyHit>,
+) -> Verdict {
+    let verdict = decide_policy_and_dmarc(settings, report, policy);
+    super::own_domain::apply(settings, report, policy, verdict)
+}
+
+fn decide_policy_and_dmarc(
     settings: &DmarcSettings,
     report: Option<&AuthReport>,
     policy: Option<&PolicyHit>,
@@ -295,6 +313,8 @@ mod tests {
             on_temperror: TempErrorAction::Tempfail,
             reject_invalid_from: true,
             trusted_sealers: vec!["sealer.test".into()],
+            protect_own_domains: true,
+            own_domains: vec![],
         }
     }
 
@@ -483,6 +503,8 @@ mod override_tests {
             on_temperror: TempErrorAction::Tempfail,
             reject_invalid_from: true,
             trusted_sealers: vec!["edge.example".into()],
+            protect_own_domains: true,
+            own_domains: vec![],
         }
     }
 
@@ -603,6 +625,8 @@ mod policy_tests {
             on_temperror: TempErrorAction::Tempfail,
             reject_invalid_from: true,
             trusted_sealers: vec![],
+            protect_own_domains: true,
+            own_domains: vec![],
         }
     }
 
@@ -653,6 +677,7 @@ mod policy_tests {
             rule: "r".into(),
             action,
             stage: "data",
+            evidence: false,
         }
     }
 

@@ -204,7 +204,10 @@ impl RuleCompiler<'_> {
         let claims_sender = conditions.iter().any(|c| {
             matches!(
                 c,
-                Condition::EnvelopeFrom(_) | Condition::HeaderFrom(_) | Condition::Helo(_)
+                Condition::EnvelopeFrom(_)
+                    | Condition::HeaderFrom(_)
+                    | Condition::Helo(_)
+                    | Condition::OwnDomain(_)
             )
         });
         if *action == Action::Accept
@@ -214,7 +217,7 @@ impl RuleCompiler<'_> {
         {
             self.error(
                 self.at.key("match"),
-                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, dmarc: pass, client_ip, client_host, spf_record, or spf: pass together with envelope_from), or set `unauthenticated: true` to accept that risk",
+                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, dmarc: pass, client_ip, client_host, spf_record, or spf: pass together with envelope_from; own_domain is not evidence), or set `unauthenticated: true` to accept that risk",
             );
         }
     }
@@ -380,6 +383,9 @@ impl RuleCompiler<'_> {
             out.push(Condition::Tls(tls));
         }
         list!(tls_version, tls_version, Condition::TlsVersion);
+        if let Some(own) = raw.own_domain {
+            out.push(Condition::OwnDomain(own));
+        }
         out
     }
 }

@@ -72,6 +72,8 @@ pub struct RawMatch {
     pub rcpt: Option<OneOrMany<String>>,
     pub tls: Option<bool>,
     pub tls_version: Option<OneOrMany<String>>,
+    /// Every header From address is in one of `server.domains` (or below one).
+    pub own_domain: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

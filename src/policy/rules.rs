@@ -83,6 +83,8 @@ pub enum Condition {
     Rcpt(Vec<AddressPattern>),
     Tls(bool),
     TlsVersion(Vec<String>),
+    /// Every header From address is in one of `server.domains` (or below one).
+    OwnDomain(bool),
 }
 
 /// What is known about a message at some stage; `None` means "not known yet".
@@ -107,6 +109,8 @@ pub struct Facts<'a> {
     pub dkim_pass: Option<&'a [String]>,
     pub dmarc: Option<AuthResult>,
     pub arc: Option<AuthResult>,
+    /// Every From address is in one of our own domains.
+    pub own_domain: Option<bool>,
 }
 
 fn any<T>(known: Option<T>, test: impl FnOnce(T) -> bool) -> Option<bool> {
@@ -156,6 +160,7 @@ impl Condition {
             Condition::TlsVersion(versions) => any(facts.tls, |tls| {
                 tls.is_some_and(|v| versions.iter().any(|w| w == v))
             }),
+            Condition::OwnDomain(want) => any(facts.own_domain, |own| own == *want),
         }
     }
 
@@ -189,6 +194,7 @@ impl Condition {
             Condition::Rcpt(_) => "rcpt",
             Condition::Tls(_) => "tls",
             Condition::TlsVersion(_) => "tls_version",
+            Condition::OwnDomain(_) => "own_domain",
         }
     }
 
@@ -251,6 +257,12 @@ impl fmt::Display for Condition {
             Condition::Rcpt(v) => write!(f, "rcpt is [{}]", list(v)),
             Condition::Tls(v) => write!(f, "tls is {v}"),
             Condition::TlsVersion(v) => write!(f, "tls_version in [{}]", v.join(", ")),
+            Condition::OwnDomain(v) => {
+                write!(
+                    f,
+                    "own_domain is {v} (every From address in server.domains)"
+                )
+            }
         }
     }
 }
@@ -435,8 +447,11 @@ mod tests {
             dkim_pass: Some(&dkim),
             dmarc: Some(AuthResult::Fail),
             arc: Some(AuthResult::None),
+            own_domain: Some(false),
         };
         let cases: Vec<(Condition, bool)> = vec![
+            (Condition::OwnDomain(true), false),
+            (Condition::OwnDomain(false), true),
             (Condition::ClientIp(vec![net("89.45.227.221")]), true),
             (
                 Condition::ClientIp(vec![net("10.0.0.0/8"), net("89.45.227.0/24")]),
@@ -657,6 +672,11 @@ mod tests {
         assert!(!Condition::Spf(vec![AuthResult::Pass, AuthResult::None]).is_evidence());
         assert!(!Condition::HeaderFrom(vec![]).is_evidence());
         assert!(!Condition::Helo(vec![]).is_evidence());
+        assert!(!Condition::OwnDomain(true).is_evidence());
+        assert!(!Condition::authenticate_sender(&[
+            Condition::OwnDomain(true),
+            Condition::Spf(vec![AuthResult::Pass])
+        ]));
         let spf = Condition::Spf(vec![AuthResult::Pass]);
         let header_from = Condition::HeaderFrom(vec![]);
         let envelope_from = Condition::EnvelopeFrom(vec![]);

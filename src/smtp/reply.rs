@@ -38,6 +38,7 @@ pub const REASONS: &[&str] = &[
     "dmarc",
     "dmarc_temperror",
     "invalid_from",
+    "own_domain",
     "policy",
     "tls_required",
     "size",
@@ -620,6 +621,20 @@ impl Reply {
             ),
         )
         .because("dmarc_temperror")
+    }
+
+    /// The own-domain guard (`dmarc.protect_own_domains`): mail from outside in the name
+    /// of one of our own domains, without DMARC's proof or a policy rule's evidence.
+    pub fn own_domain_spoof(domain: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!(
+                "Message rejected: the From address is in our own domain {} but the message was not sent by a server of ours and does not pass DMARC",
+                clean(domain)
+            ),
+        )
+        .because("own_domain")
     }
 
     /// RFC 7489 section 6.6.1: a message without exactly one From header field that names
