@@ -14,6 +14,7 @@ pub mod config;
 pub mod dnscheck;
 pub mod explain;
 pub mod keygen;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
@@ -37,4 +38,5 @@ pub fn metrics_init() {
     pipeline::metrics::init();
     relay::metrics::init();
     server::reload::init();
+    limits::metrics::init();
 }
