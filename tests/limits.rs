@@ -182,6 +182,34 @@ async fn ipv6_prefix_length_is_configurable() {
     assert_eq!(run(128).await, [220, 220, 220]);
 }
 
+/// On a dual-stack listener IPv4 clients arrive as IPv4-mapped IPv6 (`::ffff:a.b.c.d`):
+/// they are counted per IPv4 address, not lumped together in one IPv6 prefix.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv4_mapped_clients_count_per_address() {
+    let config = TestConfig {
+        server_extra: "  max_connections_per_ip: 1\n".into(),
+        ..trusted_local()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config
+        .yaml(dir.path())
+        .replace("listen: [\"127.0.0.1:0\"]", "listen: [\"[::]:0\"]");
+    let gw = Gateway::start_yaml(dir, &yaml).await;
+    let port = gw.smtp.port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_first, greeting) = SmtpClient::connect_from(v4, "127.0.0.5").await;
+    assert_eq!(greeting.code, 220, "{greeting}");
+    let (_second, greeting) = SmtpClient::connect_from(v4, "127.0.0.5").await;
+    assert_eq!(
+        (greeting.code, greeting.status()),
+        (421, "4.7.0"),
+        "{greeting}"
+    );
+    let (_other, greeting) = SmtpClient::connect_from(v4, "127.0.0.6").await;
+    assert_eq!(greeting.code, 220, "another IPv4 address: {greeting}");
+    gw.stop().await;
+}
+
 /// Sends one byte of message content every `gap` until the gateway answers; returns the
 /// answer and how long it took.
 async fn trickle(client: &mut SmtpClient, gap: Duration) -> (support::client::Reply, Duration) {
