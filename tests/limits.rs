@@ -385,3 +385,58 @@ async fn refused_mail_counts_as_an_error() {
     assert!(client.is_closed().await);
     gw.stop().await;
 }
+
+/// Each refusal is logged with the client's address and the limit's name, once per
+/// client and window for the refusals a flood repeats.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_logged_with_the_client_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestConfig {
+        server_extra: "  max_errors: 50\n".into(),
+        extra:
+            "auth:\n  enabled: false\nlimits:\n  messages_per_minute: 1\n  max_junk_commands: 1\n"
+                .into(),
+        ..Default::default()
+    };
+    let config_path = dir.path().join("mxgate.yaml");
+    std::fs::write(&config_path, config.yaml(dir.path())).unwrap();
+    let gateway = support::gateway::GatewayProcess::spawn(&config_path);
+    let (mut client, _) = SmtpClient::connect_from(gateway.smtp, "127.0.0.7").await;
+    assert_eq!(client.cmd("EHLO client.example.net").await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RSET").await.code, 250);
+    for _ in 0..3 {
+        assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 450);
+    }
+    for _ in 0..3 {
+        assert_eq!(client.cmd("NOOP").await.code, 250);
+    }
+    assert_eq!(client.cmd("QUIT").await.code, 221);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = gateway.log();
+        let rate_lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("limit=\"messages_per_minute\""))
+            .collect();
+        let junk_logged = log.contains("limit=\"max_junk_commands\"");
+        if junk_logged && !rate_lines.is_empty() {
+            assert_eq!(
+                rate_lines.len(),
+                1,
+                "one line per client and window:\n{log}"
+            );
+            assert!(rate_lines[0].contains("127.0.0.7"), "{}", rate_lines[0]);
+            let junk: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("limit=\"max_junk_commands\""))
+                .collect();
+            assert_eq!(junk.len(), 1, "one line per connection:\n{log}");
+            assert!(junk[0].contains("127.0.0.7"), "{}", junk[0]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
