@@ -3,7 +3,7 @@
 //!
 //! Layers (imports point downward):
 //! - pure: `smtp::reply`, `smtp::data`, `config`, `rewrite`, `policy`
-//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`
+//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`, `limits`
 //! - orchestration: `smtp::session`, `pipeline`
 //! - process: `server`, `snapshot`, `app`, `cli`
 

@@ -34,8 +34,9 @@ impl DataMeter {
         if min_rate == 0 {
             return None;
         }
-        let earned = Duration::from_secs_f64(self.bytes as f64 / min_rate as f64);
-        Some(self.started + grace.max(earned))
+        // Absurd values (a `data_block` of centuries) mean no deadline, never a panic.
+        let earned = Duration::try_from_secs_f64(self.bytes as f64 / min_rate as f64).ok()?;
+        self.started.checked_add(grace.max(earned))
     }
 
     /// Bytes per second so far (for the log line).
@@ -67,5 +68,6 @@ mod tests {
             Some(t0 + Duration::from_secs(20))
         );
         assert_eq!(meter.deadline(0, grace), None);
+        assert_eq!(meter.deadline(500, Duration::MAX), None);
     }
 }

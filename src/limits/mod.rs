@@ -209,7 +209,7 @@ impl ClientBudget {
             return false;
         }
         metrics::exceeded("max_junk_commands");
-        if self.junk == max + 1 {
+        if self.junk == max.saturating_add(1) {
             tracing::info!(
                 client_ip = %self.ip,
                 limit = "max_junk_commands",
