@@ -81,7 +81,7 @@ mod proxy;
     after_help = "Run as `cargo bench --bench mxgate-bench -- [options]`. The gateway is the \
 release-built `mxgate` binary, started as `mxgate serve` with a generated config in a \
 temporary directory (listen 127.0.0.1:0, backend smtp://127.0.0.1:<sink>, relay.tls off, \
-server.max_connections and max_connections_per_ip 5000; with a checking mode in the run \
+server.max_connections and max_connections_per_ip 5000, the limits.*_per_minute rates off; with a checking mode in the run \
 also dns.nameservers [the bench's DNS server] and metrics.listen 127.0.0.1:0, and in `seal` \
 mode arc.domain example.test, arc.selector arcbench and a generated RSA-2048 \
 arc.private_key). The bench raises its own open-files \
@@ -1117,6 +1117,11 @@ fn write_config(
         "backend: [\"smtp://{sink}\"]\nrelay:\n  tls: \"off\"\n  max_connections: {}\n",
         args.concurrency + 16
     ));
+    // One client address sends the whole load: the per-client rates would measure
+    // themselves, not the gateway.
+    yaml.push_str(
+        "limits:\n  connections_per_minute: 0\n  messages_per_minute: 0\n  recipients_per_minute: 0\n",
+    );
     if let Some(zone) = zone {
         // The metrics tell whether the checks passed and the seals were made.
         yaml.push_str(&zone.config());

@@ -5,6 +5,7 @@
 //! port 0: [`Running`] reports the bound addresses, and `serve` prints them on stdout).
 
 use crate::config::{self, Diagnostic, LoadedConfig};
+use crate::limits::Limiter;
 use crate::server::listener::{ConnectionSlots, accept_loop};
 use crate::server::reload::{self, Reloader};
 use crate::server::shutdown::{Phase, Shutdown};
@@ -128,6 +129,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
 
     let shutdown = Shutdown::new();
     let slots = Arc::new(ConnectionSlots::default());
+    let limiter = Limiter::new(&snapshots.load().client_limits);
     let bound = Arc::new(AtomicBool::new(true));
     let mut smtp = Vec::with_capacity(listeners.len());
     let mut accept_tasks = Vec::with_capacity(listeners.len());
@@ -140,6 +142,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
             listener,
             snapshots.clone(),
             slots.clone(),
+            limiter.clone(),
             shutdown.listener(),
         )));
     }

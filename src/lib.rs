@@ -3,7 +3,7 @@
 //!
 //! Layers (imports point downward):
 //! - pure: `smtp::reply`, `smtp::data`, `config`, `rewrite`, `policy`
-//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`
+//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`, `limits`
 //! - orchestration: `smtp::session`, `pipeline`
 //! - process: `server`, `snapshot`, `app`, `cli`
 
@@ -15,6 +15,7 @@ pub mod dnscheck;
 pub mod explain;
 pub mod hostcheck;
 pub mod keygen;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
@@ -38,4 +39,5 @@ pub fn metrics_init() {
     pipeline::metrics::init();
     relay::metrics::init();
     server::reload::init();
+    limits::metrics::init();
 }

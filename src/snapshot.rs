@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub domains: HashSet<String>,
     pub trusted_networks: Vec<Network>,
     pub limits: Limits,
+    /// Per-client budgets (`limits:`).
+    pub client_limits: crate::limits::Settings,
     pub tls: Option<ServerTls>,
     pub relay: Relay,
     /// Sender checks; `None` when `auth.enabled` is false.
@@ -196,6 +198,7 @@ pub fn compile(
             bare_line_endings: config.server.bare_line_endings,
             timeouts: config.server.timeouts.clone(),
         },
+        client_limits: crate::limits::Settings::from_config(config),
         tls: server_tls,
         relay,
         auth,

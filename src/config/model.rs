@@ -36,6 +36,8 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub limits: ClientLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,6 +400,45 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     pub listen: SocketAddr,
+}
+
+/// The `limits:` section: what one client (an IPv4 address, or an IPv6 prefix) may make
+/// us spend. 0 turns a rate or budget off.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientLimits {
+    /// IPv6 clients are counted by this prefix (one host can hold a whole /64).
+    pub ipv6_prefix_length: u8,
+    /// New connections per client per minute; over it `421 4.7.0` at connect.
+    pub connections_per_minute: u32,
+    /// MAIL commands per client per minute; over it `450 4.7.1`.
+    pub messages_per_minute: u32,
+    /// RCPT commands per client per minute; over it `450 4.7.1`.
+    pub recipients_per_minute: u32,
+    /// Commands that do nothing (NOOP, VRFY, HELP; RSET with no transaction open) per
+    /// connection, reset when a message is accepted; each one past it counts toward
+    /// `server.max_errors`.
+    pub max_junk_commands: u32,
+    /// Bytes per second a client must keep up while sending a message, measured after
+    /// the first `server.timeouts.data_block`.
+    pub min_data_rate: u64,
+    /// Clients whose rates are remembered at once; past it, clients not yet tracked are
+    /// not rate-limited until entries expire (two minutes after their last count).
+    pub max_tracked_clients: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            ipv6_prefix_length: 64,
+            connections_per_minute: 600,
+            messages_per_minute: 1200,
+            recipients_per_minute: 6000,
+            max_junk_commands: 100,
+            min_data_rate: 500,
+            max_tracked_clients: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -140,6 +140,20 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
         }
     }
 
+    let limits = root.key("limits");
+    if !(1..=128).contains(&config.limits.ipv6_prefix_length) {
+        out.push(loaded.error(
+            &limits.key("ipv6_prefix_length"),
+            "limits.ipv6_prefix_length must be between 1 and 128",
+        ));
+    }
+    if config.limits.max_tracked_clients == 0 {
+        out.push(loaded.error(
+            &limits.key("max_tracked_clients"),
+            "limits.max_tracked_clients must be at least 1",
+        ));
+    }
+
     if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         out.push(loaded.error(
             &root.key("log").key("level"),
@@ -235,6 +249,26 @@ mod tests {
         for (error, want) in errors.iter().zip(expected) {
             assert!(error.starts_with(want), "{want:?}: {errors:#?}");
         }
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let text =
+            format!("{MINIMAL}limits:\n  ipv6_prefix_length: 129\n  max_tracked_clients: 0\n");
+        let errors = load(&text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("mxgate.yaml:8:23: limits.ipv6_prefix_length"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("mxgate.yaml:9:24: limits.max_tracked_clients"),
+            "{errors:#?}"
+        );
+        load(&format!(
+            "{MINIMAL}limits:\n  ipv6_prefix_length: 48\n  messages_per_minute: 0\n"
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub use stages::MailParams;
 
 use crate::auth::Authenticator;
 use crate::auth::results::{IprevCheck, SpfCheck};
+use crate::limits::ClientBudget;
 use crate::relay::BackendTx;
 use crate::smtp::reply::Reply;
 use crate::snapshot::Snapshot;
@@ -54,6 +55,8 @@ pub struct Connection {
     policy_hit: Option<policy::PolicyHit>,
     /// Shadow rules already counted for this connection.
     shadow_seen: Vec<Arc<str>>,
+    /// What this client may still spend (`limits:`); holds its connection slot.
+    pub budget: ClientBudget,
 }
 
 /// One mail transaction: from MAIL to the final reply (or RSET / disconnect).
@@ -82,7 +85,12 @@ pub struct Transaction {
 }
 
 impl Connection {
-    pub fn new(snapshot: Arc<Snapshot>, peer: SocketAddr, local: SocketAddr) -> Self {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        budget: ClientBudget,
+    ) -> Self {
         let client_ip = crate::config::canonical_ip(peer.ip());
         let trusted = snapshot.is_trusted(&client_ip);
         let auth = if trusted { None } else { snapshot.auth.clone() };
@@ -93,6 +101,7 @@ impl Connection {
             spf_records: None,
             policy_hit: None,
             shadow_seen: Vec::new(),
+            budget,
             snapshot,
             peer,
             local,

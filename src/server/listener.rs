@@ -1,10 +1,13 @@
 //! Accepting connections: limits, the per-connection snapshot, STARTTLS upgrade.
 //!
-//! Each accepted connection takes a slot (global and per client IP, checked and taken
-//! in one step so two connections cannot both squeeze under the limit) and the snapshot
-//! that is current at that moment; it keeps both until it ends.
+//! Each accepted connection takes a global slot, then its client's budget from the
+//! [`Limiter`] (connections per client address or IPv6 prefix, checked and taken in one
+//! step so two connections cannot both squeeze under the limit, and the connection
+//! rate), and the snapshot that is current at that moment; it keeps all three until it
+//! ends.
 
 use super::shutdown::{Phase, ShutdownListener};
+use crate::limits::Limiter;
 use crate::pipeline::Connection;
 use crate::smtp::metrics as smtp_metrics;
 use crate::smtp::reply::Reply;
@@ -12,24 +15,21 @@ use crate::smtp::session::{Ending, Session};
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Open connections, globally and per client address.
+/// Open connections in total (per client: [`Limiter`]).
 #[derive(Default)]
 pub struct ConnectionSlots {
     total: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 pub struct Slot {
     slots: Arc<ConnectionSlots>,
-    ip: IpAddr,
 }
 
 impl ConnectionSlots {
@@ -37,12 +37,7 @@ impl ConnectionSlots {
         self.total.load(Ordering::Relaxed)
     }
 
-    fn take(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        max_total: usize,
-        max_per_ip: usize,
-    ) -> Result<Slot, Reply> {
+    fn take(self: &Arc<Self>, max_total: usize) -> Result<Slot, Reply> {
         let previous = self.total.fetch_add(1, Ordering::AcqRel);
         if previous >= max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
@@ -51,35 +46,15 @@ impl ConnectionSlots {
                 .inc();
             return Err(Reply::too_many_connections());
         }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_ip.entry(ip).or_insert(0);
-        if *count >= max_per_ip {
-            drop(per_ip);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            smtp_metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["per_ip_limit"])
-                .inc();
-            return Err(Reply::too_many_connections_from_ip());
-        }
-        *count += 1;
         smtp_metrics::CONNECTIONS_CURRENT.inc();
         Ok(Slot {
             slots: self.clone(),
-            ip,
         })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-        drop(per_ip);
         self.slots.total.fetch_sub(1, Ordering::AcqRel);
         smtp_metrics::CONNECTIONS_CURRENT.dec();
     }
@@ -90,6 +65,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     snapshots: Arc<ArcSwap<Snapshot>>,
     slots: Arc<ConnectionSlots>,
+    limiter: Arc<Limiter>,
     mut shutdown: ShutdownListener,
 ) {
     let label = listener
@@ -116,8 +92,9 @@ pub async fn accept_loop(
         let snapshot = snapshots.load_full();
         let session_shutdown = shutdown.clone();
         let slots = slots.clone();
+        let limiter = limiter.clone();
         tokio::spawn(async move {
-            serve_connection(tcp, peer, snapshot, slots, session_shutdown).await;
+            serve_connection(tcp, peer, snapshot, slots, limiter, session_shutdown).await;
         });
     }
 }
@@ -127,13 +104,24 @@ async fn serve_connection(
     peer: SocketAddr,
     snapshot: Arc<Snapshot>,
     slots: Arc<ConnectionSlots>,
+    limiter: Arc<Limiter>,
     shutdown: ShutdownListener,
 ) {
     let _ = tcp.set_nodelay(true);
     let config = &snapshot.loaded.config.server;
     let ip = crate::config::canonical_ip(peer.ip());
-    let _slot = match slots.take(ip, config.max_connections, config.max_connections_per_ip) {
-        Ok(slot) => slot,
+    let admitted = match slots.take(config.max_connections) {
+        Ok(slot) => {
+            let trusted = snapshot.is_trusted(&ip);
+            limiter
+                .admit(ip, trusted, snapshot.client_limits)
+                .await
+                .map(|budget| (slot, budget))
+        }
+        Err(reply) => Err(reply),
+    };
+    let (_slot, budget) = match admitted {
+        Ok(admitted) => admitted,
         Err(reply) => {
             smtp_metrics::reply(&reply);
             let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -146,7 +134,7 @@ async fn serve_connection(
     };
     let started = tokio::time::Instant::now();
     let local = tcp.local_addr().unwrap_or(peer);
-    let conn = Connection::new(snapshot, peer, local);
+    let conn = Connection::new(snapshot, peer, local, budget);
     let ending = Session::new(tcp, conn, shutdown.clone()).run(true).await;
     if let Ending::StartTls(tcp, mut conn, errors) = ending {
         let Some(tls) = &conn.snapshot.tls else {

@@ -45,6 +45,8 @@ pub const REASONS: &[&str] = &[
     "bare_line_ending",
     "parameters",
     "connection_limit",
+    "rate_limit",
+    "data_rate",
     "too_many_errors",
     "timeout",
     "shutdown",
@@ -112,7 +114,12 @@ impl Reply {
             || (self.code >= 400
                 && matches!(
                     self.reason,
-                    "protocol" | "parameters" | "relay_denied" | "policy" | "tls_required"
+                    "protocol"
+                        | "parameters"
+                        | "relay_denied"
+                        | "policy"
+                        | "tls_required"
+                        | "rate_limit"
                 ))
     }
 
@@ -424,6 +431,43 @@ impl Reply {
             "Too many connections from your address, try again later",
         )
         .because("connection_limit")
+    }
+
+    /// `limits.connections_per_minute` (Postfix's anvil answers the same).
+    pub fn connection_rate_exceeded() -> Self {
+        Reply::with(
+            421,
+            (4, 7, 0),
+            "Too many connections from your address in the last minute, try again later",
+        )
+        .because("rate_limit")
+    }
+
+    /// `limits.messages_per_minute`, at MAIL. Counts as an error: a client that keeps
+    /// sending MAIL after it is ends up disconnected.
+    pub fn message_rate_exceeded() -> Self {
+        Reply::with(
+            450,
+            (4, 7, 1),
+            "Too many messages from your address, try again later",
+        )
+        .because("rate_limit")
+    }
+
+    /// `limits.recipients_per_minute`, at RCPT. Not an error (like `452 4.5.3`): the
+    /// client delivers to the recipients accepted so far and sends the rest later.
+    pub fn recipient_rate_exceeded() -> Self {
+        Reply::with(
+            450,
+            (4, 7, 1),
+            "Too many recipients from your address, try again later",
+        )
+        .because("recipient_limit")
+    }
+
+    /// `limits.min_data_rate`: the message came in too slowly.
+    pub fn data_rate_too_low() -> Self {
+        Reply::with(421, (4, 4, 2), "Data rate too low, closing connection").because("data_rate")
     }
 
     pub fn local_error() -> Self {

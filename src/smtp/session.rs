@@ -195,6 +195,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         matches!(self.state, State::Fresh | State::Ready)
     }
 
+    /// Inside message content, where `limits.min_data_rate` applies (between BDAT
+    /// chunks too: a message sent as many tiny chunks is still one message).
+    fn is_receiving(&self) -> bool {
+        matches!(
+            self.state,
+            State::Data(..) | State::Chunk { .. } | State::BetweenChunks(_) | State::Discard { .. }
+        )
+    }
+
     /// Reads more input. `Ok(false)`: the client closed. `Err`: the reply to send
     /// before closing (timeout, shutdown).
     async fn read_more(&mut self) -> Result<bool, Reply> {
@@ -224,6 +233,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             timeouts.data_block
         };
+        // Inside message content the read also ends when the data rate would fall
+        // below `limits.min_data_rate`, so a silent client is caught as well.
+        let rate_deadline = self.conn.budget.before_read(self.is_receiving())?;
+        let now = tokio::time::Instant::now();
+        let (limit, too_slow_at_end) = match rate_deadline {
+            Some(deadline) if deadline - now < limit => (deadline - now, true),
+            _ => (limit, false),
+        };
         // Idle sessions stop at the start of a drain; sessions inside a transaction get
         // until the grace period is over.
         let stop_at = if self.is_idle() {
@@ -234,9 +251,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
             read = tokio::time::timeout(limit, self.io.read_buf(&mut self.rbuf)) => match read {
+                Err(_) if too_slow_at_end => Err(self.conn.budget.data_too_slow()),
                 Err(_) => Err(Reply::timeout()),
                 Ok(Ok(0)) | Ok(Err(_)) => Ok(false),
-                Ok(Ok(_)) => Ok(true),
+                Ok(Ok(n)) => {
+                    self.conn.budget.received(n);
+                    Ok(true)
+                }
             },
             _ = shutdown.reached(stop_at) => Err(Reply::shutting_down()),
         }
@@ -266,16 +287,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if reply.closes_session() {
             return true;
         }
-        if reply.counts_as_client_error() {
-            self.errors += 1;
-            if self.errors >= self.conn.snapshot.limits.max_errors {
-                let limit = Reply::too_many_errors();
-                metrics::reply(&limit);
-                limit.write_to(&mut self.wbuf);
-                return true;
-            }
+        reply.counts_as_client_error() && self.count_error()
+    }
+
+    /// Counts one error; at `max_errors` queues the closing reply and returns true.
+    fn count_error(&mut self) -> bool {
+        self.errors += 1;
+        if self.errors >= self.conn.snapshot.limits.max_errors {
+            let limit = Reply::too_many_errors();
+            metrics::reply(&limit);
+            limit.write_to(&mut self.wbuf);
+            return true;
         }
         false
+    }
+
+    /// Answers a command that did nothing (`limits.max_junk_commands`): past the limit
+    /// each one counts as an error, so an endless stream of them ends the session.
+    fn junk_reply(&mut self, reply: Reply) -> Flow {
+        if self.reply(reply) || (self.conn.budget.junk_command() && self.count_error()) {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
     }
 
     fn reply_flow(&mut self, reply: Reply) -> Flow {
@@ -439,6 +473,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.state = State::Ready;
                         self.reply_flow(Reply::bad_sender_syntax())
                     }
+                    State::Ready if let Err(reply) = self.conn.budget.message().await => {
+                        self.state = State::Ready;
+                        self.reply_flow(reply)
+                    }
                     State::Ready => match self.conn.on_mail(from).await {
                         Ok(tx) => {
                             self.state = State::Envelope(Box::new(tx));
@@ -464,6 +502,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if !address::has_valid_domain(&to.address) {
                         return self.reply_flow(Reply::bad_recipient_syntax());
                     }
+                    if let Err(reply) = self.conn.budget.recipient().await {
+                        return self.reply_flow(reply);
+                    }
                     let reply = self.conn.on_rcpt(tx, to).await;
                     self.reply_flow(reply)
                 } else {
@@ -484,21 +525,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             Request::Rset => {
+                // An RSET that ends a transaction did something; one that does not is
+                // junk.
+                let did_nothing = self.is_idle();
                 self.abort_transaction("rset").await;
                 if !matches!(self.state, State::Fresh) {
                     self.state = State::Ready;
                 }
-                self.reply_flow(Reply::ok())
+                if did_nothing {
+                    self.junk_reply(Reply::ok())
+                } else {
+                    self.reply_flow(Reply::ok())
+                }
             }
-            Request::Noop { .. } => self.reply_flow(Reply::ok()),
+            Request::Noop { .. } => self.junk_reply(Reply::ok()),
             Request::Quit => {
                 self.abort_transaction("quit").await;
                 let reply = Reply::quit(self.conn.hostname());
                 self.reply(reply);
                 Flow::Close
             }
-            Request::Vrfy { .. } => self.reply_flow(Reply::vrfy()),
-            Request::Help { .. } => self.reply_flow(Reply::help()),
+            Request::Vrfy { .. } => self.junk_reply(Reply::vrfy()),
+            Request::Help { .. } => self.junk_reply(Reply::help()),
             Request::StartTls => self.start_tls(),
             Request::Expn { .. } => self.reply_flow(Reply::not_implemented("EXPN")),
             Request::Etrn { .. } => self.reply_flow(Reply::not_implemented("ETRN")),
@@ -745,7 +793,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.conn.refuse_message(tx, Reply::spool_error()).await;
             }
         };
-        self.conn.on_message(tx, bytes).await
+        let reply = self.conn.on_message(tx, bytes).await;
+        if reply.is_positive() {
+            self.conn.budget.message_accepted();
+        }
+        reply
     }
 
     /// Ends a transaction that did not reach the end of data.

@@ -52,12 +52,18 @@ impl SmtpClient {
         SmtpClient::start(tcp).await
     }
 
-    /// Connects from a chosen loopback address (any of 127.0.0.0/8 works on Linux), so
-    /// tests can play senders at different IPs.
+    /// Connects from a chosen loopback address (any of 127.0.0.0/8 works on Linux; IPv6
+    /// ones must be on `lo`, see `net::source_address`), so tests can play senders at
+    /// different IPs.
     pub async fn connect_from(addr: SocketAddr, source: &str) -> (SmtpClient, Reply) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        let source: std::net::IpAddr = source.parse().unwrap();
+        let socket = if source.is_ipv6() {
+            tokio::net::TcpSocket::new_v6().unwrap()
+        } else {
+            tokio::net::TcpSocket::new_v4().unwrap()
+        };
         socket
-            .bind(SocketAddr::new(source.parse().unwrap(), 0))
+            .bind(SocketAddr::new(source, 0))
             .expect("bind source address");
         let tcp = socket.connect(addr).await.expect("connect to gateway");
         SmtpClient::start(tcp).await

@@ -1,0 +1,67 @@
+//! Which clients share a budget: an IPv4 address, or an IPv6 prefix (one host can hold
+//! a whole /64, so counting IPv6 addresses one by one bounds nothing). IPv4-mapped IPv6
+//! (`::ffff:192.0.2.1`, what a dual-stack socket reports) counts as the IPv4 address.
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::fmt;
+use std::net::IpAddr;
+
+/// The unit that limits count: `192.0.2.1/32` or `2001:db8:1:2::/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpNet);
+
+impl ClientKey {
+    /// The key of `ip` when IPv6 clients are grouped by `ipv6_prefix_length` bits
+    /// (validated to 1..=128; anything above 128 counts as 128).
+    pub fn of(ip: IpAddr, ipv6_prefix_length: u8) -> ClientKey {
+        let net = match crate::config::canonical_ip(ip) {
+            IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),
+            IpAddr::V6(v6) => {
+                let len = ipv6_prefix_length.min(128);
+                let net = Ipv6Net::new(v6, len).unwrap_or_else(|_| Ipv6Net::from(v6));
+                IpNet::V6(net.trunc())
+            }
+        };
+        ClientKey(net)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, len: u8) -> String {
+        ClientKey::of(ip.parse().unwrap(), len).to_string()
+    }
+
+    #[test]
+    fn ipv4_counts_per_address() {
+        assert_eq!(key("192.0.2.1", 64), "192.0.2.1/32");
+        assert_ne!(key("192.0.2.1", 64), key("192.0.2.2", 64));
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_ipv4() {
+        assert_eq!(key("::ffff:192.0.2.1", 64), "192.0.2.1/32");
+        assert_eq!(
+            ClientKey::of("::ffff:192.0.2.1".parse().unwrap(), 64),
+            ClientKey::of("192.0.2.1".parse().unwrap(), 64)
+        );
+    }
+
+    #[test]
+    fn ipv6_counts_per_prefix() {
+        assert_eq!(key("2001:db8:1:2:a:b:c:d", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2::1", 64), key("2001:db8:1:2:ffff::9", 64));
+        assert_ne!(key("2001:db8:1:2::1", 64), key("2001:db8:1:3::1", 64));
+        assert_eq!(key("2001:db8:1:2::1", 48), key("2001:db8:1:3::1", 48));
+        assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+    }
+}
