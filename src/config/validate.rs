@@ -3,6 +3,12 @@
 
 use super::{Diagnostic, LoadedConfig, YamlPath};
 use std::collections::HashSet;
+use std::time::Duration;
+
+/// Longest time a backend's answer about a recipient may be kept.
+const MAX_RECIPIENT_TTL: Duration = Duration::from_secs(86_400);
+/// Most recipient answers kept (an entry is an address and a reply: a few hundred bytes).
+const MAX_RECIPIENT_ENTRIES: u64 = 10_000_000;
 
 pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -85,6 +91,25 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     }
     if config.relay.max_connections == 0 {
         out.push(loaded.error(&relay.key("max_connections"), "must be at least 1"));
+    }
+    let cache = &config.relay.recipient_cache;
+    let cache_at = relay.key("recipient_cache");
+    for (name, ttl) in [
+        ("ttl_accept", cache.ttl_accept),
+        ("ttl_reject", cache.ttl_reject),
+    ] {
+        if ttl > MAX_RECIPIENT_TTL {
+            out.push(loaded.error(
+                &cache_at.key(name),
+                "at most 1d: the mailbox server's directory changes, and a kept answer would hide it",
+            ));
+        }
+    }
+    if cache.max_entries > MAX_RECIPIENT_ENTRIES {
+        out.push(loaded.error(
+            &cache_at.key("max_entries"),
+            format!("at most {MAX_RECIPIENT_ENTRIES} (each entry costs memory)"),
+        ));
     }
 
     let dns = root.key("dns");
