@@ -400,7 +400,15 @@ async fn aborted_transaction_resets_the_backend() {
     let messages = backend.messages();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].mail_from, "carol@sender.test");
-    assert!(backend.commands().contains(&"RSET".to_string()));
+    // No transaction was left open at the backend: each MAIL it saw was a probe that
+    // ended in RSET, or a delivery.
+    let commands = backend.commands();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!(
+        count("MAIL"),
+        count("RSET") + messages.len(),
+        "{commands:?}"
+    );
     gw.stop().await;
 }
 
@@ -914,4 +922,37 @@ async fn a_recipient_refused_at_delivery_defers_the_whole_message() {
         );
         gw.stop().await;
     }
+}
+
+/// A non-ASCII envelope needs a backend that offers SMTPUTF8: such a recipient is
+/// refused at RCPT (`553 5.6.7`) and never sent to the backend, while the ASCII
+/// recipients of the same transaction are relayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_without_smtputf8_refuses_non_ascii_recipients_at_rcpt() {
+    let backend = FakeBackend::start(Behaviour {
+        smtputf8: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+    let (mut client, _) = gw.ehlo().await;
+    for _ in 0..2 {
+        let mail = client.cmd("MAIL FROM:<alice@sender.test> SMTPUTF8").await;
+        assert_eq!(mail.code, 250);
+        let reply = client.cmd("RCPT TO:<jörg@example.test>").await;
+        assert_eq!((reply.code, reply.status()), (553, "5.6.7"), "{reply}");
+        assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+        let reply = client.read_reply().await;
+        assert_eq!(reply.code, 250, "{reply}");
+    }
+    let messages = backend.messages();
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| m.rcpts == vec!["bob@example.test"]));
+    assert!(
+        !backend.commands().iter().any(|c| c.contains("jörg")),
+        "never sent to a backend that cannot take it"
+    );
+    gw.stop().await;
 }

@@ -101,14 +101,14 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
         if ttl > MAX_RECIPIENT_TTL {
             out.push(loaded.error(
                 &cache_at.key(name),
-                "at most 1d: the mailbox server's directory changes, and a kept answer would hide it",
+                format!("relay.recipient_cache.{name}: at most 1d (the mailbox server's directory changes, and a kept answer would hide it)"),
             ));
         }
     }
     if cache.max_entries > MAX_RECIPIENT_ENTRIES {
         out.push(loaded.error(
             &cache_at.key("max_entries"),
-            format!("at most {MAX_RECIPIENT_ENTRIES} (each entry costs memory)"),
+            format!("relay.recipient_cache.max_entries: at most {MAX_RECIPIENT_ENTRIES} (each entry costs memory)"),
         ));
     }
 
@@ -203,6 +203,33 @@ mod tests {
     #[test]
     fn minimal_config_loads() {
         load(MINIMAL).unwrap();
+    }
+
+    #[test]
+    fn recipient_cache_bounds_are_checked() {
+        let text = format!(
+            "{MINIMAL}relay:\n  recipient_cache:\n    ttl_accept: 0s\n    ttl_reject: 2d\n    max_entries: 20000000\n"
+        );
+        let errors = load(&text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0]
+                .starts_with("mxgate.yaml:10:17: relay.recipient_cache.ttl_reject: at most 1d"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("mxgate.yaml:11:18: relay.recipient_cache.max_entries: at most"),
+            "{errors:#?}"
+        );
+        let (loaded, _) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text: format!("{MINIMAL}relay:\n  recipient_cache:\n    ttl_accept: 0s\n"),
+        })
+        .unwrap();
+        let cache = &loaded.config.relay.recipient_cache;
+        assert!(cache.ttl_accept.is_zero());
+        assert_eq!(cache.ttl_reject, std::time::Duration::from_secs(60));
+        assert_eq!(cache.max_entries, 100_000);
     }
 
     #[test]

@@ -61,16 +61,20 @@ async fn probe_on(
         batch.extend_from_slice(b"RSET\r\n");
         conn.write_all(&batch, limits.mail).await?;
         let mail_reply = conn.read_reply(limits.mail).await?;
-        // After a refused MAIL the RCPT is answered too (503, "need MAIL"): read and
-        // ignored, it says nothing about the recipient.
-        let rcpt_reply = conn.read_reply(limits.rcpt).await?;
-        let reset = conn.read_reply(limits.mail).await;
-        let answer = if mail_reply.is_positive() {
-            RcptAnswer::Rcpt(rcpt_reply)
+        let rcpt_reply = conn.read_reply(limits.rcpt).await;
+        if !mail_reply.is_positive() {
+            // The RCPT was answered too (503, "need MAIL"), or not at all by a backend
+            // that gave up on us: either way the refused MAIL is the answer.
+            let reset = match rcpt_reply {
+                Ok(_) => conn.read_reply(limits.mail).await,
+                Err(err) => Err(err),
+            };
+            (RcptAnswer::MailRefused(mail_reply), reset)
         } else {
-            RcptAnswer::MailRefused(mail_reply)
-        };
-        (answer, reset)
+            let rcpt_reply = rcpt_reply?;
+            let reset = conn.read_reply(limits.mail).await;
+            (RcptAnswer::Rcpt(rcpt_reply), reset)
+        }
     } else {
         let mail_reply = conn.command(mail.as_bytes(), limits.mail).await?;
         if !mail_reply.is_positive() {

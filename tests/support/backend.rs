@@ -38,6 +38,8 @@ pub struct Behaviour {
     /// Answer STARTTLS with this refusal (e.g. `454 4.7.0 TLS not available`) although
     /// it is offered, as a server with a broken certificate setup does.
     pub starttls_refusal: Option<String>,
+    /// Offer SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
 }
 
 impl Default for Behaviour {
@@ -58,6 +60,7 @@ impl Default for Behaviour {
             tls: None,
             idle_421: None,
             starttls_refusal: None,
+            smtputf8: true,
         }
     }
 }
@@ -223,12 +226,11 @@ async fn serve(
             if b.pipelining {
                 caps.push("PIPELINING".into());
             }
-            caps.extend([
-                "8BITMIME".into(),
-                "SMTPUTF8".into(),
-                "SIZE 100000000".into(),
-                "ENHANCEDSTATUSCODES".into(),
-            ]);
+            caps.push("8BITMIME".into());
+            if b.smtputf8 {
+                caps.push("SMTPUTF8".into());
+            }
+            caps.extend(["SIZE 100000000".into(), "ENHANCEDSTATUSCODES".into()]);
             if b.chunking {
                 caps.push("CHUNKING".into());
             }
