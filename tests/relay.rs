@@ -956,3 +956,37 @@ async fn a_backend_without_smtputf8_refuses_non_ascii_recipients_at_rcpt() {
     );
     gw.stop().await;
 }
+
+/// More recipients than one pipelined group (100): MAIL and the RCPTs go out in groups,
+/// each read before the next is written, and a refusal in a later group still defers
+/// the whole message.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_recipients_are_relayed_in_groups() {
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let mut config = hold_config(vec![backend.url()], "");
+    config.server_extra = "  max_recipients: 250\n".into();
+    let gw = Gateway::start(config).await;
+    let (mut client, _) = gw.ehlo().await;
+    let rcpts: Vec<String> = (0..150).map(|n| format!("r{n}@example.test")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let reply = client
+        .send_mail("alice@sender.test", &refs, "Subject: many\n\nx\n")
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(backend.messages()[0].rcpts, rcpts);
+
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    for rcpt in &rcpts {
+        assert_eq!(client.cmd(&format!("RCPT TO:<{rcpt}>")).await.code, 250);
+    }
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    backend.set(|b| {
+        b.rcpt_replies
+            .insert("r140@example.test".into(), "550 5.1.1 gone".into());
+    });
+    client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (451, "4.3.0"), "{reply}");
+    assert_eq!(backend.messages().len(), 1);
+    gw.stop().await;
+}

@@ -8,9 +8,13 @@
 //! answers the whole message with a 4xx. No content is sent unless every recipient was
 //! accepted.
 
+use super::client::ClientConn;
 use super::pool::{Lease, Pool};
-use super::{Delivery, Envelope, OutboundMessage, RelayError, mail_command, rcpt_command};
+use super::{
+    BackendReply, Delivery, Envelope, OutboundMessage, RelayError, mail_command, rcpt_command,
+};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Recipients written before their replies are read. The replies to a group must fit
 /// the backend's socket buffers while we are still writing, or both sides would wait.
@@ -55,33 +59,29 @@ async fn open_on(
     let mail = mail_command(envelope, &conn.caps);
     let mut refused = Vec::new();
     let mail_reply = if conn.caps.pipelining {
-        let mut mail_reply = None;
-        for group in rcpts.chunks(RCPT_GROUP) {
-            let mut batch = Vec::with_capacity(64 * (group.len() + 1));
-            if mail_reply.is_none() {
-                batch.extend_from_slice(mail.as_bytes());
-            }
-            for rcpt in group {
-                batch.extend_from_slice(rcpt_command(rcpt).as_bytes());
-            }
-            conn.write_all(&batch, limits.mail).await?;
-            if mail_reply.is_none() {
-                mail_reply = Some(conn.read_reply(limits.mail).await?);
-            }
-            for rcpt in group {
-                let reply = conn.read_reply(limits.rcpt).await?;
-                if !reply.is_positive() {
-                    refused.push((rcpt.clone(), reply));
-                }
-            }
-            if !mail_reply.as_ref().is_some_and(|r| r.is_positive()) {
-                break;
+        // MAIL goes with the first group; the others follow only if MAIL was accepted.
+        let mut groups = rcpts.chunks(RCPT_GROUP);
+        let first = groups.next().unwrap_or_default();
+        let mut batch = mail.into_bytes();
+        batch.extend(
+            first
+                .iter()
+                .flat_map(|rcpt| rcpt_command(rcpt).into_bytes()),
+        );
+        conn.write_all(&batch, limits.mail).await?;
+        let mail_reply = conn.read_reply(limits.mail).await?;
+        read_rcpt_replies(conn, first, limits.rcpt, &mut refused).await?;
+        if mail_reply.is_positive() {
+            for group in groups {
+                let batch: Vec<u8> = group
+                    .iter()
+                    .flat_map(|rcpt| rcpt_command(rcpt).into_bytes())
+                    .collect();
+                conn.write_all(&batch, limits.rcpt).await?;
+                read_rcpt_replies(conn, group, limits.rcpt, &mut refused).await?;
             }
         }
-        match mail_reply {
-            Some(reply) => reply,
-            None => return Err(RelayError::Protocol("no recipient to relay to".into())),
-        }
+        mail_reply
     } else {
         let mail_reply = conn.command(mail.as_bytes(), limits.mail).await?;
         if mail_reply.is_positive() {
@@ -111,6 +111,22 @@ async fn open_on(
         return Ok(Opened::Refused(Delivery::RcptRefused(refused)));
     }
     Ok(Opened::Ready(lease))
+}
+
+/// Reads the replies to a group of pipelined RCPTs, keeping the refusals.
+async fn read_rcpt_replies(
+    conn: &mut ClientConn,
+    group: &[String],
+    limit: Duration,
+    refused: &mut Vec<(String, BackendReply)>,
+) -> Result<(), RelayError> {
+    for rcpt in group {
+        let reply = conn.read_reply(limit).await?;
+        if !reply.is_positive() {
+            refused.push((rcpt.clone(), reply));
+        }
+    }
+    Ok(())
 }
 
 /// Sends the content and reads the final reply (SMTP) or one per recipient (LMTP).

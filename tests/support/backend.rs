@@ -126,6 +126,9 @@ impl FakeBackend {
                     return;
                 };
                 task_log.lock().unwrap().connections += 1;
+                // Replies are written one at a time: without this, Nagle holds each
+                // pipelined reply until the previous one is acknowledged.
+                let _ = stream.set_nodelay(true);
                 let behaviour = task_behaviour.clone();
                 let log = task_log.clone();
                 tokio::spawn(async move {
