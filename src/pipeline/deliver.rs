@@ -196,21 +196,24 @@ impl Connection {
             .deliver(&tx.envelope(), &targets, outbound)
             .await;
         tx.record.backend = attempt.backend;
-        match attempt.result {
+        match (attempt.result, redirect_to) {
             // The backend refusing our quarantine address (or the sender, for it) is a
             // configuration problem, not the sender's: defer (451) rather than bounce
             // mail we meant to keep.
-            Ok(Delivery::MailRefused(reply)) if redirect_to.is_some() => {
-                tracing::error!(quarantine_to = ?redirect_to, backend_reply = %reply.to_reply(), "the backend refuses the sender for quarantine; deferring the message");
+            (Ok(Delivery::MailRefused(reply)), Some(to)) => {
+                tracing::error!(quarantine_to = %to, backend_reply = %reply.summary(), "the backend refuses the sender for quarantine; deferring the message");
                 Reply::quarantine_refused()
             }
-            Ok(Delivery::RcptRefused(refused)) if redirect_to.is_some() => {
-                let reply = refused.first().map(|(_, r)| r.to_reply().to_string());
-                tracing::error!(quarantine_to = ?redirect_to, backend_reply = ?reply, "the backend refuses the quarantine address; deferring the message");
+            (Ok(Delivery::RcptRefused(refused)), Some(to)) => {
+                let reply = refused
+                    .first()
+                    .map(|(_, r)| r.summary())
+                    .unwrap_or_default();
+                tracing::error!(quarantine_to = %to, backend_reply = %reply, "the backend refuses the quarantine address; deferring the message");
                 Reply::quarantine_refused()
             }
-            Ok(delivery) => final_reply(delivery, &tx.id),
-            Err(err) => {
+            (Ok(delivery), _) => final_reply(delivery, &tx.id),
+            (Err(err), _) => {
                 tx.record.note_relay_error(&err);
                 err.reply()
             }
