@@ -284,6 +284,7 @@ fn compile_relay(
         max_connections: relay_config.max_connections,
         pool_wait: relay_config.pool_wait,
         idle_timeout: relay_config.idle_timeout,
+        recipient_cache: relay_config.recipient_cache.clone(),
     });
 
     let mut specs = Vec::with_capacity(config.backend.len());

@@ -157,6 +157,45 @@ async fn backend_rejection_passes_through() {
     gw.stop().await;
 }
 
+/// Issue 11 case 6 against a real Postfix whose smtpd drops a client idle for a second
+/// (`smtpd_timeout`; Postfix lowers it to 10 s under stress): a client that takes three
+/// seconds to upload its data still gets Postfix's 250 and the message is delivered,
+/// because the backend connection is taken only at end of data (before, it idled from
+/// RCPT on, and Postfix's `421 4.4.2 Error: timeout exceeded` reached the client).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_outlives_postfix_smtpd_timeout() {
+    let mut options = PostfixOptions::mailbox(&["example.test"]);
+    options.main_cf.push("smtpd_timeout = 1s".into());
+    let Some(postfix) = start_or_skip(options) else {
+        return;
+    };
+    let gw = Gateway::start(in_front_of(&postfix)).await;
+    let (mut client, _) = gw.ehlo().await;
+    let context = |reply: &Reply| format!("{reply}\nPostfix log:\n{}", postfix.log());
+    let reply = client.cmd("MAIL FROM:<alice@sender.test>").await;
+    assert_eq!(reply.code, 250, "{}", context(&reply));
+    let reply = client.cmd("RCPT TO:<bob@example.test>").await;
+    assert_eq!(reply.code, 250, "{}", context(&reply));
+    let reply = client.cmd("DATA").await;
+    assert_eq!(reply.code, 354, "{}", context(&reply));
+    client.send(b"Subject: slow link\r\n\r\n").await;
+    for n in 0..6 {
+        client.send(format!("part {n}\r\n").as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    client.send(b".\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{}", context(&reply));
+    assert!(reply.text().contains("queued as"), "{}", context(&reply));
+    let messages = postfix.wait_for_messages(1).await;
+    assert!(
+        messages[0].ends_with("\n\npart 0\npart 1\npart 2\npart 3\npart 4\npart 5\n"),
+        "{}",
+        messages[0]
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postfix_down_means_451() {
     let Some(mut postfix) = start_or_skip(PostfixOptions::mailbox(&["example.test"])) else {

@@ -407,6 +407,7 @@ async fn quarantine_to_an_address() {
     )
     .await;
     assert_eq!((reply.code, reply.status()), (451, "4.3.0"), "{reply}");
+    assert!(reply.text().contains("quarantine unavailable"), "{reply}");
     assert_eq!(backend.messages().len(), 1, "nothing more delivered");
     gw.stop().await;
 }

@@ -400,7 +400,15 @@ async fn aborted_transaction_resets_the_backend() {
     let messages = backend.messages();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].mail_from, "carol@sender.test");
-    assert!(backend.commands().contains(&"RSET".to_string()));
+    // No transaction was left open at the backend: each MAIL it saw was a probe that
+    // ended in RSET, or a delivery.
+    let commands = backend.commands();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!(
+        count("MAIL"),
+        count("RSET") + messages.len(),
+        "{commands:?}"
+    );
     gw.stop().await;
 }
 
@@ -500,9 +508,11 @@ async fn recipients_unknown_to_the_backend_count_as_errors() {
 
 /// A recipient the backend answers too late: its reply must not be read as the answer
 /// to a later command (before, it was taken for the reply to DATA, and the client got
-/// 250 for a message the backend never received).
+/// 250 for a message the backend never received). The probe's connection is dropped, so
+/// the late `550` reaches nobody; the next recipient is verified on a fresh connection,
+/// and the message goes to the recipients that were accepted, never to the late one.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_late_backend_reply_poisons_the_transaction_not_the_next_one() {
+async fn a_late_backend_reply_is_never_read_as_another_answer() {
     for chunking in [false, true] {
         let mut behaviour = Behaviour {
             chunking,
@@ -511,6 +521,9 @@ async fn a_late_backend_reply_poisons_the_transaction_not_the_next_one() {
         behaviour
             .rcpt_delays
             .insert("late@example.test".into(), Duration::from_secs(3));
+        behaviour
+            .rcpt_replies
+            .insert("late@example.test".into(), "550 5.1.1 late".into());
         let backend = FakeBackend::start(behaviour).await;
         let gw = Gateway::start(config(vec![backend.url()])).await;
         let (mut client, _) = gw.ehlo().await;
@@ -525,29 +538,455 @@ async fn a_late_backend_reply_poisons_the_transaction_not_the_next_one() {
         // The late reply arrives meanwhile.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let more = client.cmd("RCPT TO:<carol@example.test>").await;
-        assert_eq!(more.code, 451, "chunking {chunking}: {more}");
-        let data = client.cmd("DATA").await;
-        assert_eq!(
-            (data.code, data.status()),
-            (451, "4.4.2"),
-            "chunking {chunking}: DATA after a broken backend session: {data}"
-        );
-        assert!(backend.messages().is_empty(), "chunking {chunking}");
-
-        // The session itself is fine: after RSET the next transaction gets a fresh
-        // connection.
-        assert_eq!(client.cmd("RSET").await.code, 250);
-        let reply = client
-            .send_mail(
-                "alice@sender.test",
-                &["bob@example.test"],
-                "Subject: after\n\nx\n",
-            )
-            .await;
+        assert_eq!(more.code, 250, "chunking {chunking}: {more}");
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: after\r\n\r\nx\r\n.\r\n").await;
+        let reply = client.read_reply().await;
         assert_eq!(reply.code, 250, "chunking {chunking}: {reply}");
         let messages = backend.messages();
         assert_eq!(messages.len(), 1, "chunking {chunking}");
-        assert_eq!(messages[0].rcpts, vec!["bob@example.test"]);
+        assert_eq!(
+            messages[0].rcpts,
+            vec!["bob@example.test", "carol@example.test"],
+            "chunking {chunking}"
+        );
         gw.stop().await;
     }
+}
+
+fn hold_config(backends: Vec<String>, relay_extra: &str) -> TestConfig {
+    TestConfig {
+        extra: format!(
+            "relay:\n  tls: off\n  pool_wait: 2s\n  timeouts:\n    data_done: 2s\n    rcpt: 2s\n{relay_extra}metrics:\n  listen: 127.0.0.1:0\n"
+        ),
+        ..config(backends)
+    }
+}
+
+/// How often the backend saw `RCPT TO:<rcpt>` (probes and deliveries).
+fn rcpt_commands(backend: &FakeBackend, rcpt: &str) -> usize {
+    let line = format!("RCPT TO:<{rcpt}>");
+    backend.commands().iter().filter(|c| **c == line).count()
+}
+
+/// Sends message content a few bytes at a time over `duration`, then ends it, and
+/// returns the final reply: a client on a slow link.
+async fn trickle(mut client: SmtpClient, duration: Duration) -> support::client::Reply {
+    let steps = 12;
+    for n in 0..steps {
+        client.send(format!("line {n}\r\n").as_bytes()).await;
+        tokio::time::sleep(duration / steps).await;
+    }
+    client.send(b".\r\n").await;
+    client.read_reply().await
+}
+
+async fn scrape(metrics: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of one series in a Prometheus exposition (0 when absent).
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 11 cases 5 and 9: clients that send their data slowly hold no backend
+/// connection. With one pooled connection and three clients stalled mid-DATA, another
+/// client delivers at once (before, every RCPT after the first stalled client waited
+/// `pool_wait` and got `451 4.4.5`), and the stalled ones deliver too when they finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_do_not_hold_backend_connections() {
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(hold_config(vec![backend.url()], "  max_connections: 1\n")).await;
+    let mut slow = Vec::new();
+    for n in 0..3 {
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &[&format!("slow{n}@example.test")]).await;
+        assert_eq!(replies[1].code, 250, "stalled client {n}: {}", replies[1]);
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: slow\r\n\r\n").await;
+        slow.push(tokio::spawn(trickle(client, Duration::from_secs(3))));
+    }
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client
+        .send_mail(
+            "alice@sender.test",
+            &["bob@example.test"],
+            "Subject: fast\n\nx\n",
+        )
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(
+        backend.messages().len(),
+        1,
+        "relayed while the slow clients were still sending"
+    );
+    for (n, task) in slow.into_iter().enumerate() {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.code, 250, "slow client {n}: {reply}");
+    }
+    let messages = backend.messages();
+    assert_eq!(messages.len(), 4);
+    assert_eq!(messages[0].rcpts, vec!["bob@example.test"]);
+    gw.stop().await;
+}
+
+/// Issue 11 case 6: a backend that closes connections idle for more than a second (with
+/// `421`, as Postfix does) and a client that takes three seconds to upload its data:
+/// the connection is taken at end of data (a stale pooled one is replaced), so the
+/// message is stored and the client gets the backend's 250.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_outlives_the_backend_idle_timeout() {
+    for pipelining in [true, false] {
+        let backend = FakeBackend::start(Behaviour {
+            pipelining,
+            idle_421: Some(Duration::from_secs(1)),
+            ..Default::default()
+        })
+        .await;
+        let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &["bob@example.test"]).await;
+        assert_eq!(replies[1].code, 250, "{}", replies[1]);
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: slow link\r\n\r\n").await;
+        let reply = trickle(client, Duration::from_secs(3)).await;
+        assert_eq!(
+            (reply.code, reply.text().as_str()),
+            (250, "2.0.0 Ok: queued as BACKEND1"),
+            "pipelining {pipelining}"
+        );
+        let messages = backend.messages();
+        assert_eq!(messages.len(), 1, "pipelining {pipelining}");
+        assert!(
+            messages[0]
+                .text()
+                .ends_with("Subject: slow link\r\n\r\nline 0\r\nline 1\r\nline 2\r\nline 3\r\nline 4\r\nline 5\r\nline 6\r\nline 7\r\nline 8\r\nline 9\r\nline 10\r\nline 11\r\n"),
+            "{}",
+            messages[0].text()
+        );
+        gw.stop().await;
+    }
+}
+
+/// A backend reply of the 421 kind, at any stage, reaches the client as our `451 4.4.2`:
+/// from us, a 421 would tell the client that *we* end the session. The session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_421_is_never_passed_on() {
+    let closing = "421 4.3.2 backend.test Service shutting down";
+    let rcpt_closing = || {
+        let mut b = Behaviour::default();
+        b.rcpt_replies
+            .insert("bob@example.test".into(), closing.into());
+        b
+    };
+    let lmtp_closing = || {
+        let mut b = Behaviour {
+            lmtp: true,
+            ..Default::default()
+        };
+        b.lmtp_replies
+            .insert("bob@example.test".into(), closing.into());
+        b
+    };
+    // (what, backend, a change made after RCPT, the stage the client sees it at)
+    type Change = fn(&mut Behaviour);
+    let cases: Vec<(&str, Behaviour, Option<Change>, &str)> = vec![
+        (
+            "MAIL of the probe",
+            Behaviour {
+                mail_reply: closing.into(),
+                ..Default::default()
+            },
+            None,
+            "rcpt",
+        ),
+        ("RCPT of the probe", rcpt_closing(), None, "rcpt"),
+        (
+            "MAIL at delivery",
+            Behaviour::default(),
+            Some(|b| b.mail_reply = "421 4.3.2 backend.test Service shutting down".into()),
+            "data",
+        ),
+        (
+            "RCPT at delivery",
+            Behaviour::default(),
+            Some(|b| {
+                b.rcpt_replies.insert(
+                    "bob@example.test".into(),
+                    "421 4.3.2 backend.test Service shutting down".into(),
+                );
+            }),
+            "data",
+        ),
+        (
+            "final reply",
+            Behaviour {
+                data_reply: closing.into(),
+                ..Default::default()
+            },
+            None,
+            "data",
+        ),
+        (
+            "final reply, BDAT",
+            Behaviour {
+                data_reply: closing.into(),
+                chunking: true,
+                ..Default::default()
+            },
+            None,
+            "data",
+        ),
+        ("LMTP reply per recipient", lmtp_closing(), None, "data"),
+    ];
+    for (what, behaviour, change, stage) in cases {
+        let backend = FakeBackend::start(behaviour).await;
+        let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &["bob@example.test"]).await;
+        let reply = if stage == "rcpt" {
+            replies[1].clone()
+        } else {
+            assert_eq!(replies[1].code, 250, "{what}: {}", replies[1]);
+            if let Some(change) = change {
+                backend.set(change);
+            }
+            assert_eq!(client.cmd("DATA").await.code, 354, "{what}");
+            client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+            client.read_reply().await
+        };
+        assert_eq!(
+            (reply.code, reply.status()),
+            (451, "4.4.2"),
+            "{what}: {reply}"
+        );
+        assert_eq!(
+            client.cmd("RSET").await.code,
+            250,
+            "{what}: the session goes on"
+        );
+        gw.stop().await;
+    }
+}
+
+/// Recipients are verified with a probe (MAIL with the real sender and its parameters,
+/// RCPT, RSET). Definite answers are kept: the next message to an accepted recipient
+/// costs no probe, a refusal is kept for `ttl_reject`, a 4xx is never kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipient_answers_are_kept_in_a_cache() {
+    let mut behaviour = Behaviour::default();
+    behaviour.rcpt_replies.insert(
+        "nobody@example.test".into(),
+        "550 5.1.1 <nobody@example.test>: User unknown".into(),
+    );
+    behaviour
+        .rcpt_replies
+        .insert("full@example.test".into(), "452 4.2.2 Mailbox full".into());
+    let backend = FakeBackend::start(behaviour).await;
+    let gw = Gateway::start(hold_config(
+        vec![backend.url()],
+        "  recipient_cache:\n    ttl_reject: 1s\n",
+    ))
+    .await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let (mut client, _) = gw.ehlo().await;
+    for n in 1..=2 {
+        let mail = client
+            .cmd("MAIL FROM:<alice@sender.test> SIZE=100 BODY=8BITMIME")
+            .await;
+        assert_eq!(mail.code, 250);
+        let bob = client.cmd("RCPT TO:<bob@example.test>").await;
+        assert_eq!(bob.code, 250, "message {n}: {bob}");
+        let nobody = client.cmd("RCPT TO:<nobody@example.test>").await;
+        assert_eq!(
+            nobody.to_string(),
+            "550 5.1.1 <nobody@example.test>: User unknown",
+            "message {n}: the backend's reply, kept or not"
+        );
+        let full = client.cmd("RCPT TO:<full@example.test>").await;
+        assert_eq!((full.code, full.status()), (452, "4.2.2"), "message {n}");
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+        assert_eq!(client.read_reply().await.code, 250, "message {n}");
+        // bob: one probe, then one RCPT per delivery; nobody: one probe; full: a probe
+        // per message.
+        assert_eq!(
+            rcpt_commands(&backend, "bob@example.test"),
+            n + 1,
+            "message {n}"
+        );
+        assert_eq!(
+            rcpt_commands(&backend, "nobody@example.test"),
+            1,
+            "message {n}"
+        );
+        assert_eq!(
+            rcpt_commands(&backend, "full@example.test"),
+            n,
+            "message {n}"
+        );
+    }
+    // Probes and deliveries carry the sender and its parameters.
+    let commands = backend.commands();
+    let mails: Vec<&String> = commands.iter().filter(|c| c.starts_with("MAIL")).collect();
+    assert_eq!(
+        mails.len(),
+        6,
+        "four probes and two deliveries: {commands:?}"
+    );
+    assert!(
+        mails
+            .iter()
+            .all(|c| *c == "MAIL FROM:<alice@sender.test> SIZE=100 BODY=8BITMIME"),
+        "{mails:?}"
+    );
+    assert_eq!(commands.iter().filter(|c| *c == "RSET").count(), 4);
+
+    // The refusal expires after ttl_reject: the recipient is asked again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    assert_eq!(client.cmd("RCPT TO:<nobody@example.test>").await.code, 550);
+    assert_eq!(rcpt_commands(&backend, "nobody@example.test"), 2);
+
+    let exposition = scrape(metrics).await;
+    let probes = |result: &str| {
+        sample(
+            &exposition,
+            &format!(
+                "mxgate_backend_recipient_probes_total{{backend=\"{}\",result=\"{result}\"}}",
+                backend.url()
+            ),
+        )
+    };
+    assert_eq!(probes("accepted"), 1.0, "{exposition}");
+    assert_eq!(probes("rejected"), 2.0, "{exposition}");
+    assert_eq!(probes("tempfailed"), 2.0, "{exposition}");
+    assert!(
+        sample(
+            &exposition,
+            "mxgate_backend_recipient_cache_requests_total{result=\"hit\"}"
+        ) >= 2.0,
+        "{exposition}"
+    );
+    gw.stop().await;
+}
+
+/// The backend refuses at delivery a recipient it accepted when it was verified (its
+/// directory changed meanwhile): no `250` for a subset (there is no local queue), so the
+/// whole message gets `451 4.3.0`, nothing is stored, and the connection is reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipient_refused_at_delivery_defers_the_whole_message() {
+    for pipelining in [true, false] {
+        let backend = FakeBackend::start(Behaviour {
+            pipelining,
+            ..Default::default()
+        })
+        .await;
+        let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &["bob@example.test", "carol@example.test"]).await;
+        assert!(replies.iter().all(|r| r.code == 250), "{replies:?}");
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        backend.set(|b| {
+            b.rcpt_replies.insert(
+                "carol@example.test".into(),
+                "550 5.1.1 <carol@example.test>: User unknown".into(),
+            );
+        });
+        client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+        let reply = client.read_reply().await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (451, "4.3.0"),
+            "pipelining {pipelining}: {reply}"
+        );
+        assert!(reply.text().contains("<carol@example.test>"), "{reply}");
+        assert!(backend.messages().is_empty(), "pipelining {pipelining}");
+        let commands = backend.commands();
+        assert!(!commands.iter().any(|c| c == "DATA"), "{commands:?}");
+        assert_eq!(
+            commands.last().map(String::as_str),
+            Some("RSET"),
+            "{commands:?}"
+        );
+        gw.stop().await;
+    }
+}
+
+/// A non-ASCII envelope needs a backend that offers SMTPUTF8: such a recipient is
+/// refused at RCPT (`553 5.6.7`) and never sent to the backend, while the ASCII
+/// recipients of the same transaction are relayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_without_smtputf8_refuses_non_ascii_recipients_at_rcpt() {
+    let backend = FakeBackend::start(Behaviour {
+        smtputf8: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+    let (mut client, _) = gw.ehlo().await;
+    for _ in 0..2 {
+        let mail = client.cmd("MAIL FROM:<alice@sender.test> SMTPUTF8").await;
+        assert_eq!(mail.code, 250);
+        let reply = client.cmd("RCPT TO:<jörg@example.test>").await;
+        assert_eq!((reply.code, reply.status()), (553, "5.6.7"), "{reply}");
+        assert_eq!(client.cmd("RCPT TO:<bob@example.test>").await.code, 250);
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+        let reply = client.read_reply().await;
+        assert_eq!(reply.code, 250, "{reply}");
+    }
+    let messages = backend.messages();
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| m.rcpts == vec!["bob@example.test"]));
+    assert!(
+        !backend.commands().iter().any(|c| c.contains("jörg")),
+        "never sent to a backend that cannot take it"
+    );
+    gw.stop().await;
+}
+
+/// More recipients than one pipelined group (100): MAIL and the RCPTs go out in groups,
+/// each read before the next is written, and a refusal in a later group still defers
+/// the whole message.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_recipients_are_relayed_in_groups() {
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let mut config = hold_config(vec![backend.url()], "");
+    config.server_extra = "  max_recipients: 250\n".into();
+    let gw = Gateway::start(config).await;
+    let (mut client, _) = gw.ehlo().await;
+    let rcpts: Vec<String> = (0..150).map(|n| format!("r{n}@example.test")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let reply = client
+        .send_mail("alice@sender.test", &refs, "Subject: many\n\nx\n")
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(backend.messages()[0].rcpts, rcpts);
+
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    for rcpt in &rcpts {
+        assert_eq!(client.cmd(&format!("RCPT TO:<{rcpt}>")).await.code, 250);
+    }
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    backend.set(|b| {
+        b.rcpt_replies
+            .insert("r140@example.test".into(), "550 5.1.1 gone".into());
+    });
+    client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (451, "4.3.0"), "{reply}");
+    assert_eq!(backend.messages().len(), 1);
+    gw.stop().await;
 }

@@ -86,12 +86,15 @@ async fn normalize_mode_relays_one_unambiguous_message() {
             text.contains("MAIL FROM:<ceo@example.test>"),
             "the smuggled text stays content: {text}"
         );
-        let mail_commands = backend
-            .commands()
-            .iter()
-            .filter(|c| c.starts_with("MAIL"))
-            .count();
-        assert_eq!(mail_commands, 1, "{sequence:?}");
+        // One MAIL verifies bob (the probe), one relays the message; none is smuggled.
+        let commands = backend.commands();
+        let mail_commands: Vec<&String> =
+            commands.iter().filter(|c| c.starts_with("MAIL")).collect();
+        assert_eq!(
+            mail_commands,
+            vec!["MAIL FROM:<alice@sender.test>"; 2],
+            "{sequence:?}"
+        );
         gw.stop().await;
     }
 }

@@ -220,6 +220,9 @@ pub struct Relay {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub timeouts: RelayTimeouts,
+    /// Backend answers to recipient probes, kept so that a recipient is not probed for
+    /// every message.
+    pub recipient_cache: RelayRecipientCache,
 }
 
 impl Default for Relay {
@@ -236,6 +239,7 @@ impl Default for Relay {
             pool_wait: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             timeouts: RelayTimeouts::default(),
+            recipient_cache: RelayRecipientCache::default(),
         }
     }
 }
@@ -278,6 +282,30 @@ impl Default for RelayTimeouts {
             data_init: Duration::from_secs(120),
             data_block: Duration::from_secs(180),
             data_done: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How long the backend's definite answers to recipient probes are kept (2xx and 5xx;
+/// 4xx and errors are never kept), and how many at most.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayRecipientCache {
+    /// `0s` keeps no accepts: every recipient is probed.
+    #[serde(with = "humantime_serde")]
+    pub ttl_accept: Duration,
+    /// `0s` keeps no rejections.
+    #[serde(with = "humantime_serde")]
+    pub ttl_reject: Duration,
+    pub max_entries: u64,
+}
+
+impl Default for RelayRecipientCache {
+    fn default() -> Self {
+        RelayRecipientCache {
+            ttl_accept: Duration::from_secs(600),
+            ttl_reject: Duration::from_secs(60),
+            max_entries: 100_000,
         }
     }
 }

@@ -3,6 +3,12 @@
 
 use super::{Diagnostic, LoadedConfig, YamlPath};
 use std::collections::HashSet;
+use std::time::Duration;
+
+/// Longest time a backend's answer about a recipient may be kept.
+const MAX_RECIPIENT_TTL: Duration = Duration::from_secs(86_400);
+/// Most recipient answers kept (an entry is an address and a reply: a few hundred bytes).
+const MAX_RECIPIENT_ENTRIES: u64 = 10_000_000;
 
 pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -85,6 +91,25 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     }
     if config.relay.max_connections == 0 {
         out.push(loaded.error(&relay.key("max_connections"), "must be at least 1"));
+    }
+    let cache = &config.relay.recipient_cache;
+    let cache_at = relay.key("recipient_cache");
+    for (name, ttl) in [
+        ("ttl_accept", cache.ttl_accept),
+        ("ttl_reject", cache.ttl_reject),
+    ] {
+        if ttl > MAX_RECIPIENT_TTL {
+            out.push(loaded.error(
+                &cache_at.key(name),
+                format!("relay.recipient_cache.{name}: at most 1d (the mailbox server's directory changes, and a kept answer would hide it)"),
+            ));
+        }
+    }
+    if cache.max_entries > MAX_RECIPIENT_ENTRIES {
+        out.push(loaded.error(
+            &cache_at.key("max_entries"),
+            format!("relay.recipient_cache.max_entries: at most {MAX_RECIPIENT_ENTRIES} (each entry costs memory)"),
+        ));
     }
 
     let dns = root.key("dns");
@@ -192,6 +217,33 @@ mod tests {
     #[test]
     fn minimal_config_loads() {
         load(MINIMAL).unwrap();
+    }
+
+    #[test]
+    fn recipient_cache_bounds_are_checked() {
+        let text = format!(
+            "{MINIMAL}relay:\n  recipient_cache:\n    ttl_accept: 0s\n    ttl_reject: 2d\n    max_entries: 20000000\n"
+        );
+        let errors = load(&text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0]
+                .starts_with("mxgate.yaml:10:17: relay.recipient_cache.ttl_reject: at most 1d"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("mxgate.yaml:11:18: relay.recipient_cache.max_entries: at most"),
+            "{errors:#?}"
+        );
+        let (loaded, _) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text: format!("{MINIMAL}relay:\n  recipient_cache:\n    ttl_accept: 0s\n"),
+        })
+        .unwrap();
+        let cache = &loaded.config.relay.recipient_cache;
+        assert!(cache.ttl_accept.is_zero());
+        assert_eq!(cache.ttl_reject, std::time::Duration::from_secs(60));
+        assert_eq!(cache.max_entries, 100_000);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! End of data: build the outgoing header fields and relay; the backend's answer
-//! becomes the client's final reply.
+//! End of data: build the outgoing header fields and relay (only now is a backend
+//! connection taken); the backend's answer becomes the client's final reply.
 
 use super::assess::assess;
 use super::record::Outcome;
@@ -83,16 +83,12 @@ impl Connection {
         for (name, value) in &verdict.headers {
             write_folded(&mut prefix, name, &sanitize(value, 900));
         }
-        if let Some(to) = &verdict.redirect {
+        if verdict.redirect.is_some() {
             write_folded(
                 &mut prefix,
                 "X-Mxgate-Quarantined-For",
                 &sanitize(&tx.rcpts.join(", "), 900),
             );
-            if let Err(reply) = self.redirect(&mut tx, to).await {
-                metrics::end_of_data(end_of_data.elapsed());
-                return self.refuse_message(tx, reply).await;
-            }
         }
         write_received(
             &mut prefix,
@@ -114,16 +110,9 @@ impl Connection {
             original: &message,
             skip: &skip,
         };
-        let reply = match tx.backend.take() {
-            None => Reply::no_valid_recipients(),
-            Some(backend) => match backend.send(&outbound).await {
-                Ok(delivery) => final_reply(delivery, &tx.id),
-                Err(err) => {
-                    tx.record.note_relay_error(&err);
-                    err.reply()
-                }
-            },
-        };
+        let reply = self
+            .relay(&mut tx, verdict.redirect.as_deref(), &outbound)
+            .await;
         metrics::end_of_data(end_of_data.elapsed());
         let quarantined = verdict.action == Action::Quarantine;
         tx.record.finish(
@@ -186,39 +175,52 @@ impl Connection {
         }
     }
 
-    /// Quarantine to an address: the transaction opened with the real recipients is
-    /// abandoned, and a new one is opened for the quarantine address alone.
-    async fn redirect(&mut self, tx: &mut Transaction, to: &str) -> Result<(), Reply> {
-        if let Some(backend) = tx.backend.take() {
-            backend.abort().await;
+    /// Relays the message, received in full, to its recipients, or only to the
+    /// quarantine address `redirect_to`; the backend's answer becomes the final reply.
+    async fn relay(
+        &mut self,
+        tx: &mut Transaction,
+        redirect_to: Option<&str>,
+        outbound: &OutboundMessage<'_>,
+    ) -> Reply {
+        if tx.rcpts.is_empty() {
+            return Reply::no_valid_recipients();
         }
-        let envelope = crate::relay::Envelope {
-            mail_from: tx.mail_from.clone(),
-            smtputf8: tx.params.smtputf8,
-            eight_bit: tx.params.eight_bit,
-            size: tx.params.size,
+        let targets = match redirect_to {
+            Some(to) => vec![to.to_string()],
+            None => tx.rcpts.clone(),
         };
-        match self.snapshot.relay.begin(&envelope, to).await {
-            Ok(crate::relay::Begin::Open(backend, reply)) if reply.is_positive() => {
-                tx.backend = Some(*backend);
-                Ok(())
+        let attempt = self
+            .snapshot
+            .relay
+            .deliver(&tx.envelope(), &targets, outbound)
+            .await;
+        tx.record.backend = attempt.backend;
+        match (attempt.result, redirect_to) {
+            // The backend refusing our quarantine address (or the sender, for it) is a
+            // configuration problem, not the sender's: defer (451) rather than bounce
+            // mail we meant to keep.
+            (Ok(Delivery::MailRefused(reply)), Some(to)) => {
+                tracing::error!(quarantine_to = %to, backend_reply = %reply.summary(), "the backend refuses the sender for quarantine; deferring the message");
+                Reply::quarantine_refused()
             }
-            // The backend refusing our quarantine address is a configuration problem,
-            // not the sender's: defer (451) rather than bounce mail we meant to keep.
-            Ok(crate::relay::Begin::Open(backend, reply)) => {
-                backend.abort().await;
-                tracing::error!(quarantine_to = %to, backend_reply = %reply.to_reply(), "the backend refuses the quarantine address; deferring the message");
-                Err(Reply::quarantine_refused())
+            (Ok(Delivery::RcptRefused(refused)), Some(to)) => {
+                let reply = refused
+                    .first()
+                    .map(|(_, r)| r.summary())
+                    .unwrap_or_default();
+                tracing::error!(quarantine_to = %to, backend_reply = %reply, "the backend refuses the quarantine address; deferring the message");
+                Reply::quarantine_refused()
             }
-            Ok(crate::relay::Begin::MailRefused(reply)) => {
-                tracing::error!(quarantine_to = %to, backend_reply = %reply.to_reply(), "the backend refuses the sender for quarantine; deferring the message");
-                Err(Reply::quarantine_refused())
+            (Ok(delivery), _) => final_reply(delivery, &tx.id),
+            (Err(err), _) => {
+                tx.record.note_relay_error(&err);
+                err.reply()
             }
-            Err(err) => Err(err.reply()),
         }
     }
 
-    /// A verdict that refuses the message: release the backend, record, reply.
+    /// A verdict that refuses the message: record, reply.
     async fn refuse_with(&mut self, tx: Transaction, verdict: Verdict) -> Reply {
         let reply = verdict.reply.unwrap_or_else(Reply::local_error);
         self.refuse_message(tx, reply).await
@@ -308,7 +310,16 @@ fn own_domain_record(tx: &mut Transaction, verdict: &Verdict) -> bool {
 /// failure -> 5xx naming who failed and who was delivered, so the sender learns of it.
 pub fn final_reply(delivery: Delivery, id: &str) -> Reply {
     match delivery {
-        Delivery::Single(reply) => reply.to_reply(),
+        Delivery::Single(reply) | Delivery::MailRefused(reply) => reply.to_reply(),
+        Delivery::RcptRefused(refused) => {
+            let (rcpts, replies): (Vec<String>, Vec<String>) = refused
+                .into_iter()
+                .map(|(rcpt, reply)| (rcpt, reply.summary()))
+                .unzip();
+            tracing::warn!(id, refused = ?rcpts, backend_replies = ?replies, "the backend refused at delivery recipients it had accepted when verified; the whole message is deferred");
+            Reply::recipients_refused_at_delivery(&rcpts)
+        }
+        Delivery::NoSmtputf8 => Reply::smtputf8_unsupported_by_backend(),
         Delivery::Stored(_) => Reply::delivered(id),
         Delivery::PerRecipient(replies) => fold_per_recipient(&replies),
     }

@@ -22,8 +22,6 @@ pub use stages::MailParams;
 use crate::auth::Authenticator;
 use crate::auth::results::{IprevCheck, SpfCheck};
 use crate::limits::ClientBudget;
-use crate::relay::BackendTx;
-use crate::smtp::reply::Reply;
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;
 use pending::Pending;
@@ -64,14 +62,9 @@ pub struct Transaction {
     pub id: String,
     pub mail_from: String,
     pub params: MailParams,
-    /// Recipients accepted (by us and by the backend).
+    /// Recipients accepted (by us and by the backend's verification). No backend
+    /// connection is held for them: the message is relayed once received in full.
     pub rcpts: Vec<String>,
-    backend: Option<BackendTx>,
-    /// Set when the backend's session broke after it was opened (a timeout or a lost
-    /// connection on RCPT): its state is then unknown, so every later RCPT and the
-    /// DATA get this 4xx and the sender retries the whole transaction. Never a 250
-    /// for a message the backend may not have in full.
-    relay_failed: Option<Reply>,
     /// SPF for MAIL FROM, started when MAIL was accepted.
     spf: Option<Pending<SpfCheck>>,
     /// The policy decision for this transaction, once a rule decided.

@@ -1,7 +1,7 @@
 //! Envelope stages: connect, HELO, MAIL, RCPT, DATA.
 
 use super::{Connection, Pending, Transaction, TransactionRecord, new_transaction_id};
-use crate::relay::{Begin, Envelope};
+use crate::relay::{Envelope, RcptAnswer};
 use crate::smtp::extensions::{unoffered_mail_parameter, unoffered_rcpt_parameter};
 use crate::smtp::reply::Reply;
 use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo};
@@ -76,8 +76,6 @@ impl Connection {
                 smtputf8,
             },
             rcpts: Vec::new(),
-            backend: None,
-            relay_failed: None,
             spf,
             policy_hit: None,
             dns_facts: Default::default(),
@@ -117,50 +115,19 @@ impl Connection {
             tx.record.rejected_rcpts += 1;
             return reply;
         }
-        if let Some(reply) = &tx.relay_failed {
-            tx.record.rejected_rcpts += 1;
-            return reply.clone();
-        }
-        let reply = match &mut tx.backend {
-            Some(backend) => match backend.rcpt(&address).await {
-                Ok(reply) => reply.to_reply(),
-                Err(err) => {
-                    // A late reply may still arrive and would be read as the answer to
-                    // the next command: close the connection (dropping it does) and
-                    // refuse the rest of this transaction.
-                    tx.record.note_relay_error(&err);
-                    tx.backend = None;
-                    let reply = err.reply();
-                    tx.relay_failed = Some(reply.clone());
-                    reply
-                }
-            },
-            None => {
-                let envelope = Envelope {
-                    mail_from: tx.mail_from.clone(),
-                    smtputf8: tx.params.smtputf8,
-                    eight_bit: tx.params.eight_bit,
-                    size: tx.params.size,
-                };
-                match self.snapshot.relay.begin(&envelope, &address).await {
-                    Ok(Begin::Open(mut backend, reply)) => {
-                        if tx.params.smtputf8
-                            && backend.lacks_smtputf8()
-                            && !is_ascii_envelope(tx, &address)
-                        {
-                            backend.abort().await;
-                            return Reply::smtputf8_unsupported_by_backend();
-                        }
-                        tx.record.backend = Some(backend.backend_label().to_string());
-                        tx.backend = Some(*backend);
-                        reply.to_reply()
-                    }
-                    Ok(Begin::MailRefused(reply)) => reply.to_reply(),
-                    Err(err) => {
-                        tx.record.note_relay_error(&err);
-                        err.reply()
-                    }
-                }
+        // The backend verifies the recipient now, while the client waits; no connection
+        // is held once it has answered (see `relay`).
+        let reply = match self
+            .snapshot
+            .relay
+            .verify_recipient(&tx.envelope(), &address)
+            .await
+        {
+            Ok(RcptAnswer::Rcpt(reply) | RcptAnswer::MailRefused(reply)) => reply.to_reply(),
+            Ok(RcptAnswer::NoSmtputf8) => Reply::smtputf8_unsupported_by_backend(),
+            Err(err) => {
+                tx.record.note_relay_error(&err);
+                err.reply()
             }
         };
         if reply.is_positive() {
@@ -173,9 +140,6 @@ impl Connection {
 
     /// DATA or the first BDAT: is there anyone to deliver to?
     pub fn on_data(&self, tx: &Transaction) -> Result<(), Reply> {
-        if let Some(reply) = &tx.relay_failed {
-            return Err(reply.clone());
-        }
         if tx.rcpts.is_empty() {
             return Err(Reply::no_valid_recipients());
         }
@@ -183,20 +147,14 @@ impl Connection {
     }
 
     /// The transaction ended without a message being relayed (RSET, QUIT, a new EHLO,
-    /// disconnect, or a rejection): release the backend and log it.
-    pub async fn on_abort(&mut self, mut tx: Transaction, reason: &'static str) {
-        if let Some(backend) = tx.backend.take() {
-            backend.abort().await;
-        }
+    /// disconnect, or a rejection): log it.
+    pub async fn on_abort(&mut self, tx: Transaction, reason: &'static str) {
         tx.record.finish_aborted(reason, tx.started.elapsed());
     }
 
     /// The message was received but cannot be taken (too big, bare line endings, spool
-    /// failure): release the backend, record the refusal, return the reply.
+    /// failure): record the refusal, return the reply.
     pub async fn refuse_message(&mut self, mut tx: Transaction, reply: Reply) -> Reply {
-        if let Some(backend) = tx.backend.take() {
-            backend.abort().await;
-        }
         tx.record.rcpts = tx.rcpts.clone();
         let outcome = crate::pipeline::Outcome::from_reply(&reply, false);
         tx.record.finish(outcome, &reply, tx.started.elapsed());
@@ -222,6 +180,14 @@ impl Connection {
     }
 }
 
-fn is_ascii_envelope(tx: &Transaction, rcpt: &str) -> bool {
-    tx.mail_from.is_ascii() && rcpt.is_ascii()
+impl Transaction {
+    /// The envelope as the backend sees it, for verification and delivery.
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            mail_from: self.mail_from.clone(),
+            smtputf8: self.params.smtputf8,
+            eight_bit: self.params.eight_bit,
+            size: self.params.size,
+        }
+    }
 }

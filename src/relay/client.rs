@@ -233,7 +233,7 @@ impl ClientConn {
         }
     }
 
-    /// Reads one complete reply (all continuation lines).
+    /// Reads one complete reply (all continuation lines). A 421 is an error.
     pub async fn read_reply(&mut self, limit: Duration) -> Result<BackendReply, RelayError> {
         self.usable()?;
         let deadline = Instant::now() + limit;
@@ -250,7 +250,15 @@ impl ClientConn {
                             self.rbuf.clear();
                             self.rpos = 0;
                         }
-                        return Ok(BackendReply::from_response(response));
+                        let reply = BackendReply::from_response(response);
+                        if reply.code == 421 {
+                            // The backend is closing the channel (RFC 5321 section 3.8),
+                            // whatever command this answers: nothing more is sent on it,
+                            // and the reply is never passed on as ours.
+                            self.broken = true;
+                            return Err(RelayError::Closing(reply));
+                        }
+                        return Ok(reply);
                     }
                     Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
                     Err(err) => {

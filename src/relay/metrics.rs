@@ -2,15 +2,15 @@
 //! small fixed set of result words.
 
 use super::{Delivery, RelayError};
-use crate::metrics::{LATENCY_BUCKETS, counter_vec, gauge_vec, histogram_vec};
-use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+use crate::metrics::{LATENCY_BUCKETS, counter, counter_vec, gauge, gauge_vec, histogram_vec};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use std::sync::LazyLock;
 use std::time::Duration;
 
 static DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "mxgate_backend_deliveries_total",
-        "Messages handed to a backend, by backend and result (accepted, rejected, tempfailed, or an error kind).",
+        "Messages handed to a backend, by backend and result (accepted, rejected, tempfailed, recipient_refused, or an error kind).",
         &["backend", "result"],
     )
 });
@@ -48,7 +48,41 @@ static LAST_SUCCESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+static PROBES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_backend_recipient_probes_total",
+        "Recipients verified with a backend (MAIL, RCPT, RSET), by backend and result (accepted, rejected, tempfailed, mail_refused, or an error kind).",
+        &["backend", "result"],
+    )
+});
+
+static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_backend_recipient_cache_requests_total",
+        "Recipient look-ups in relay.recipient_cache, by result (hit, miss).",
+        &["result"],
+    )
+});
+
+static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "mxgate_backend_recipient_cache_evictions_total",
+        "Recipient answers evicted before they expired because relay.recipient_cache.max_entries was reached.",
+    )
+});
+
+static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_backend_recipient_cache_entries",
+        "Recipient answers kept in relay.recipient_cache (approximate).",
+    )
+});
+
 pub fn init() {
+    LazyLock::force(&PROBES);
+    LazyLock::force(&CACHE_LOOKUPS);
+    LazyLock::force(&CACHE_EVICTIONS);
+    LazyLock::force(&CACHE_ENTRIES);
     LazyLock::force(&UP);
     LazyLock::force(&LAST_SUCCESS);
     LazyLock::force(&DELIVERIES);
@@ -63,7 +97,9 @@ pub fn backend_error(backend: &str, kind: &str) {
 pub fn delivery(backend: &str, result: &Result<Delivery, RelayError>, elapsed: Duration) {
     let label = match result {
         Ok(Delivery::Stored(_)) => "accepted",
-        Ok(Delivery::Single(reply)) => reply_label(reply.code),
+        Ok(Delivery::Single(reply) | Delivery::MailRefused(reply)) => reply_label(reply.code),
+        Ok(Delivery::RcptRefused(_)) => "recipient_refused",
+        Ok(Delivery::NoSmtputf8) => "rejected",
         Ok(Delivery::PerRecipient(replies)) => {
             let worst = replies.iter().map(|(_, r)| r.code).max().unwrap_or(250);
             reply_label(worst)
@@ -76,7 +112,24 @@ pub fn delivery(backend: &str, result: &Result<Delivery, RelayError>, elapsed: D
         .observe(elapsed.as_secs_f64());
 }
 
-fn reply_label(code: u16) -> &'static str {
+pub fn probe(backend: &str, result: &'static str) {
+    PROBES.with_label_values(&[backend, result]).inc();
+}
+
+pub fn recipient_cache_lookup(hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    CACHE_LOOKUPS.with_label_values(&[result]).inc();
+}
+
+pub fn recipient_cache_evicted() {
+    CACHE_EVICTIONS.inc();
+}
+
+pub fn recipient_cache_size(entries: u64) {
+    CACHE_ENTRIES.set(i64::try_from(entries).unwrap_or(i64::MAX));
+}
+
+pub fn reply_label(code: u16) -> &'static str {
     match code {
         200..=299 => "accepted",
         400..=499 => "tempfailed",

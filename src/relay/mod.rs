@@ -1,26 +1,44 @@
-//! The backend transaction: the in-line half of every message.
+//! The backend: recipients are verified with it while the client waits, and the message
+//! is relayed to it once it has been received in full.
 //!
-//! A transaction opens at the client's first accepted RCPT (so mail rejected earlier
-//! never costs a backend connection), sends MAIL and that RCPT together when the backend
-//! pipelines, passes each recipient's reply through, and at end of data sends the
-//! message. The client's final reply is built from the backend's (see `pipeline`). There
-//! is no queue: anything uncertain becomes a [`RelayError`], which becomes a 4xx.
+//! The backend is held only while it is needed (Postfix's `smtpd_proxy_options =
+//! speed_adjust`), so pool occupancy does not depend on how fast clients send:
+//! - **At RCPT** each recipient is verified by a probe on a pooled connection (MAIL with
+//!   the real sender and parameters, RCPT, RSET; one round trip when the backend
+//!   pipelines), and the connection goes straight back to the pool. The backend's
+//!   definite answers (2xx, 5xx) are kept in [`recipient_cache`] so a recipient is not
+//!   probed for every message. The backend's reply to RCPT is the client's reply.
+//! - **At end of data** (after the checks and the verdict) a pooled connection is taken
+//!   again for MAIL, every RCPT, and DATA or BDAT. A recipient refused now although the
+//!   probe accepted it makes the whole message a `451 4.3.0`: there is no local queue,
+//!   so we never answer `250` for a subset.
+//!
+//! There is no queue: anything uncertain becomes a [`RelayError`], which becomes a 4xx.
+//! A backend reply of the 421 kind (the backend is closing the channel) is never passed
+//! on as such: it is a [`RelayError::Closing`] (`451 4.4.2` to the client) and its
+//! connection is dropped.
 //!
 //! Backends are tried in order; a backend that cannot be connected to, or greets with
-//! 4xx/5xx, or fails STARTTLS when TLS is required, is skipped for the next one.
+//! 4xx/5xx, or fails STARTTLS when TLS is required, is skipped for the next one, as long
+//! as nothing of the message has been sent to it.
 
 mod client;
 mod maildir;
 mod message;
 pub mod metrics;
 mod pool;
+mod probe;
+mod recipient_cache;
+mod transaction;
 
 pub use client::Capabilities;
 pub use message::OutboundMessage;
 
+use crate::config::RelayRecipientCache;
 use crate::config::{BackendSpec, RelayTimeouts, RelayTls};
 use crate::smtp::reply::{Reply, Status};
-use pool::{Lease, Pool};
+use pool::Pool;
+use recipient_cache::RecipientCache;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -36,6 +54,7 @@ pub struct RelaySettings {
     pub max_connections: usize,
     pub pool_wait: Duration,
     pub idle_timeout: Duration,
+    pub recipient_cache: RelayRecipientCache,
 }
 
 /// A reply from the backend, kept verbatim (code, enhanced status, lines).
@@ -76,6 +95,9 @@ impl BackendReply {
     }
 
     pub fn to_reply(&self) -> Reply {
+        if self.code == 421 {
+            return Reply::backend_closing();
+        }
         let lines: Vec<&str> = self.lines.iter().map(String::as_str).collect();
         Reply::from_backend(self.code, self.status, &lines)
     }
@@ -120,6 +142,9 @@ pub enum RelayError {
     Local(String),
     #[error("no backend available ({0})")]
     Unavailable(String),
+    /// A 421 reply: the backend is closing the channel (idle timeout, shutdown).
+    #[error("backend is closing the connection: {0}")]
+    Closing(BackendReply),
 }
 
 impl RelayError {
@@ -135,6 +160,7 @@ impl RelayError {
             RelayError::Protocol(_) => Reply::backend_protocol_error(),
             RelayError::Busy => Reply::backend_busy(),
             RelayError::Local(_) => Reply::local_error(),
+            RelayError::Closing(_) => Reply::backend_closing(),
         }
     }
 
@@ -150,6 +176,7 @@ impl RelayError {
             RelayError::Busy => "busy",
             RelayError::Local(_) => "local_error",
             RelayError::Unavailable(_) => "unavailable",
+            RelayError::Closing(_) => "closing",
         }
     }
 
@@ -164,7 +191,26 @@ impl RelayError {
                 | RelayError::Lost(_)
                 | RelayError::Protocol(_)
                 | RelayError::Busy
+                | RelayError::Closing(_)
         )
+    }
+
+    /// A pooled connection the backend closed while it idled (silently, or with a 421
+    /// that then answers our first command) fails like this: worth one retry, fresh.
+    fn stale_connection(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Lost(_) | RelayError::Protocol(_) | RelayError::Closing(_)
+        )
+    }
+
+    /// What the client learns when no backend could be used.
+    fn after_failover(last: Option<RelayError>) -> RelayError {
+        match last {
+            Some(err @ (RelayError::Busy | RelayError::Timeout(_) | RelayError::Closing(_))) => err,
+            Some(err) => RelayError::Unavailable(err.to_string()),
+            None => RelayError::Unavailable("no backend configured".into()),
+        }
     }
 }
 
@@ -177,12 +223,22 @@ pub struct Envelope {
     pub size: Option<u64>,
 }
 
-/// What opening a backend transaction produced.
-pub enum Begin {
-    /// MAIL was accepted; here is the reply to the first RCPT.
-    Open(Box<BackendTx>, BackendReply),
-    /// The backend refused MAIL; its reply goes to the client.
+impl Envelope {
+    /// Non-ASCII addresses: the backend must offer SMTPUTF8 (RFC 6531).
+    fn needs_smtputf8<'a>(&self, rcpts: impl IntoIterator<Item = &'a str>) -> bool {
+        self.smtputf8 && !(self.mail_from.is_ascii() && rcpts.into_iter().all(str::is_ascii))
+    }
+}
+
+/// The backend's answer about one recipient.
+#[derive(Debug)]
+pub enum RcptAnswer {
+    /// Its reply to RCPT (from a probe, or kept from an earlier one).
+    Rcpt(BackendReply),
+    /// It refused MAIL (the sender, or a parameter); its reply goes to the client.
     MailRefused(BackendReply),
+    /// The envelope needs SMTPUTF8 and the backend does not offer it.
+    NoSmtputf8,
 }
 
 /// The backend's answer to the message.
@@ -190,6 +246,13 @@ pub enum Begin {
 pub enum Delivery {
     /// SMTP: one reply for the message.
     Single(BackendReply),
+    /// The backend refused MAIL at delivery; nothing was sent.
+    MailRefused(BackendReply),
+    /// The backend refused these recipients at delivery although it accepted them when
+    /// they were verified; nothing was sent (the whole message must be retried).
+    RcptRefused(Vec<(String, BackendReply)>),
+    /// The envelope needs SMTPUTF8 and the backend does not offer it.
+    NoSmtputf8,
     /// LMTP: one reply per recipient the backend accepted, in order.
     PerRecipient(Vec<(String, BackendReply)>),
     /// Maildir: stored under this name.
@@ -225,6 +288,15 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// The ordered list of backends of one snapshot, each with its connection pool.
 pub struct Relay {
     backends: Vec<Arc<Backend>>,
+    /// Emptied by a reload (the backends may have changed); costs only probes.
+    recipients: RecipientCache,
+}
+
+/// Which backend took (or failed to take) a message, and how it went.
+pub struct DeliveryAttempt {
+    /// The backend's label; `None` when no backend could be used.
+    pub backend: Option<String>,
+    pub result: Result<Delivery, RelayError>,
 }
 
 impl Relay {
@@ -257,7 +329,10 @@ impl Relay {
                 last_success: AtomicI64::new(0),
             }));
         }
-        Ok(Relay { backends })
+        Ok(Relay {
+            backends,
+            recipients: RecipientCache::new(&settings.recipient_cache),
+        })
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
@@ -307,25 +382,36 @@ impl Relay {
         }
     }
 
-    /// Opens a transaction on the first backend that works and offers it the first
-    /// recipient. MAIL and RCPT go out together when the backend pipelines.
-    pub async fn begin(&self, envelope: &Envelope, rcpt: &str) -> Result<Begin, RelayError> {
+    /// Asks the backend about one recipient while the client waits for its RCPT reply:
+    /// a kept answer, or a probe on the first backend that works. No connection is held
+    /// afterwards.
+    pub async fn verify_recipient(
+        &self,
+        envelope: &Envelope,
+        rcpt: &str,
+    ) -> Result<RcptAnswer, RelayError> {
+        if let Some(BackendKind::Maildir(_)) = self.backends.first().map(|b| &b.kind) {
+            return Ok(RcptAnswer::Rcpt(local_rcpt_ok()));
+        }
+        // A non-ASCII envelope is always probed: the backend must also offer SMTPUTF8,
+        // which only a connection can tell.
+        let needs_smtputf8 = envelope.needs_smtputf8([rcpt]);
+        if !needs_smtputf8 && let Some(reply) = self.recipients.get(rcpt) {
+            return Ok(RcptAnswer::Rcpt(reply));
+        }
         let mut last_error = None;
         for backend in &self.backends {
-            let outcome = match &backend.kind {
-                BackendKind::Maildir(_) => {
-                    let tx = BackendTx {
-                        backend: backend.clone(),
-                        lease: None,
-                        accepted: vec![rcpt.to_string()],
-                        envelope: envelope.clone(),
-                    };
-                    return Ok(Begin::Open(Box::new(tx), local_rcpt_ok()));
-                }
-                BackendKind::Remote(pool) => begin_remote(backend, pool, envelope, rcpt).await,
+            let pool = match &backend.kind {
+                BackendKind::Maildir(_) => return Ok(RcptAnswer::Rcpt(local_rcpt_ok())),
+                BackendKind::Remote(pool) => pool,
             };
-            match outcome {
-                Ok(begin) => return Ok(begin),
+            match probe::probe(backend, pool, envelope, rcpt, needs_smtputf8).await {
+                Ok(answer) => {
+                    if let RcptAnswer::Rcpt(reply) = &answer {
+                        self.recipients.offer(rcpt, reply);
+                    }
+                    return Ok(answer);
+                }
                 Err(err) if err.fails_over() => {
                     metrics::backend_error(&backend.label, err.label());
                     tracing::warn!(backend = %backend.label, error = %err, "backend unavailable, trying the next one");
@@ -334,12 +420,64 @@ impl Relay {
                 Err(err) => return Err(err),
             }
         }
-        Err(match last_error {
-            Some(RelayError::Busy) => RelayError::Busy,
-            Some(RelayError::Timeout(what)) => RelayError::Timeout(what),
-            Some(err) => RelayError::Unavailable(err.to_string()),
-            None => RelayError::Unavailable("no backend configured".into()),
-        })
+        Err(RelayError::after_failover(last_error))
+    }
+
+    /// Relays a message received in full: MAIL, every RCPT, then the content, on the
+    /// first backend that takes the envelope. Once content has been sent to a backend,
+    /// no other backend is tried (it may have stored the message).
+    pub async fn deliver(
+        &self,
+        envelope: &Envelope,
+        rcpts: &[String],
+        message: &OutboundMessage<'_>,
+    ) -> DeliveryAttempt {
+        let mut last_error = None;
+        for backend in &self.backends {
+            let result = match &backend.kind {
+                BackendKind::Maildir(maildir) => {
+                    let started = tokio::time::Instant::now();
+                    let result = maildir
+                        .deliver(&envelope.mail_from, rcpts, message)
+                        .map(Delivery::Stored)
+                        .map_err(|err| RelayError::Local(err.to_string()));
+                    metrics::delivery(&backend.label, &result, started.elapsed());
+                    result
+                }
+                BackendKind::Remote(pool) => {
+                    let opened = match transaction::open(pool, envelope, rcpts).await {
+                        Err(err) if err.fails_over() => {
+                            metrics::backend_error(&backend.label, err.label());
+                            tracing::warn!(backend = %backend.label, error = %err, "backend unavailable, trying the next one");
+                            last_error = Some(err);
+                            continue;
+                        }
+                        other => other,
+                    };
+                    let started = tokio::time::Instant::now();
+                    let result = match opened {
+                        Ok(transaction::Opened::Ready(lease)) => {
+                            transaction::send(lease, rcpts, message).await
+                        }
+                        Ok(transaction::Opened::Refused(delivery)) => Ok(delivery),
+                        Err(err) => Err(err),
+                    };
+                    metrics::delivery(&backend.label, &result, started.elapsed());
+                    result
+                }
+            };
+            if result.is_ok() {
+                backend.mark_success();
+            }
+            return DeliveryAttempt {
+                backend: Some(backend.label.clone()),
+                result,
+            };
+        }
+        DeliveryAttempt {
+            backend: None,
+            result: Err(RelayError::after_failover(last_error)),
+        }
     }
 }
 
@@ -349,81 +487,6 @@ fn local_rcpt_ok() -> BackendReply {
         status: Some(Status(2, 1, 5)),
         lines: vec!["Recipient OK".into()],
     }
-}
-
-async fn begin_remote(
-    backend: &Arc<Backend>,
-    pool: &Arc<Pool>,
-    envelope: &Envelope,
-    rcpt: &str,
-) -> Result<Begin, RelayError> {
-    let lease = pool.acquire(false).await?;
-    let reused = lease.reused;
-    match mail_and_rcpt(backend, lease, envelope, rcpt).await {
-        // A pooled connection the backend closed while it idled (silently, or with a
-        // 421 that then answers our MAIL): retry once, fresh.
-        Err(RelayError::Lost(_) | RelayError::Protocol(_)) if reused => {
-            let lease = pool.acquire(true).await?;
-            mail_and_rcpt(backend, lease, envelope, rcpt).await
-        }
-        Err(RelayError::Refused(reply)) if reused && reply.code == 421 => {
-            let lease = pool.acquire(true).await?;
-            mail_and_rcpt(backend, lease, envelope, rcpt).await
-        }
-        other => other,
-    }
-}
-
-async fn mail_and_rcpt(
-    backend: &Arc<Backend>,
-    mut lease: Lease,
-    envelope: &Envelope,
-    rcpt: &str,
-) -> Result<Begin, RelayError> {
-    let settings = lease.settings().clone();
-    let conn = lease.conn();
-    let mail = mail_command(envelope, &conn.caps);
-    let rcpt_line = format!("RCPT TO:<{}>\r\n", smtp_path(rcpt));
-    let (mail_reply, rcpt_reply) = if conn.caps.pipelining {
-        let mut both = mail.into_bytes();
-        both.extend_from_slice(rcpt_line.as_bytes());
-        conn.write_all(&both, settings.timeouts.mail).await?;
-        let mail_reply = conn.read_reply(settings.timeouts.mail).await?;
-        let rcpt_reply = conn.read_reply(settings.timeouts.rcpt).await?;
-        (mail_reply, Some(rcpt_reply))
-    } else {
-        let mail_reply = conn
-            .command(mail.as_bytes(), settings.timeouts.mail)
-            .await?;
-        if !mail_reply.is_positive() {
-            (mail_reply, None)
-        } else {
-            let rcpt_reply = conn
-                .command(rcpt_line.as_bytes(), settings.timeouts.rcpt)
-                .await?;
-            (mail_reply, Some(rcpt_reply))
-        }
-    };
-    if mail_reply.code == 421 {
-        lease.conn().broken = true;
-        return Err(RelayError::Refused(mail_reply));
-    }
-    if !mail_reply.is_positive() {
-        // The backend's session is back at its initial state: reusable as it is.
-        lease.release();
-        return Ok(Begin::MailRefused(mail_reply));
-    }
-    let rcpt_reply = rcpt_reply.unwrap_or_else(|| mail_reply.clone());
-    let mut tx = BackendTx {
-        backend: backend.clone(),
-        lease: Some(lease),
-        accepted: Vec::new(),
-        envelope: envelope.clone(),
-    };
-    if rcpt_reply.is_positive() {
-        tx.accepted.push(rcpt.to_string());
-    }
-    Ok(Begin::Open(Box::new(tx), rcpt_reply))
 }
 
 /// An address as it must be written in MAIL/RCPT: smtp-proto hands us the local part
@@ -454,6 +517,10 @@ pub fn smtp_path(address: &str) -> String {
     quoted
 }
 
+fn rcpt_command(rcpt: &str) -> String {
+    format!("RCPT TO:<{}>\r\n", smtp_path(rcpt))
+}
+
 fn mail_command(envelope: &Envelope, caps: &Capabilities) -> String {
     let mut line = format!("MAIL FROM:<{}>", smtp_path(&envelope.mail_from));
     if let (Some(size), Some(_)) = (envelope.size, caps.size) {
@@ -467,134 +534,6 @@ fn mail_command(envelope: &Envelope, caps: &Capabilities) -> String {
     }
     line.push_str("\r\n");
     line
-}
-
-/// An open transaction on one backend.
-pub struct BackendTx {
-    backend: Arc<Backend>,
-    /// `None` for maildir.
-    lease: Option<Lease>,
-    accepted: Vec<String>,
-    envelope: Envelope,
-}
-
-impl BackendTx {
-    pub fn backend_label(&self) -> &str {
-        &self.backend.label
-    }
-
-    /// Recipients the backend accepted.
-    pub fn accepted(&self) -> &[String] {
-        &self.accepted
-    }
-
-    /// True when the backend cannot take a non-ASCII envelope.
-    pub fn lacks_smtputf8(&mut self) -> bool {
-        match &mut self.lease {
-            Some(lease) => !lease.conn().caps.smtputf8,
-            None => false,
-        }
-    }
-
-    pub async fn rcpt(&mut self, rcpt: &str) -> Result<BackendReply, RelayError> {
-        let reply = match &mut self.lease {
-            None => local_rcpt_ok(),
-            Some(lease) => {
-                let limit = lease.settings().timeouts.rcpt;
-                let line = format!("RCPT TO:<{}>\r\n", smtp_path(rcpt));
-                lease.conn().command(line.as_bytes(), limit).await?
-            }
-        };
-        if reply.is_positive() {
-            self.accepted.push(rcpt.to_string());
-        }
-        Ok(reply)
-    }
-
-    /// Sends the message. Consumes the transaction; the connection goes back to the pool
-    /// when the backend's session is clean.
-    pub async fn send(mut self, message: &OutboundMessage<'_>) -> Result<Delivery, RelayError> {
-        let started = tokio::time::Instant::now();
-        let result = match self.lease.take() {
-            None => self.send_maildir(message),
-            Some(lease) => send_remote(lease, &self.accepted, message).await,
-        };
-        metrics::delivery(&self.backend.label, &result, started.elapsed());
-        if result.is_ok() {
-            self.backend.mark_success();
-        }
-        result
-    }
-
-    fn send_maildir(&self, message: &OutboundMessage<'_>) -> Result<Delivery, RelayError> {
-        let BackendKind::Maildir(maildir) = &self.backend.kind else {
-            return Err(RelayError::Local("not a maildir backend".into()));
-        };
-        maildir
-            .deliver(&self.envelope.mail_from, &self.accepted, message)
-            .map(Delivery::Stored)
-            .map_err(|err| RelayError::Local(err.to_string()))
-    }
-
-    /// Abandons the transaction (RSET) and returns the connection to the pool.
-    pub async fn abort(mut self) {
-        if let Some(mut lease) = self.lease.take() {
-            let limit = lease.settings().timeouts.mail;
-            match lease.conn().command(b"RSET\r\n", limit).await {
-                Ok(reply) if reply.is_positive() => lease.release(),
-                _ => {}
-            }
-        }
-    }
-}
-
-async fn send_remote(
-    mut lease: Lease,
-    accepted: &[String],
-    message: &OutboundMessage<'_>,
-) -> Result<Delivery, RelayError> {
-    let settings = lease.settings().clone();
-    let conn = lease.conn();
-    let lmtp = conn.lmtp;
-    if conn.caps.chunking {
-        message
-            .write_bdat(conn, settings.timeouts.data_block)
-            .await?;
-    } else {
-        let reply = conn
-            .command(b"DATA\r\n", settings.timeouts.data_init)
-            .await?;
-        if reply.code < 400 && reply.code != 354 {
-            // Not an answer DATA can get: the replies are out of step with the commands.
-            conn.broken = true;
-            return Err(RelayError::Protocol(format!(
-                "unexpected reply {} to DATA",
-                reply.code
-            )));
-        }
-        if reply.code != 354 {
-            // Refused before content (e.g. 554): the session is at its initial state.
-            if reply.code != 421 {
-                lease.release();
-            }
-            return Ok(Delivery::Single(reply));
-        }
-        message
-            .write_stuffed(conn, settings.timeouts.data_block)
-            .await?;
-    }
-    let delivery = if lmtp {
-        let mut replies = Vec::with_capacity(accepted.len());
-        for rcpt in accepted {
-            let reply = conn.read_reply(settings.timeouts.data_done).await?;
-            replies.push((rcpt.clone(), reply));
-        }
-        Delivery::PerRecipient(replies)
-    } else {
-        Delivery::Single(conn.read_reply(settings.timeouts.data_done).await?)
-    };
-    lease.release();
-    Ok(delivery)
 }
 
 #[cfg(test)]

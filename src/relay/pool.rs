@@ -1,8 +1,10 @@
 //! A bounded pool of warm connections to one backend.
 //!
 //! EHLO and STARTTLS are paid once per connection, not per message. The number of open
-//! connections is capped by a semaphore; a transaction that finds every connection busy
-//! waits up to `pool_wait` and then fails with [`RelayError::Busy`] (451 to the client).
+//! connections is capped by a semaphore; a recipient probe or a delivery that finds every
+//! connection busy waits up to `pool_wait` and then fails with [`RelayError::Busy`] (451
+//! to the client). Neither holds a connection while a client sends, so how long a lease
+//! lasts depends on the backend, not on the client.
 //! A connection is only returned to the pool when its SMTP session is known to be clean
 //! (after a final reply or RSET); anything else is dropped, which closes it.
 

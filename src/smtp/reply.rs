@@ -554,6 +554,32 @@ impl Reply {
         .because("backend_unavailable")
     }
 
+    /// The backend said 421 (it is closing the channel). Never passed on as such: to our
+    /// client a 421 would mean that *we* close the session (RFC 5321 section 3.8).
+    pub fn backend_closing() -> Self {
+        Reply::with(
+            451,
+            (4, 4, 2),
+            "Mailbox server closed the connection, try again later",
+        )
+        .because("backend_unavailable")
+    }
+
+    /// At delivery the backend refused recipients it had accepted when they were
+    /// verified. There is no local queue, so no `250` for a subset: the whole message
+    /// is retried.
+    pub fn recipients_refused_at_delivery(refused: &[String]) -> Self {
+        Reply::with(
+            451,
+            (4, 3, 0),
+            format!(
+                "Mailbox server refused {} at delivery; try again later",
+                list_recipients(refused)
+            ),
+        )
+        .because("backend")
+    }
+
     pub fn backend_busy() -> Self {
         Reply::with(451, (4, 4, 5), "Mailbox server busy, try again later")
             .because("backend_unavailable")

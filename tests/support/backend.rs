@@ -38,6 +38,8 @@ pub struct Behaviour {
     /// Answer STARTTLS with this refusal (e.g. `454 4.7.0 TLS not available`) although
     /// it is offered, as a server with a broken certificate setup does.
     pub starttls_refusal: Option<String>,
+    /// Offer SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
 }
 
 impl Default for Behaviour {
@@ -58,6 +60,7 @@ impl Default for Behaviour {
             tls: None,
             idle_421: None,
             starttls_refusal: None,
+            smtputf8: true,
         }
     }
 }
@@ -123,6 +126,9 @@ impl FakeBackend {
                     return;
                 };
                 task_log.lock().unwrap().connections += 1;
+                // Replies are written one at a time: without this, Nagle holds each
+                // pipelined reply until the previous one is acknowledged.
+                let _ = stream.set_nodelay(true);
                 let behaviour = task_behaviour.clone();
                 let log = task_log.clone();
                 tokio::spawn(async move {
@@ -223,12 +229,11 @@ async fn serve(
             if b.pipelining {
                 caps.push("PIPELINING".into());
             }
-            caps.extend([
-                "8BITMIME".into(),
-                "SMTPUTF8".into(),
-                "SIZE 100000000".into(),
-                "ENHANCEDSTATUSCODES".into(),
-            ]);
+            caps.push("8BITMIME".into());
+            if b.smtputf8 {
+                caps.push("SMTPUTF8".into());
+            }
+            caps.extend(["SIZE 100000000".into(), "ENHANCEDSTATUSCODES".into()]);
             if b.chunking {
                 caps.push("CHUNKING".into());
             }

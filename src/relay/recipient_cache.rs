@@ -1,0 +1,149 @@
+//! The backend's definite answers about recipients, kept for a while so that a recipient
+//! is probed once per `ttl_accept` (or `ttl_reject`), not once per message.
+//!
+//! Only definite answers are kept: a 2xx (accepted) or a 5xx (refused) to RCPT after an
+//! accepted MAIL. A 4xx, an error, or a refused MAIL (which is about the sender) is
+//! never kept. The key is the recipient exactly as relayed, so a differently spelled
+//! address is merely a miss. The cache is bounded by `max_entries` (least recently used
+//! answers go first); a client that makes us probe random addresses can only evict
+//! answers, which costs probes, never correctness.
+
+use super::BackendReply;
+use super::metrics;
+use crate::config::RelayRecipientCache;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct RecipientCache {
+    entries: moka::sync::Cache<String, Kept>,
+    ttl_accept: Duration,
+    ttl_reject: Duration,
+}
+
+#[derive(Clone)]
+struct Kept {
+    reply: BackendReply,
+    ttl: Duration,
+}
+
+struct KeptFor;
+
+impl moka::Expiry<String, Kept> for KeptFor {
+    fn expire_after_create(&self, _key: &String, value: &Kept, _at: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+impl RecipientCache {
+    pub fn new(config: &RelayRecipientCache) -> Self {
+        let max_entries = config.max_entries;
+        let warned = Arc::new(AtomicBool::new(false));
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_entries)
+            .expire_after(KeptFor)
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    metrics::recipient_cache_evicted();
+                    if !warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            max_entries,
+                            "relay.recipient_cache is full: answers are evicted before they expire (more recipients are probed)"
+                        );
+                    }
+                }
+            })
+            .build();
+        RecipientCache {
+            entries,
+            ttl_accept: config.ttl_accept,
+            ttl_reject: config.ttl_reject,
+        }
+    }
+
+    /// The kept answer for this recipient, if any (counted as a hit or a miss).
+    pub fn get(&self, rcpt: &str) -> Option<BackendReply> {
+        let kept = self.entries.get(rcpt).map(|kept| kept.reply);
+        metrics::recipient_cache_lookup(kept.is_some());
+        kept
+    }
+
+    /// Keeps the backend's answer to RCPT if it is a definite one.
+    pub fn offer(&self, rcpt: &str, reply: &BackendReply) {
+        let ttl = match reply.code {
+            200..=299 => self.ttl_accept,
+            500..=599 => self.ttl_reject,
+            _ => return,
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        self.entries.insert(
+            rcpt.to_string(),
+            Kept {
+                reply: reply.clone(),
+                ttl,
+            },
+        );
+        metrics::recipient_cache_size(self.entries.entry_count());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::reply::Status;
+
+    fn reply(code: u16) -> BackendReply {
+        BackendReply {
+            code,
+            status: Some(Status((code / 100) as u8, 1, 1)),
+            lines: vec![format!("answer {code}")],
+        }
+    }
+
+    fn cache(ttl_accept: u64, ttl_reject: u64) -> RecipientCache {
+        RecipientCache::new(&RelayRecipientCache {
+            ttl_accept: Duration::from_millis(ttl_accept),
+            ttl_reject: Duration::from_millis(ttl_reject),
+            max_entries: 100,
+        })
+    }
+
+    #[test]
+    fn only_definite_answers_are_kept() {
+        let cache = cache(60_000, 60_000);
+        cache.offer("a@x.test", &reply(250));
+        cache.offer("b@x.test", &reply(550));
+        cache.offer("c@x.test", &reply(450));
+        cache.offer("d@x.test", &reply(421));
+        assert_eq!(cache.get("a@x.test"), Some(reply(250)));
+        assert_eq!(cache.get("b@x.test"), Some(reply(550)));
+        assert_eq!(cache.get("c@x.test"), None);
+        assert_eq!(cache.get("d@x.test"), None);
+        assert_eq!(
+            cache.get("A@x.test"),
+            None,
+            "the key is the address as relayed"
+        );
+    }
+
+    #[test]
+    fn each_kind_of_answer_expires_at_its_own_ttl() {
+        let cache = cache(60_000, 50);
+        cache.offer("a@x.test", &reply(250));
+        cache.offer("b@x.test", &reply(550));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(cache.get("a@x.test").is_some());
+        assert!(cache.get("b@x.test").is_none());
+    }
+
+    #[test]
+    fn a_zero_ttl_keeps_nothing() {
+        let cache = cache(0, 0);
+        cache.offer("a@x.test", &reply(250));
+        cache.offer("b@x.test", &reply(550));
+        assert!(cache.get("a@x.test").is_none());
+        assert!(cache.get("b@x.test").is_none());
+    }
+}
