@@ -85,8 +85,11 @@ const VALIDATION_KNOWN_DIFFERENCES: &[(&str, &str)] = &[
 /// Signing tests whose expected seals do not validate with mxgate, with the reason.
 const SIGNING_KNOWN_DIFFERENCES: &[(&str, &str)] = &[];
 
+/// `../shared/conformance`, or `MXGATE_CONFORMANCE_DIR` (a git worktree elsewhere).
 fn conformance_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance");
+    let dir = std::env::var_os("MXGATE_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance"));
     dir.is_dir().then_some(dir)
 }
 
@@ -218,6 +221,8 @@ async fn arc_result(auth: &Authenticator, raw: &[u8]) -> (String, Option<String>
         domain: "d1.example.org".into(),
         identity: "jqd@d1.example.org".into(),
         explanation: None,
+        reason: None,
+        reason_kind: None,
     };
     let verification = auth.verify_message(&parsed, &spf).await;
     (

@@ -7,9 +7,9 @@ pub mod dns;
 pub mod metrics;
 pub mod resinfo;
 pub mod results;
+pub mod spf;
 
 use dns::DnsCaches;
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     ArcOutput, AuthenticatedMessage, DkimOutput, DkimResult, IprevResult, MessageAuthenticator,
     SpfOutput, SpfResult,
@@ -127,16 +127,10 @@ impl Authenticator {
         if !checkable_domain(helo) {
             return no_spf_identity(helo, format!("postmaster@{helo}"));
         }
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::verify_ehlo(
-                ip,
-                helo,
-                &self.host_domain,
-            )))
-            .await;
-        let check = spf_check(&output, format!("postmaster@{helo}"));
-        metrics::check("helo_spf", check.result, started.elapsed());
+        let identity = format!("postmaster@{helo}");
+        let outcome = self.check_host(ip, helo, &identity, helo).await;
+        let check = spf_check(outcome, helo, identity);
+        metrics::spf_check("helo_spf", &check, started.elapsed());
         check
     }
 
@@ -153,22 +147,14 @@ impl Authenticator {
             };
             return no_spf_identity(domain, identity);
         }
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::verify_mail_from(
-                ip,
-                helo,
-                &self.host_domain,
-                mail_from,
-            )))
-            .await;
         let identity = if mail_from.is_empty() {
             format!("postmaster@{helo}")
         } else {
             mail_from.to_string()
         };
-        let check = spf_check(&output, identity);
-        metrics::check("spf", check.result, started.elapsed());
+        let outcome = self.check_host(ip, domain, &identity, helo).await;
+        let check = spf_check(outcome, domain, identity);
+        metrics::spf_check("spf", &check, started.elapsed());
         check
     }
 
@@ -191,17 +177,43 @@ impl Authenticator {
             (true, false) => format!("postmaster@{helo}"),
             (true, true) => format!("postmaster@{record_domain}"),
         };
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::new(
+        self.spf_record_outcome(ip, record_domain, helo, &sender)
+            .await
+            .result
+    }
+
+    /// The full outcome behind [`Authenticator::spf_record_authorizes`] (with the
+    /// permerror/temperror reason), for `mxgate check` and `explain`.
+    pub async fn spf_record_outcome(
+        &self,
+        ip: IpAddr,
+        record_domain: &str,
+        helo: &str,
+        sender: &str,
+    ) -> spf::SpfOutcome {
+        self.check_host(ip, record_domain, sender, helo).await
+    }
+
+    /// RFC 7208 `check_host()` by our own evaluator, over the shared resolver and cache.
+    async fn check_host(
+        &self,
+        ip: IpAddr,
+        domain: &str,
+        sender: &str,
+        helo: &str,
+    ) -> spf::SpfOutcome {
+        spf::check_host(
+            self.resolver.resolver(),
+            &self.caches,
+            &spf::SpfRequest {
                 ip,
-                record_domain,
+                domain,
+                sender,
                 helo,
-                &self.host_domain,
-                &sender,
-            )))
-            .await;
-        spf_result(output.result())
+                receiver: &self.host_domain,
+            },
+        )
+        .await
     }
 
     /// The raw text of the TXT records at `name` (uncached; for diagnostics).
@@ -291,27 +303,19 @@ fn no_spf_identity(domain: &str, identity: String) -> SpfCheck {
         domain: domain.to_ascii_lowercase(),
         identity,
         explanation: None,
+        reason: None,
+        reason_kind: None,
     }
 }
 
-fn spf_result(result: SpfResult) -> AuthResult {
-    match result {
-        SpfResult::Pass => AuthResult::Pass,
-        SpfResult::Fail => AuthResult::Fail,
-        SpfResult::SoftFail => AuthResult::SoftFail,
-        SpfResult::Neutral => AuthResult::Neutral,
-        SpfResult::TempError => AuthResult::TempError,
-        SpfResult::PermError => AuthResult::PermError,
-        SpfResult::None => AuthResult::None,
-    }
-}
-
-fn spf_check(output: &SpfOutput, identity: String) -> SpfCheck {
+fn spf_check(outcome: spf::SpfOutcome, domain: &str, identity: String) -> SpfCheck {
     SpfCheck {
-        result: spf_result(output.result()),
-        domain: output.domain().trim_end_matches('.').to_ascii_lowercase(),
+        result: outcome.result,
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
         identity,
-        explanation: output.explanation().map(str::to_string),
+        explanation: outcome.explanation,
+        reason_kind: outcome.error.as_ref().map(|e| e.kind.label()),
+        reason: outcome.error.map(|e| e.detail),
     }
 }
 

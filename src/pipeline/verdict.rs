@@ -304,6 +304,8 @@ mod tests {
             domain: "x.test".into(),
             identity: "a@x.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {
@@ -440,6 +442,8 @@ mod override_tests {
             domain: "relay.test".into(),
             identity: "a@relay.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {
@@ -612,6 +616,8 @@ mod policy_tests {
             domain: "customer.test".into(),
             identity: "a@customer.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {
