@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod resinfo;
 pub mod results;
 pub mod spf;
+mod strict;
 
 use dns::DnsCaches;
 use mail_auth::{
@@ -242,23 +243,29 @@ impl Authenticator {
         spf: &SpfCheck,
     ) -> MessageVerification<'m> {
         let started = Instant::now();
-        let (dkim_outputs, arc_output) = tokio::join!(
+        let (mut dkim_outputs, arc_output) = tokio::join!(
             self.resolver.verify_dkim(self.caches.parameters(message)),
             self.resolver.verify_arc(self.caches.parameters(message)),
         );
+        strict::refuse_rsa_sha1(&mut dkim_outputs, message);
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
         let mut arc = arc_check(&arc_output);
         // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
         // or ARC-Authentication-Results are present, and a neutral result without sets
         // when an ARC header field does not parse (`cv=bogus`): both are broken chains.
         let unparsable = message.has_arc_errors;
+        // Tag-lists mail-auth reads leniently, and algorithms RFC 8301 forbids.
+        let strict_problem = strict::arc_problem(message.raw_parsed_headers());
         let arc_malformed = unparsable
+            || strict_problem.is_some()
             || (arc.result == AuthResult::None
                 && (!message.as_headers.is_empty() || !message.aar_headers.is_empty()));
         if arc_malformed {
             arc.result = AuthResult::Fail;
             arc.reason = Some(if unparsable {
                 "ARC header fields that do not parse".into()
+            } else if let Some(problem) = strict_problem {
+                problem
             } else {
                 "ARC header fields without an ARC-Message-Signature".into()
             });
@@ -338,7 +345,10 @@ fn dkim_result(result: &DkimResult) -> (AuthResult, Option<String>) {
 }
 
 fn dkim_check(output: &DkimOutput<'_>) -> DkimCheck {
-    let (result, reason) = dkim_result(output.result());
+    let (result, mut reason) = dkim_result(output.result());
+    if strict::is_refused_rsa_sha1(output) {
+        reason = Some(strict::RSA_SHA1_REFUSED.into());
+    }
     let signature = output.signature();
     let b = signature
         .map(|s| {
