@@ -129,3 +129,35 @@ async fn ip6_never_matches_ipv4_and_bad_names_are_permerrors() {
     assert_eq!(dns.queries_for("foo-bar"), 0);
     gw.stop().await;
 }
+
+/// An internationalised MAIL FROM domain is looked up by its A-labels, and the SPF
+/// identity keeps the address as the client gave it.
+#[tokio::test(flavor = "multi_thread")]
+async fn internationalised_domains_are_looked_up_by_their_a_labels() {
+    let dns = TestDns::start().await;
+    dns.txt("xn--bcher-kva.test", "v=spf1 ip4:192.0.2.5 -all");
+    let config = mxgate::config::Dns {
+        nameservers: Some(vec![dns.addr]),
+        timeout: std::time::Duration::from_millis(500),
+        attempts: 1,
+        cache_entries: 100,
+    };
+    let (auth, _) = mxgate::auth::Authenticator::new(&config, "mx.example.test").unwrap();
+    let check = auth
+        .spf_mail_from(
+            "192.0.2.5".parse().unwrap(),
+            "mail.test",
+            "alice@bücher.test",
+        )
+        .await;
+    assert_eq!(check.result.as_str(), "pass", "{check:?}");
+    assert_eq!(check.identity, "alice@bücher.test");
+    let check = auth
+        .spf_mail_from(
+            "192.0.2.6".parse().unwrap(),
+            "mail.test",
+            "alice@bücher.test",
+        )
+        .await;
+    assert_eq!(check.result.as_str(), "fail", "{check:?}");
+}

@@ -203,6 +203,9 @@ impl Authenticator {
         sender: &str,
         helo: &str,
     ) -> spf::SpfOutcome {
+        // An internationalised domain is looked up by its A-labels.
+        let a_labels = crate::config::DomainName::parse(domain);
+        let domain = a_labels.as_ref().map_or(domain, |d| d.as_str());
         spf::check_host(
             self.resolver.resolver(),
             &self.caches,
