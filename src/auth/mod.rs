@@ -1,6 +1,8 @@
-//! Sender authentication: iprev, SPF (HELO and MAIL FROM), DKIM, ARC and DMARC, all by
-//! mail-auth over the shared DNS cache. Checks return data ([`results`]); they decide
-//! nothing. The verdict is made in `pipeline`.
+//! Sender authentication: iprev, DKIM, ARC and DMARC by mail-auth, SPF (HELO and MAIL
+//! FROM) by our own RFC 7208 evaluator ([`spf`]), all over the shared DNS cache; what
+//! mail-auth reads leniently is checked strictly before its pass is trusted
+//! ([`strict`]). Checks return data ([`results`]); they decide nothing. The verdict is
+//! made in `pipeline`.
 
 mod dmarc;
 pub mod dns;

@@ -322,3 +322,35 @@ fn non_empty<T>(found: Arc<[T]>) -> Result<Arc<[T]>, Failure> {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_expansions() {
+        assert_eq!(query_name("example.com."), Some("example.com"));
+        assert_eq!(query_name("a..example.com"), None);
+        assert_eq!(query_name(""), None);
+        assert_eq!(query_name(&format!("{}.example.com", "a".repeat(64))), None);
+        // Over 253 octets: labels come off the left until it fits (RFC 7208 7.3).
+        let long = format!("{}example.com", "abcdefghi.".repeat(30));
+        let fitted = query_name(&long).unwrap();
+        assert!(fitted.len() <= 253 && fitted.ends_with("abcdefghi.example.com"));
+        assert!(long.ends_with(fitted));
+    }
+
+    #[test]
+    fn names_from_answers_are_unescaped() {
+        assert_eq!(
+            unescape(r"foo\:bar\/baz.example.com"),
+            vec![
+                b"foo:bar/baz".to_vec(),
+                b"example".to_vec(),
+                b"com".to_vec()
+            ]
+        );
+        assert_eq!(unescape(r"a\.b.c"), vec![b"a.b".to_vec(), b"c".to_vec()]);
+        assert_eq!(unescape(r"x\040y.c"), vec![b"x y".to_vec(), b"c".to_vec()]);
+    }
+}
