@@ -419,13 +419,13 @@ async fn dkim_corpora() {
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(
         stdout,
-        "DKIM corpora: {:<11} {:>6} {:>9} {:>6} {:>5} {:>6}",
+        "DKIM corpora: {:<11} {:>5} {:>11} {:>15} {:>5} {:>5}",
         "corpus", "files", "as-upstream", "stricter-by-RFC", "known", "wrong"
     );
     for (corpus, [same, stricter, known, wrong]) in &table {
         let _ = writeln!(
             stdout,
-            "DKIM corpora: {corpus:<11} {:>6} {same:>9} {stricter:>6} {known:>5} {wrong:>6}",
+            "DKIM corpora: {corpus:<11} {:>5} {same:>11} {stricter:>15} {known:>5} {wrong:>5}",
             same + stricter + known + wrong
         );
     }

@@ -61,10 +61,19 @@ pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
         .observe(elapsed.as_secs_f64());
 }
 
-/// An SPF check's result, and its error reason when it has one.
+/// An SPF check's result, and its error reason when it has one (counted and logged,
+/// so an admin can tell the sender what to fix).
 pub fn spf_check(name: &str, check: &super::results::SpfCheck, elapsed: Duration) {
     self::check(name, check.result, elapsed);
     if let Some(kind) = check.reason_kind {
         SPF_ERRORS.with_label_values(&[name, kind]).inc();
+        tracing::info!(
+            check = name,
+            result = check.result.as_str(),
+            domain = %check.domain,
+            reason = kind,
+            detail = check.reason.as_deref().unwrap_or_default(),
+            "SPF record of the sender cannot be evaluated"
+        );
     }
 }
