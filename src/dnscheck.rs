@@ -110,7 +110,6 @@ pub async fn spf_record_warnings(
     snapshot: &crate::snapshot::Snapshot,
     auth: &Authenticator,
 ) -> Vec<Diagnostic> {
-    use mail_auth::common::parse::TxtRecordParser;
     let mut warnings = Vec::new();
     // Any address will do: what matters is whether evaluation gets to a result.
     let probe: std::net::IpAddr = std::net::Ipv4Addr::new(192, 0, 2, 1).into();
@@ -120,26 +119,29 @@ pub async fn spf_record_warnings(
                 continue;
             };
             for record in records {
-                let result = auth
-                    .spf_record_authorizes(probe, record, "probe.invalid", "")
+                // The same evaluator as the policy's condition, with its reason.
+                let outcome = auth
+                    .spf_record_outcome(probe, record, "probe.invalid", "postmaster@probe.invalid")
                     .await;
-                let problem = match result {
-                    AuthResult::PermError => {
-                        let raw = auth.txt_raw(record).await.unwrap_or_default();
-                        if mail_auth::spf::Spf::parse(&raw).is_ok() {
-                            format!(
-                                "the SPF record at {record} needs more than 10 DNS lookups (RFC 7208 4.6.4) or includes a broken record; rule `{}` cannot match through it",
-                                rule.name
-                            )
-                        } else {
-                            format!(
-                                "the SPF record at {record} is invalid; rule `{}` cannot match through it",
-                                rule.name
-                            )
-                        }
-                    }
+                let reason = outcome
+                    .error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!(" ({})", e.detail));
+                let lookup_limit = outcome
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == crate::auth::spf::SpfErrorKind::LookupLimit);
+                let problem = match outcome.result {
+                    AuthResult::PermError if lookup_limit => format!(
+                        "the SPF record at {record} needs more than 10 DNS lookups (RFC 7208 4.6.4){reason}; rule `{}` cannot match through it",
+                        rule.name
+                    ),
+                    AuthResult::PermError => format!(
+                        "the SPF record at {record} is invalid{reason}; rule `{}` cannot match through it",
+                        rule.name
+                    ),
                     AuthResult::TempError => format!(
-                        "the SPF record at {record} could not be looked up (DNS error); rule `{}` depends on it",
+                        "the SPF record at {record} could not be looked up{reason}; rule `{}` depends on it",
                         rule.name
                     ),
                     AuthResult::None => format!(

@@ -437,6 +437,14 @@ fn rcpt_domain_accepted(snapshot: &Snapshot, rcpt: &str) -> bool {
         || rcpt.eq_ignore_ascii_case("postmaster")
 }
 
+/// `: two v=spf1 records at example.com` for a permerror or temperror.
+fn spf_reason(check: &crate::auth::results::SpfCheck) -> String {
+    check
+        .reason
+        .as_deref()
+        .map_or_else(String::new, |reason| format!(": {reason}"))
+}
+
 fn print_text(e: &Explanation<'_>) {
     println!(
         "client      {} (HELO {}){}",
@@ -460,10 +468,18 @@ fn print_text(e: &Explanation<'_>) {
             format!("{} (forward-confirmed)", r.iprev.confirmed.join(", "))
         };
         println!("iprev       {:<9} {ptr}", r.iprev.result);
-        println!("spf (helo)  {:<9} {}", r.helo_spf.result, r.helo_spf.domain);
         println!(
-            "spf         {:<9} {} ({})",
-            r.spf.result, r.spf.domain, r.spf.identity
+            "spf (helo)  {:<9} {}{}",
+            r.helo_spf.result,
+            r.helo_spf.domain,
+            spf_reason(&r.helo_spf)
+        );
+        println!(
+            "spf         {:<9} {} ({}){}",
+            r.spf.result,
+            r.spf.domain,
+            r.spf.identity,
+            spf_reason(&r.spf)
         );
         if r.dkim.is_empty() {
             println!("dkim        none      no signature");

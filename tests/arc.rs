@@ -111,6 +111,8 @@ async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<Strin
         domain: "x.test".into(),
         identity: "a@x.test".into(),
         explanation: None,
+        reason: None,
+        reason_kind: None,
     };
     let verification = auth.verify_message(&parsed, &spf).await;
     (

@@ -202,3 +202,42 @@ async fn a_recipient_refused_at_rcpt_is_explained() {
     assert_eq!(v["policy"]["rule"], "sender-host", "{out}");
     assert_eq!(v["verdict"]["action"], "deliver", "{out}");
 }
+
+/// A permerror says why, in the text and in `--json` (`reason`, `reason_kind`).
+#[tokio::test(flavor = "multi_thread")]
+async fn spf_errors_carry_their_reason() {
+    let dns = TestDns::start().await;
+    dns.txt("sender.test", "v=spf1 ip4:192.0.2.5 -all");
+    dns.txt("sender.test", "v=spf1 -all");
+    dns.txt(
+        "mail.sender.test",
+        "v=spf1 a:v1.sender.test a:v2.sender.test a:v3.sender.test -all",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &dns, "");
+    let message = dir.path().join("m.eml");
+    std::fs::write(&message, MESSAGE).unwrap();
+    let (_, out) = explain(&config, "192.0.2.5", &message, true).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spf"]["result"], "permerror", "{v:#}");
+    assert_eq!(v["spf"]["reason"], "two v=spf1 records at sender.test");
+    assert_eq!(v["spf"]["reason_kind"], "multiple_records");
+    assert_eq!(v["helo_spf"]["result"], "permerror", "{v:#}");
+    assert_eq!(v["helo_spf"]["reason_kind"], "void_lookup_limit");
+    assert!(
+        v["authentication_results"]
+            .as_str()
+            .unwrap()
+            .contains("spf=permerror"),
+        "{v:#}"
+    );
+
+    let (_, text) = explain(&config, "192.0.2.5", &message, false).await;
+    assert!(
+        text.contains(
+            "spf         permerror sender.test (alice@sender.test): two v=spf1 records at sender.test"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("void lookup limit"), "{text}");
+}

@@ -182,11 +182,14 @@ async fn spf_records_that_cannot_work_are_warned_about() {
         dns.txt(&format!("l{n}.big.test"), "v=spf1 ip4:203.0.113.1 -all");
     }
     dns.txt("_spf.fine.test", "v=spf1 ip4:192.0.2.7 -all");
+    // Two v=spf1 records (RFC 7208 4.5: permerror), each valid on its own.
+    dns.txt("_spf.twice.test", "v=spf1 ip4:192.0.2.7 -all");
+    dns.txt("_spf.twice.test", "v=spf1 ip4:192.0.2.8 -all");
     let dir = tempfile::tempdir().unwrap();
     write(
         dir.path(),
         "spf.yaml",
-        "rules:\n  - name: big\n    match: { spf_record: _spf.big.test }\n    action: accept\n  - name: gone\n    match: { spf_record: _spf.gone.test }\n    action: accept\n  - name: fine\n    match: { spf_record: _spf.fine.test }\n    action: accept\n",
+        "rules:\n  - name: big\n    match: { spf_record: _spf.big.test }\n    action: accept\n  - name: gone\n    match: { spf_record: _spf.gone.test }\n    action: accept\n  - name: fine\n    match: { spf_record: _spf.fine.test }\n    action: accept\n  - name: twice\n    match: { spf_record: _spf.twice.test }\n    action: accept\n",
     );
     let config = config(dir.path(), &dns.config());
     let (ok, stderr) = check(&config).await;
@@ -201,6 +204,12 @@ async fn spf_records_that_cannot_work_are_warned_about() {
     assert!(
         stderr.contains(&format!(
             "{file}:6:26: warning: _spf.gone.test publishes no SPF record"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}:12:26: warning: the SPF record at _spf.twice.test is invalid (two v=spf1 records at _spf.twice.test)"
         )),
         "{stderr}"
     );

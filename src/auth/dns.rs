@@ -124,6 +124,9 @@ pub struct DnsCaches {
     pub ipv4: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
     pub ipv6: TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
     pub ptr: TtlCache<IpAddr, RecordSet<Box<str>>>,
+    /// Every TXT record at a name, raw, for the SPF evaluator (it must see them all to
+    /// refuse several `v=spf1` records); counted as `txt` in the metrics.
+    pub spf: TtlCache<Box<str>, crate::auth::spf::TxtRecords>,
 }
 
 impl DnsCaches {
@@ -133,7 +136,8 @@ impl DnsCaches {
         // A miss not answered within this time is counted as unanswered.
         let give_up = lookup_timeout * 3 + Duration::from_secs(1);
         DnsCaches {
-            txt: TtlCache::new("txt", share(50), give_up),
+            txt: TtlCache::new("txt", share(35), give_up),
+            spf: TtlCache::new("txt", share(15), give_up),
             mx: TtlCache::new("mx", share(10), give_up),
             ipv4: TtlCache::new("a", share(20), give_up),
             ipv6: TtlCache::new("aaaa", share(10), give_up),
@@ -149,6 +153,7 @@ impl DnsCaches {
         self.ipv4.pending.run_pending_tasks();
         self.ipv6.pending.run_pending_tasks();
         self.ptr.pending.run_pending_tasks();
+        self.spf.pending.run_pending_tasks();
     }
 
     /// mail-auth's parameter bundle for one check.

@@ -31,8 +31,21 @@ pub static DMARC_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static SPF_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_spf_errors_total",
+        "SPF permerror and temperror results by check (spf, helo_spf) and reason: multiple_records, syntax, lookup_limit, void_lookup_limit, include_without_record, redirect_without_record, invalid_domain, dns.",
+        &["check", "reason"],
+    )
+});
+
 pub fn init() {
     LazyLock::force(&RESULTS);
+    for check in ["spf", "helo_spf"] {
+        for kind in super::spf::SpfErrorKind::ALL {
+            SPF_ERRORS.with_label_values(&[check, kind.label()]);
+        }
+    }
     LazyLock::force(&CHECK_SECONDS);
     LazyLock::force(&DMARC_ACTIONS);
     for action in ["reject", "quarantine", "tempfail", "none", "override"] {
@@ -46,4 +59,21 @@ pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
     CHECK_SECONDS
         .with_label_values(&[name])
         .observe(elapsed.as_secs_f64());
+}
+
+/// An SPF check's result, and its error reason when it has one (counted and logged,
+/// so an admin can tell the sender what to fix).
+pub fn spf_check(name: &str, check: &super::results::SpfCheck, elapsed: Duration) {
+    self::check(name, check.result, elapsed);
+    if let Some(kind) = check.reason_kind {
+        SPF_ERRORS.with_label_values(&[name, kind]).inc();
+        tracing::info!(
+            check = name,
+            result = check.result.as_str(),
+            domain = %check.domain,
+            reason = kind,
+            detail = check.reason.as_deref().unwrap_or_default(),
+            "SPF record of the sender cannot be evaluated"
+        );
+    }
 }

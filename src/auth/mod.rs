@@ -1,15 +1,18 @@
-//! Sender authentication: iprev, SPF (HELO and MAIL FROM), DKIM, ARC and DMARC, all by
-//! mail-auth over the shared DNS cache. Checks return data ([`results`]); they decide
-//! nothing. The verdict is made in `pipeline`.
+//! Sender authentication: iprev, DKIM, ARC and DMARC by mail-auth, SPF (HELO and MAIL
+//! FROM) by our own RFC 7208 evaluator ([`spf`]), all over the shared DNS cache; what
+//! mail-auth reads leniently is checked strictly before its pass is trusted
+//! ([`strict`]). Checks return data ([`results`]); they decide nothing. The verdict is
+//! made in `pipeline`.
 
 mod dmarc;
 pub mod dns;
 pub mod metrics;
 pub mod resinfo;
 pub mod results;
+pub mod spf;
+mod strict;
 
 use dns::DnsCaches;
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     ArcOutput, AuthenticatedMessage, DkimOutput, DkimResult, IprevResult, MessageAuthenticator,
     SpfOutput, SpfResult,
@@ -148,16 +151,10 @@ impl Authenticator {
         if !checkable_domain(helo) {
             return no_spf_identity(helo, format!("postmaster@{helo}"));
         }
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::verify_ehlo(
-                ip,
-                helo,
-                &self.host_domain,
-            )))
-            .await;
-        let check = spf_check(&output, format!("postmaster@{helo}"));
-        metrics::check("helo_spf", check.result, started.elapsed());
+        let identity = format!("postmaster@{helo}");
+        let outcome = self.check_host(ip, helo, &identity, helo).await;
+        let check = spf_check(outcome, helo, identity);
+        metrics::spf_check("helo_spf", &check, started.elapsed());
         check
     }
 
@@ -174,22 +171,14 @@ impl Authenticator {
             };
             return no_spf_identity(domain, identity);
         }
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::verify_mail_from(
-                ip,
-                helo,
-                &self.host_domain,
-                mail_from,
-            )))
-            .await;
         let identity = if mail_from.is_empty() {
             format!("postmaster@{helo}")
         } else {
             mail_from.to_string()
         };
-        let check = spf_check(&output, identity);
-        metrics::check("spf", check.result, started.elapsed());
+        let outcome = self.check_host(ip, domain, &identity, helo).await;
+        let check = spf_check(outcome, domain, identity);
+        metrics::spf_check("spf", &check, started.elapsed());
         check
     }
 
@@ -212,17 +201,46 @@ impl Authenticator {
             (true, false) => format!("postmaster@{helo}"),
             (true, true) => format!("postmaster@{record_domain}"),
         };
-        let output = self
-            .resolver
-            .check_host(self.caches.parameters(SpfParameters::new(
+        self.spf_record_outcome(ip, record_domain, helo, &sender)
+            .await
+            .result
+    }
+
+    /// The full outcome behind [`Authenticator::spf_record_authorizes`] (with the
+    /// permerror/temperror reason), for `mxgate check` and `explain`.
+    pub async fn spf_record_outcome(
+        &self,
+        ip: IpAddr,
+        record_domain: &str,
+        helo: &str,
+        sender: &str,
+    ) -> spf::SpfOutcome {
+        self.check_host(ip, record_domain, sender, helo).await
+    }
+
+    /// RFC 7208 `check_host()` by our own evaluator, over the shared resolver and cache.
+    async fn check_host(
+        &self,
+        ip: IpAddr,
+        domain: &str,
+        sender: &str,
+        helo: &str,
+    ) -> spf::SpfOutcome {
+        // An internationalised domain is looked up by its A-labels.
+        let a_labels = crate::config::DomainName::parse(domain);
+        let domain = a_labels.as_ref().map_or(domain, |d| d.as_str());
+        spf::check_host(
+            self.resolver.resolver(),
+            &self.caches,
+            &spf::SpfRequest {
                 ip,
-                record_domain,
+                domain,
+                sender,
                 helo,
-                &self.host_domain,
-                &sender,
-            )))
-            .await;
-        spf_result(output.result())
+                receiver: &self.host_domain,
+            },
+        )
+        .await
     }
 
     /// The raw text of the TXT records at `name` (uncached; for diagnostics).
@@ -251,23 +269,29 @@ impl Authenticator {
         spf: &SpfCheck,
     ) -> MessageVerification<'m> {
         let started = Instant::now();
-        let (dkim_outputs, arc_output) = tokio::join!(
+        let (mut dkim_outputs, arc_output) = tokio::join!(
             self.resolver.verify_dkim(self.caches.parameters(message)),
             self.resolver.verify_arc(self.caches.parameters(message)),
         );
+        strict::refuse_rsa_sha1(&mut dkim_outputs, message);
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
         let mut arc = arc_check(&arc_output);
         // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
         // or ARC-Authentication-Results are present, and a neutral result without sets
         // when an ARC header field does not parse (`cv=bogus`): both are broken chains.
         let unparsable = message.has_arc_errors;
+        // Tag-lists mail-auth reads leniently, and algorithms RFC 8301 forbids.
+        let strict_problem = strict::arc_problem(message.raw_parsed_headers());
         let arc_malformed = unparsable
+            || strict_problem.is_some()
             || (arc.result == AuthResult::None
                 && (!message.as_headers.is_empty() || !message.aar_headers.is_empty()));
         if arc_malformed {
             arc.result = AuthResult::Fail;
             arc.reason = Some(if unparsable {
                 "ARC header fields that do not parse".into()
+            } else if let Some(problem) = strict_problem {
+                problem
             } else {
                 "ARC header fields without an ARC-Message-Signature".into()
             });
@@ -312,27 +336,19 @@ fn no_spf_identity(domain: &str, identity: String) -> SpfCheck {
         domain: domain.to_ascii_lowercase(),
         identity,
         explanation: None,
+        reason: None,
+        reason_kind: None,
     }
 }
 
-fn spf_result(result: SpfResult) -> AuthResult {
-    match result {
-        SpfResult::Pass => AuthResult::Pass,
-        SpfResult::Fail => AuthResult::Fail,
-        SpfResult::SoftFail => AuthResult::SoftFail,
-        SpfResult::Neutral => AuthResult::Neutral,
-        SpfResult::TempError => AuthResult::TempError,
-        SpfResult::PermError => AuthResult::PermError,
-        SpfResult::None => AuthResult::None,
-    }
-}
-
-fn spf_check(output: &SpfOutput, identity: String) -> SpfCheck {
+fn spf_check(outcome: spf::SpfOutcome, domain: &str, identity: String) -> SpfCheck {
     SpfCheck {
-        result: spf_result(output.result()),
-        domain: output.domain().trim_end_matches('.').to_ascii_lowercase(),
+        result: outcome.result,
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
         identity,
-        explanation: output.explanation().map(str::to_string),
+        explanation: outcome.explanation,
+        reason_kind: outcome.error.as_ref().map(|e| e.kind.label()),
+        reason: outcome.error.map(|e| e.detail),
     }
 }
 
@@ -355,7 +371,10 @@ fn dkim_result(result: &DkimResult) -> (AuthResult, Option<String>) {
 }
 
 fn dkim_check(output: &DkimOutput<'_>) -> DkimCheck {
-    let (result, reason) = dkim_result(output.result());
+    let (result, mut reason) = dkim_result(output.result());
+    if strict::is_refused_rsa_sha1(output) {
+        reason = Some(strict::RSA_SHA1_REFUSED.into());
+    }
     let signature = output.signature();
     let b = signature
         .map(|s| {

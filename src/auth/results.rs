@@ -59,6 +59,13 @@ pub struct SpfCheck {
     pub identity: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explanation: Option<String>,
+    /// For permerror and temperror: what was wrong (`two v=spf1 records at ...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The same as a closed-set label (`multiple_records`, `void_lookup_limit`, ...),
+    /// as the metrics count it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_kind: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -83,6 +83,8 @@ fn lost_spf(domain: &str, identity: String) -> SpfCheck {
         domain: domain.to_string(),
         identity,
         explanation: None,
+        reason: None,
+        reason_kind: None,
     }
 }
 

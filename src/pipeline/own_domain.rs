@@ -198,6 +198,8 @@ mod tests {
             domain: "attacker.test".into(),
             identity: "x@attacker.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {

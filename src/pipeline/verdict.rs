@@ -324,6 +324,8 @@ mod tests {
             domain: "x.test".into(),
             identity: "a@x.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {
@@ -460,6 +462,8 @@ mod override_tests {
             domain: "relay.test".into(),
             identity: "a@relay.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {
@@ -636,6 +640,8 @@ mod policy_tests {
             domain: "customer.test".into(),
             identity: "a@customer.test".into(),
             explanation: None,
+            reason: None,
+            reason_kind: None,
         };
         AuthReport {
             iprev: IprevCheck {

@@ -262,12 +262,16 @@ mod tests {
                 domain: "evil\r\nX-Injected: yes".into(),
                 identity: "postmaster@evil\r\nX-Injected: yes".into(),
                 explanation: None,
+                reason: None,
+                reason_kind: None,
             },
             spf: SpfCheck {
                 result: AuthResult::Pass,
                 domain: "sender.test".into(),
                 identity: "alice@sender.test".into(),
                 explanation: None,
+                reason: None,
+                reason_kind: None,
             },
             dkim: vec![DkimCheck {
                 result: AuthResult::Pass,
