@@ -307,6 +307,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         .iter()
         .find(|rcpt| !rcpt_domain_accepted(snapshot, rcpt));
 
+    let section = crate::rewrite::section::read_section(message, snapshot.limits.header_section);
     let mut report = None;
     let mut refused = Vec::new();
     let mut not_checked = None;
@@ -323,13 +324,25 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             reply,
             format!("{rcpt} is not in server.domains"),
         )
+    } else if let Err(err) = &section {
+        not_checked = Some(NotChecked::because(
+            "not checked: the header section is refused first",
+        ));
+        let reply = if err.is_limit() {
+            Reply::header_section_too_large(&err.to_string())
+        } else {
+            Reply::header_section_malformed(&err.to_string())
+        };
+        Verdict::refuse(Action::Reject, reply, format!("header section: {err}"))
     } else if trusted {
         not_checked = Some(NotChecked::because("not checked: trusted network"));
         Verdict::deliver("trusted network: no sender checks")
-    } else if let Some(auth) = &snapshot.auth {
+    } else if let (Some(auth), Ok(section)) = (&snapshot.auth, &section) {
         let envelope = EnvelopeChecks::run(auth, ip, &request.helo, &request.mail_from).await;
         let parsed = AuthenticatedMessage::parse(message);
-        let (full, _verification) = assess(auth, parsed.as_ref(), envelope).await;
+        let from = crate::auth::reading::from_header(section, message);
+        let (full, _verification) =
+            assess(auth, parsed.as_ref(), from, envelope, snapshot.auth_budget).await;
         let mut dns = DnsFacts::default();
         let mut records = std::collections::HashMap::new();
         for record in &snapshot.policy.spf_records {

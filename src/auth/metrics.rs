@@ -31,8 +31,20 @@ pub static DMARC_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static DKIM_IGNORED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    crate::metrics::counter(
+        "mxgate_dkim_signatures_ignored_total",
+        "DKIM-Signature fields not verified because the message had more than auth.max_dkim_signatures.",
+    )
+});
+
+pub fn dkim_signatures_ignored(count: usize) {
+    DKIM_IGNORED.inc_by(count as u64);
+}
+
 pub fn init() {
     LazyLock::force(&RESULTS);
+    LazyLock::force(&DKIM_IGNORED);
     LazyLock::force(&CHECK_SECONDS);
     LazyLock::force(&DMARC_ACTIONS);
     for action in ["reject", "quarantine", "tempfail", "none", "override"] {

@@ -54,6 +54,15 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     if config.server.spool_threshold == 0 {
         out.push(loaded.error(&server.key("spool_threshold"), "must be greater than 0"));
     }
+    if config.server.max_header_size < 1024 {
+        out.push(loaded.error(
+            &server.key("max_header_size"),
+            "must be at least 1024 bytes",
+        ));
+    }
+    if config.server.max_header_fields == 0 {
+        out.push(loaded.error(&server.key("max_header_fields"), "must be at least 1"));
+    }
     for (name, value) in [
         ("command", config.server.timeouts.command),
         ("data_block", config.server.timeouts.data_block),
@@ -99,6 +108,17 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     }
     if config.dns.attempts == 0 {
         out.push(loaded.error(&dns.key("attempts"), "must be at least 1"));
+    }
+
+    let auth = root.key("auth");
+    if config.auth.max_dkim_signatures == 0 {
+        out.push(loaded.error(&auth.key("max_dkim_signatures"), "must be at least 1"));
+    }
+    if config.auth.timeouts.end_of_data.is_zero() {
+        out.push(loaded.error(
+            &auth.key("timeouts").key("end_of_data"),
+            "must be greater than 0",
+        ));
     }
 
     if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
