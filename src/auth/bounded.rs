@@ -24,6 +24,17 @@ pub struct Budget {
     pub end_of_data: Duration,
 }
 
+impl Default for Budget {
+    /// The configuration's defaults (`auth.max_dkim_signatures`, `auth.timeouts`).
+    fn default() -> Self {
+        let auth = crate::config::Auth::default();
+        Budget {
+            max_dkim_signatures: auth.max_dkim_signatures,
+            end_of_data: auth.timeouts.end_of_data,
+        }
+    }
+}
+
 /// The error an unfinished check reports: a DNS temperror (RFC 8601: "a temporary
 /// (recoverable) error occurred").
 pub fn unfinished() -> Error {
