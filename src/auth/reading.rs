@@ -58,18 +58,20 @@ fn from_addresses(value: &[u8]) -> Vec<String> {
 }
 
 /// Whether mail-auth read the header section exactly as we did: every field's name and
-/// value at the same offsets, the body at the same offset, and the same From addresses.
+/// value at the same offsets, the body at the same offset, and the From addresses of
+/// `from` (our reading, [`from_header`]) in the same order.
 pub fn reads_alike(
     section: &HeaderSection<'_>,
     message: &[u8],
     parsed: Option<&AuthenticatedMessage<'_>>,
+    from: &FromHeader,
 ) -> bool {
     let Some(parsed) = parsed else {
         return section.fields.is_empty();
     };
     let base = message.as_ptr() as usize;
     let offset = |bytes: &[u8]| (bytes.as_ptr() as usize).wrapping_sub(base);
-    parsed.raw_message.as_ptr() == message.as_ptr()
+    let same_fields = parsed.raw_message.as_ptr() == message.as_ptr()
         && parsed.body_offset() == section.body_offset
         && parsed.headers.len() == section.fields.len()
         && parsed
@@ -81,13 +83,19 @@ pub fn reads_alike(
                     && name.len() == field.name.len()
                     && offset(value) == field.value_start
                     && offset(value) + value.len() == field.range.end
-            })
-        && parsed.from == {
-            section
-                .named("From")
-                .flat_map(|f| from_addresses(&message[f.value_start..f.range.end]))
-                .collect::<Vec<_>>()
-        }
+            });
+    same_fields && same_froms(parsed.froms(), from)
+}
+
+/// mail-auth's From addresses (as written, lowercased) against ours, which are split
+/// into usable (normalised) and unusable ones, each list in order.
+fn same_froms(theirs: &[String], ours: &FromHeader) -> bool {
+    let (mut usable, mut unusable) = (ours.addresses.iter(), ours.unusable.iter());
+    theirs.len() == ours.addresses.len() + ours.unusable.len()
+        && theirs.iter().all(|a| match super::author_address(a) {
+            Some(normal) => usable.next() == Some(&normal),
+            None => unusable.next() == Some(a),
+        })
 }
 
 #[cfg(test)]
@@ -111,12 +119,26 @@ mod tests {
         ] {
             let section = read_section(msg, LIMITS).unwrap();
             let parsed = AuthenticatedMessage::parse(msg);
+            let from = from_header(&section, msg);
             assert!(
-                reads_alike(&section, msg, parsed.as_ref()),
+                reads_alike(&section, msg, parsed.as_ref(), &from),
                 "{}",
                 String::from_utf8_lossy(msg)
             );
         }
+    }
+
+    #[test]
+    fn different_from_addresses_do_not_read_alike() {
+        let msg = b"From: a@x.test\r\n\r\n";
+        let section = read_section(msg, LIMITS).unwrap();
+        let parsed = AuthenticatedMessage::parse(msg);
+        let mut from = from_header(&section, msg);
+        assert!(reads_alike(&section, msg, parsed.as_ref(), &from));
+        from.addresses = vec!["a@other.test".into()];
+        assert!(!reads_alike(&section, msg, parsed.as_ref(), &from));
+        from.addresses.clear();
+        assert!(!reads_alike(&section, msg, parsed.as_ref(), &from));
     }
 
     #[test]

@@ -55,7 +55,8 @@ impl Connection {
             }
             Some(auth) => {
                 let parsed = AuthenticatedMessage::parse(&message);
-                if !reading::reads_alike(&section, &message, parsed.as_ref()) {
+                let from = reading::from_header(&section, &message);
+                if !reading::reads_alike(&section, &message, parsed.as_ref(), &from) {
                     // Our reader refuses every case we know of where mail-auth's differs;
                     // reaching this is a case we did not know of. Refuse, never guess.
                     tracing::error!(
@@ -67,7 +68,6 @@ impl Connection {
                         Reply::header_section_malformed("it can be read in more than one way");
                     return self.refuse_message(tx, reply).await;
                 }
-                let from = reading::from_header(&section, &message);
                 let envelope = self.envelope_checks(&mut tx).await;
                 client_name = envelope.iprev.confirmed.first().cloned();
                 let budget = self.snapshot.auth_budget;
