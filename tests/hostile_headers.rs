@@ -322,6 +322,14 @@ async fn unanswered_key_lookups_end_at_the_deadline() {
     assert!(took < std::time::Duration::from_secs(9), "took {took:?}");
     let ours = our_results(&gw.delivered()[0]);
     assert_eq!(ours.matches("dkim=temperror").count(), 10, "{ours}");
+    // One signature alone (verified without the per-signature copies) likewise.
+    let message = signed(1, "slow.test", "Hello.\r\n");
+    let started = std::time::Instant::now();
+    let reply = send_raw(&gw, "x@attacker.test", message.as_bytes()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(9));
+    let ours = our_results(&gw.delivered()[1]);
+    assert_eq!(ours.matches("dkim=temperror").count(), 1, "{ours}");
     gw.stop().await;
 }
 
