@@ -270,6 +270,34 @@ mod tests {
     }
 
     #[test]
+    fn header_and_authentication_bounds_are_checked() {
+        let text = MINIMAL.replace(
+            "  domains: [example.test]\n",
+            "  domains: [example.test]\n  max_header_size: 100\n  max_header_fields: 0\n  long_lines: reject\n",
+        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n";
+        let errors = load(&text).unwrap_err();
+        let expected = [
+            "mxgate.yaml:5:20: must be at least 1024 bytes",
+            "mxgate.yaml:6:22: must be at least 1",
+            "mxgate.yaml:11:24: must be at least 1",
+            "mxgate.yaml:13:18: must be greater than 0",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{want:?}: {errors:#?}");
+        }
+        let text = MINIMAL.replace(
+            "  domains: [example.test]\n",
+            "  domains: [example.test]\n  long_lines: sometimes\n",
+        );
+        let errors = load(&text).unwrap_err();
+        assert!(
+            errors[0].starts_with("mxgate.yaml:5:15: server.long_lines: unknown variant"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_their_position() {
         let text = MINIMAL.replace("maildir:./var/mail", "ftp://x:1");
         let errors = load(&text).unwrap_err();
