@@ -304,6 +304,20 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         .iter()
         .find(|rcpt| !rcpt_domain_accepted(snapshot, rcpt));
 
+    // The same reading of the header section, and the same cross-check with mail-auth's,
+    // as the SMTP path (`pipeline::deliver`).
+    let section = crate::rewrite::section::read_section(message, snapshot.limits.header_section);
+    let parsed = AuthenticatedMessage::parse(message);
+    let from = section
+        .as_ref()
+        .ok()
+        .map(|section| crate::auth::reading::from_header(section, message));
+    let read_alike = match (&section, &from) {
+        (Ok(section), Some(from)) => {
+            crate::auth::reading::reads_alike(section, message, parsed.as_ref(), from)
+        }
+        _ => true,
+    };
     let mut report = None;
     let mut refused = Vec::new();
     let mut not_checked = None;
@@ -320,13 +334,33 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             reply,
             format!("{rcpt} is not in server.domains"),
         )
+    } else if let Err(err) = &section {
+        not_checked = Some(NotChecked::because(
+            "not checked: the header section is refused first",
+        ));
+        let reply = if err.is_limit() {
+            Reply::header_section_too_large(&err.to_string())
+        } else {
+            Reply::header_section_malformed(&err.to_string())
+        };
+        Verdict::refuse(Action::Reject, reply, format!("header section: {err}"))
+    } else if !read_alike && snapshot.auth.is_some() && !trusted {
+        not_checked = Some(NotChecked::because(
+            "not checked: the header section is refused first",
+        ));
+        let reply = Reply::header_section_malformed("it can be read in more than one way");
+        Verdict::refuse(
+            Action::Reject,
+            reply,
+            "header section: mail-auth reads it differently".to_string(),
+        )
     } else if trusted {
         not_checked = Some(NotChecked::because("not checked: trusted network"));
         Verdict::deliver("trusted network: no sender checks")
-    } else if let Some(auth) = &snapshot.auth {
+    } else if let (Some(auth), Some(from)) = (&snapshot.auth, from) {
         let envelope = EnvelopeChecks::run(auth, ip, &request.helo, &request.mail_from).await;
-        let parsed = AuthenticatedMessage::parse(message);
-        let (full, _verification) = assess(auth, parsed.as_ref(), envelope).await;
+        let (full, _verification) =
+            assess(auth, parsed.as_ref(), from, envelope, snapshot.auth_budget).await;
         let mut dns = DnsFacts::default();
         let mut records = std::collections::HashMap::new();
         for record in &snapshot.policy.spf_records {

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub auth: Option<Arc<Authenticator>>,
     /// Write comments in Authentication-Results.
     pub auth_comments: bool,
+    /// Bounds on the authentication work of one message.
+    pub auth_budget: crate::auth::Budget,
     pub dmarc: DmarcSettings,
     /// ARC sealing of relayed messages; `None` when off.
     pub sealer: Option<Sealer>,
@@ -52,6 +54,8 @@ pub struct Limits {
     pub spool_dir: Option<PathBuf>,
     pub bare_line_endings: BareLineEndings,
     pub timeouts: ServerTimeouts,
+    pub header_section: crate::rewrite::section::SectionLimits,
+    pub long_lines: crate::config::LongLines,
 }
 
 pub struct ServerTls {
@@ -197,12 +201,21 @@ pub fn compile(
             spool_dir: config.server.spool_dir.as_ref().map(|d| loaded.resolve(d)),
             bare_line_endings: config.server.bare_line_endings,
             timeouts: config.server.timeouts.clone(),
+            header_section: crate::rewrite::section::SectionLimits {
+                max_size: config.server.max_header_size,
+                max_fields: config.server.max_header_fields,
+            },
+            long_lines: config.server.long_lines,
         },
         client_limits: crate::limits::Settings::from_config(config),
         tls: server_tls,
         relay,
         auth,
         auth_comments: config.auth.comments,
+        auth_budget: crate::auth::Budget {
+            max_dkim_signatures: config.auth.max_dkim_signatures,
+            end_of_data: config.auth.timeouts.end_of_data,
+        },
         dmarc,
         sealer,
         policy: Arc::new(policy),

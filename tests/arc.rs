@@ -114,7 +114,14 @@ async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<Strin
         reason: None,
         reason_kind: None,
     };
-    let verification = auth.verify_message(&parsed, &spf).await;
+    let limits = mxgate::rewrite::section::SectionLimits {
+        max_size: 256 * 1024,
+        max_fields: 1000,
+    };
+    let section = mxgate::rewrite::section::read_section(message, limits).unwrap();
+    let from = mxgate::auth::reading::from_header(&section, message);
+    let budget = mxgate::auth::Budget::default();
+    let verification = auth.verify_message(&parsed, from, &spf, budget).await;
     (
         verification.arc.result.as_str().to_string(),
         verification.arc.instances,

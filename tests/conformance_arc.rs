@@ -190,7 +190,23 @@ async fn arc_result(auth: &Authenticator, raw: &[u8]) -> (String, Option<String>
         reason: None,
         reason_kind: None,
     };
-    let verification = auth.verify_message(&parsed, &spf).await;
+    // The From fields as mxgate reads them (none when the reader refuses the header
+    // section: the gateway would answer 550 5.6.0; the ARC result is still wanted).
+    let limits = mxgate::rewrite::section::SectionLimits {
+        max_size: 256 * 1024,
+        max_fields: 1000,
+    };
+    let from = match mxgate::rewrite::section::read_section(raw, limits) {
+        Ok(section) => mxgate::auth::reading::from_header(&section, raw),
+        Err(_) => mxgate::auth::results::FromHeader {
+            fields: 0,
+            addresses: Vec::new(),
+            domains: Vec::new(),
+            unusable: Vec::new(),
+        },
+    };
+    let budget = mxgate::auth::Budget::default();
+    let verification = auth.verify_message(&parsed, from, &spf, budget).await;
     (
         verification.arc.result.as_str().to_string(),
         verification.arc.reason.clone(),

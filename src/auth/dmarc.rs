@@ -74,6 +74,20 @@ pub(super) async fn evaluate(
     strictest(checks)
 }
 
+/// DMARC that did not finish within `auth.timeouts.end_of_data`: a temperror.
+pub(super) fn unfinished(from: &FromHeader) -> DmarcCheck {
+    DmarcCheck {
+        result: AuthResult::TempError,
+        domain: from.domains.first().cloned().unwrap_or_default(),
+        policy: DmarcPolicy::None,
+        applied_policy: DmarcPolicy::None,
+        spf_aligned: false,
+        dkim_aligned: false,
+        pct: None,
+        reason: Some(super::bounded::unfinished().to_string()),
+    }
+}
+
 /// The check that decides: the failing one with the strictest policy, else a
 /// temperror, else the first.
 fn strictest(mut checks: Vec<DmarcCheck>) -> DmarcCheck {

@@ -39,8 +39,21 @@ static SPF_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static DKIM_IGNORED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    crate::metrics::counter(
+        "mxgate_dkim_signatures_ignored_total",
+        "DKIM-Signature fields not verified because the message had more than auth.max_dkim_signatures.",
+    )
+});
+
+pub fn dkim_signatures_ignored(count: usize) {
+    DKIM_IGNORED.inc_by(count as u64);
+}
+
 pub fn init() {
     LazyLock::force(&RESULTS);
+    LazyLock::force(&DKIM_IGNORED);
+
     for check in ["spf", "helo_spf"] {
         for kind in super::spf::SpfErrorKind::ALL {
             SPF_ERRORS.with_label_values(&[check, kind.label()]);

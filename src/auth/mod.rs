@@ -4,13 +4,17 @@
 //! ([`strict`]). Checks return data ([`results`]); they decide nothing. The verdict is
 //! made in `pipeline`.
 
+mod bounded;
 mod dmarc;
 pub mod dns;
 pub mod metrics;
+pub mod reading;
 pub mod resinfo;
 pub mod results;
 pub mod spf;
 mod strict;
+
+pub use bounded::Budget;
 
 use dns::DnsCaches;
 use mail_auth::{
@@ -261,19 +265,46 @@ impl Authenticator {
             .collect()
     }
 
-    /// DKIM, ARC and DMARC for a received message. DKIM and ARC run concurrently; DMARC
-    /// needs both SPF (done at MAIL) and DKIM.
+    /// DKIM, ARC and DMARC for a received message, under `budget`: the first
+    /// `max_dkim_signatures` signatures, ARC and the DMARC record look-up all start at
+    /// once; DMARC itself needs SPF (done at MAIL) and DKIM. Whatever has not finished
+    /// by `end_of_data` (DKIM and ARC: by four fifths of it) is a temperror. `from` is
+    /// our reading of the From fields (`reading::from_header`); DMARC is evaluated on it.
     pub async fn verify_message<'m>(
         &'m self,
         message: &'m AuthenticatedMessage<'m>,
+        from: FromHeader,
         spf: &SpfCheck,
+        budget: Budget,
     ) -> MessageVerification<'m> {
         let started = Instant::now();
-        let (mut dkim_outputs, arc_output) = tokio::join!(
-            self.resolver.verify_dkim(self.caches.parameters(message)),
-            self.resolver.verify_arc(self.caches.parameters(message)),
+        let now = tokio::time::Instant::now();
+        let deadline = now + budget.end_of_data;
+        // DMARC can only be evaluated once DKIM is done: DKIM and ARC must finish a fifth
+        // of the budget early, so that DMARC (whose look-ups started with them) is not
+        // always cut off when a signature's key never comes.
+        let signatures_deadline = now + budget.end_of_data * 4 / 5;
+        let ((mut dkim_outputs, ignored), arc_output, ()) = tokio::join!(
+            self.verify_dkim_bounded(message, budget.max_dkim_signatures, signatures_deadline),
+            tokio::time::timeout_at(
+                signatures_deadline,
+                self.resolver.verify_arc(self.caches.parameters(message))
+            ),
+            self.prefetch_dmarc(&from, deadline),
         );
         strict::refuse_rsa_sha1(&mut dkim_outputs, message);
+        if ignored > 0 {
+            metrics::dkim_signatures_ignored(ignored);
+            tracing::warn!(
+                ignored,
+                verified = budget.max_dkim_signatures,
+                "message has more DKIM-Signature fields than auth.max_dkim_signatures; the rest are ignored"
+            );
+        }
+        let arc_unfinished = arc_output.is_err();
+        let arc_output = arc_output.unwrap_or_else(|_| {
+            ArcOutput::default().with_result(DkimResult::TempError(bounded::unfinished()))
+        });
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
         let mut arc = arc_check(&arc_output);
         // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
@@ -303,19 +334,40 @@ impl Authenticator {
             metrics::check("dkim", AuthResult::None, started.elapsed());
         }
         metrics::check("arc", arc.result, started.elapsed());
-        let from = from_header(message);
         let dmarc_started = Instant::now();
-        let dmarc = dmarc::evaluate(self, message, &dkim_outputs, spf, &from).await;
+        let dmarc = match tokio::time::timeout_at(
+            deadline,
+            dmarc::evaluate(self, message, &dkim_outputs, spf, &from),
+        )
+        .await
+        {
+            Ok(dmarc) => dmarc,
+            Err(_) => dmarc::unfinished(&from),
+        };
         metrics::check("dmarc", dmarc.result, dmarc_started.elapsed());
         MessageVerification {
             dkim_outputs,
             arc_output,
-            arc_malformed,
+            // A chain we could not finish verifying is not sealed on top of either.
+            arc_malformed: arc_malformed || arc_unfinished,
             dkim,
             arc,
             dmarc,
             from,
         }
+    }
+
+    /// Starts the DMARC record look-ups while DKIM runs, so that DMARC's evaluation
+    /// after DKIM finds them in the cache. Errors are left for that evaluation to see.
+    async fn prefetch_dmarc(&self, from: &FromHeader, deadline: tokio::time::Instant) {
+        let lookups = from.domains.iter().take(4).map(|domain| {
+            self.resolver.txt_lookup::<mail_auth::dmarc::Dmarc>(
+                format!("_dmarc.{domain}."),
+                Some(&self.caches.txt),
+            )
+        });
+        let lookups: Vec<_> = lookups.collect();
+        let _ = tokio::time::timeout_at(deadline, bounded::join_all(lookups)).await;
     }
 }
 
@@ -421,41 +473,12 @@ fn arc_check(output: &ArcOutput<'_>) -> ArcCheck {
     }
 }
 
-fn from_header(message: &AuthenticatedMessage<'_>) -> FromHeader {
-    let fields = message
-        .raw_parsed_headers()
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case(b"from"))
-        .count();
-    let mut addresses = Vec::new();
-    let mut unusable = Vec::new();
-    for address in message.froms() {
-        match author_address(address) {
-            Some(normal) => addresses.push(normal),
-            None => unusable.push(address.clone()),
-        }
-    }
-    let mut domains: Vec<String> = addresses
-        .iter()
-        .filter_map(|a| a.rsplit_once('@'))
-        .map(|(_, d)| d.to_string())
-        .collect();
-    domains.sort();
-    domains.dedup();
-    FromHeader {
-        fields,
-        addresses,
-        domains,
-        unusable,
-    }
-}
-
 /// An author address in the form DMARC is evaluated on: the domain in A-labels,
 /// lowercased, without a trailing dot or the whitespace obsolete syntax allows
 /// (`ceo@bank . test`). `None` when the domain is not a usable domain name: such an
 /// address must never be handed on as it is, or `bank.test.` would be looked up as a
 /// different domain from `bank.test` and its policy never applied.
-fn author_address(address: &str) -> Option<String> {
+pub(crate) fn author_address(address: &str) -> Option<String> {
     let (local, domain) = address.rsplit_once('@')?;
     let compact: String = domain.chars().filter(|c| !c.is_whitespace()).collect();
     let domain = crate::config::DomainName::parse(&compact).ok()?;

@@ -72,6 +72,25 @@ pub struct Server {
     pub spool_dir: Option<PathBuf>,
     #[serde(default)]
     pub timeouts: ServerTimeouts,
+    /// Bytes of the header section (up to and including the empty line); more: `552 5.3.4`.
+    #[serde(default = "defaults::max_header_size")]
+    pub max_header_size: usize,
+    /// Header fields in one message; more: `552 5.3.4`.
+    #[serde(default = "defaults::max_header_fields")]
+    pub max_header_fields: usize,
+    /// Text lines over 998 octets: relayed as they are, or refused.
+    #[serde(default)]
+    pub long_lines: LongLines,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongLines {
+    /// Relay unchanged; the backend decides (much generated mail has such lines).
+    #[default]
+    Pass,
+    /// Answer `550 5.6.0` at the end of data.
+    Reject,
 }
 
 /// RFC 5321 section 4.5.3.2 defaults.
@@ -340,6 +359,9 @@ pub struct Auth {
     /// Write explanatory comments in Authentication-Results. Set `false` for Exchange
     /// Online, which rejects ARC results whose comments contain `;`.
     pub comments: bool,
+    /// DKIM-Signature fields verified per message (the first ones); the rest are ignored.
+    pub max_dkim_signatures: usize,
+    pub timeouts: AuthTimeouts,
 }
 
 impl Default for Auth {
@@ -347,6 +369,24 @@ impl Default for Auth {
         Auth {
             enabled: true,
             comments: true,
+            max_dkim_signatures: 10,
+            timeouts: AuthTimeouts::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthTimeouts {
+    /// DKIM, ARC and DMARC of one message, together; what is unfinished is temperror.
+    #[serde(with = "humantime_serde")]
+    pub end_of_data: Duration,
+}
+
+impl Default for AuthTimeouts {
+    fn default() -> Self {
+        AuthTimeouts {
+            end_of_data: Duration::from_secs(15),
         }
     }
 }
@@ -610,6 +650,12 @@ mod defaults {
     }
     pub fn spool_threshold() -> usize {
         1024 * 1024
+    }
+    pub fn max_header_size() -> usize {
+        256 * 1024
+    }
+    pub fn max_header_fields() -> usize {
+        1000
     }
     pub fn reload_interval() -> Duration {
         Duration::from_secs(5)

@@ -60,6 +60,15 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     if config.server.spool_threshold == 0 {
         out.push(loaded.error(&server.key("spool_threshold"), "must be greater than 0"));
     }
+    if config.server.max_header_size < 1024 {
+        out.push(loaded.error(
+            &server.key("max_header_size"),
+            "must be at least 1024 bytes",
+        ));
+    }
+    if config.server.max_header_fields == 0 {
+        out.push(loaded.error(&server.key("max_header_fields"), "must be at least 1"));
+    }
     for (name, value) in [
         ("command", config.server.timeouts.command),
         ("data_block", config.server.timeouts.data_block),
@@ -124,6 +133,17 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     }
     if config.dns.attempts == 0 {
         out.push(loaded.error(&dns.key("attempts"), "must be at least 1"));
+    }
+
+    let auth = root.key("auth");
+    if config.auth.max_dkim_signatures == 0 {
+        out.push(loaded.error(&auth.key("max_dkim_signatures"), "must be at least 1"));
+    }
+    if config.auth.timeouts.end_of_data.is_zero() {
+        out.push(loaded.error(
+            &auth.key("timeouts").key("end_of_data"),
+            "must be greater than 0",
+        ));
     }
 
     if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
@@ -331,6 +351,34 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].starts_with("mxgate.yaml:10:3: tls.requre: unknown field `requre`"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn header_and_authentication_bounds_are_checked() {
+        let text = MINIMAL.replace(
+            "  domains: [example.test]\n",
+            "  domains: [example.test]\n  max_header_size: 100\n  max_header_fields: 0\n  long_lines: reject\n",
+        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n";
+        let errors = load(&text).unwrap_err();
+        let expected = [
+            "mxgate.yaml:5:20: must be at least 1024 bytes",
+            "mxgate.yaml:6:22: must be at least 1",
+            "mxgate.yaml:11:24: must be at least 1",
+            "mxgate.yaml:13:18: must be greater than 0",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{want:?}: {errors:#?}");
+        }
+        let text = MINIMAL.replace(
+            "  domains: [example.test]\n",
+            "  domains: [example.test]\n  long_lines: sometimes\n",
+        );
+        let errors = load(&text).unwrap_err();
+        assert!(
+            errors[0].starts_with("mxgate.yaml:5:15: server.long_lines: unknown variant"),
             "{errors:?}"
         );
     }

@@ -6,7 +6,7 @@ use super::{Connection, Transaction};
 use crate::auth::results::{
     ArcCheck, AuthReport, AuthResult, DmarcCheck, DmarcPolicy, FromHeader, IprevCheck, SpfCheck,
 };
-use crate::auth::{Authenticator, MessageVerification};
+use crate::auth::{Authenticator, Budget, MessageVerification};
 use mail_auth::AuthenticatedMessage;
 
 /// Results of the checks made before the message arrived.
@@ -89,14 +89,20 @@ fn lost_spf(domain: &str, identity: String) -> SpfCheck {
 }
 
 /// Runs the message checks and assembles the report. `parsed` is `None` for a message
-/// without a header section, which has no From field and so cannot pass DMARC.
+/// without a header section, which has no From field and so cannot pass DMARC. `from`
+/// is our reading of the From fields (`auth::reading::from_header`).
 pub async fn assess<'m>(
     auth: &'m Authenticator,
     parsed: Option<&'m AuthenticatedMessage<'m>>,
+    from: FromHeader,
     envelope: EnvelopeChecks,
+    budget: Budget,
 ) -> (AuthReport, Option<MessageVerification<'m>>) {
     let verification = match parsed {
-        Some(message) => Some(auth.verify_message(message, &envelope.spf).await),
+        Some(message) => Some(
+            auth.verify_message(message, from, &envelope.spf, budget)
+                .await,
+        ),
         None => None,
     };
     let report = match &verification {

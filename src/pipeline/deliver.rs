@@ -6,12 +6,14 @@ use super::record::Outcome;
 use super::verdict::{self, Action, Verdict};
 use super::{Connection, Transaction, metrics};
 use crate::auth::MessageVerification;
+use crate::auth::reading;
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
 use crate::rewrite::arc::{NotSealed, Sealer, metrics as arc_metrics};
 use crate::rewrite::auth_results::{ResultsInput, results_value, unfolded};
-use crate::rewrite::headers::{header_fields, sanitize, write_folded};
+use crate::rewrite::headers::{sanitize, write_folded};
 use crate::rewrite::received::{ReceivedFields, write_received};
+use crate::rewrite::section::{SectionError, read_section};
 use crate::rewrite::strip::forged_results;
 use crate::smtp::reply::Reply;
 use crate::spool::MessageBytes;
@@ -27,8 +29,15 @@ impl Connection {
         tx.record.size = message.len() as u64;
         tx.record.rcpts = tx.rcpts.clone();
 
-        let (fields, _) = header_fields(&message);
-        let skip = forged_results(&fields, self.hostname());
+        // The one reading of the header section every decision below is made on.
+        let section = match read_section(&message, self.snapshot.limits.header_section) {
+            Ok(section) => section,
+            Err(err) => {
+                metrics::end_of_data(end_of_data.elapsed());
+                return self.refuse_header_section(tx, err).await;
+            }
+        };
+        let skip = forged_results(&section.fields, self.hostname());
         let mut prefix = Vec::with_capacity(4096);
         let mut client_name = None;
         let verdict = match self.auth.clone() {
@@ -45,10 +54,25 @@ impl Connection {
                 verdict
             }
             Some(auth) => {
+                let parsed = AuthenticatedMessage::parse(&message);
+                let from = reading::from_header(&section, &message);
+                if !reading::reads_alike(&section, &message, parsed.as_ref(), &from) {
+                    // Our reader refuses every case we know of where mail-auth's differs;
+                    // reaching this is a case we did not know of. Refuse, never guess.
+                    tracing::error!(
+                        id = %tx.id,
+                        "mail-auth read the header section differently from mxgate; refusing the message"
+                    );
+                    metrics::end_of_data(end_of_data.elapsed());
+                    let reply =
+                        Reply::header_section_malformed("it can be read in more than one way");
+                    return self.refuse_message(tx, reply).await;
+                }
                 let envelope = self.envelope_checks(&mut tx).await;
                 client_name = envelope.iprev.confirmed.first().cloned();
-                let parsed = AuthenticatedMessage::parse(&message);
-                let (report, verification) = assess(&auth, parsed.as_ref(), envelope).await;
+                let budget = self.snapshot.auth_budget;
+                let (report, verification) =
+                    assess(&auth, parsed.as_ref(), from, envelope, budget).await;
                 let hit = self.policy_at_data(&mut tx, Some(&report));
                 let verdict = verdict::decide(&self.snapshot.dmarc, Some(&report), hit.as_ref());
                 record_checks(&mut tx, &report, &verdict);
@@ -218,6 +242,18 @@ impl Connection {
                 err.reply()
             }
         }
+    }
+
+    /// A header section we do not read (`rewrite::section`): `550 5.6.0` when it is
+    /// ambiguous, `552 5.3.4` over a limit.
+    async fn refuse_header_section(&mut self, tx: Transaction, err: SectionError) -> Reply {
+        tracing::info!(id = %tx.id, problem = err.label(), detail = %err, "header section refused");
+        let reply = if err.is_limit() {
+            Reply::header_section_too_large(&err.to_string())
+        } else {
+            Reply::header_section_malformed(&err.to_string())
+        };
+        self.refuse_message(tx, reply).await
     }
 
     /// A verdict that refuses the message: record, reply.

@@ -251,16 +251,23 @@ pub fn trusted_sealer_override(
     {
         return None;
     }
-    let from = report.dmarc.domain.as_str();
+    // Our From domain, from our one reading of the header section; with several From
+    // domains no single sealer verdict can vouch for all of them.
+    let from = match report.from.domains.as_slice() {
+        [one] if one.eq_ignore_ascii_case(&report.dmarc.domain) => one.as_str(),
+        _ => return None,
+    };
     let results = crate::auth::resinfo::parse(report.arc.sealer_results.as_deref()?);
     let passed = |method: &'static str| {
         results
             .iter()
             .filter(move |r| r.method == method && r.result == "pass")
     };
+    // The sealer's dmarc=pass counts only for the very domain DMARC failed for here: a
+    // result without `header.from` could be about any message.
     let dmarc_pass = passed("dmarc").any(|r| {
         r.property("header.from")
-            .is_none_or(|d| d.eq_ignore_ascii_case(from))
+            .is_some_and(|d| !from.is_empty() && d.eq_ignore_ascii_case(from))
     });
     let spf_aligned = passed("spf").any(|r| {
         r.property("smtp.mailfrom")
@@ -291,14 +298,15 @@ pub fn trusted_sealer_override(
     })
 }
 
-/// Relaxed alignment without a public suffix list: one domain is the other or a
-/// subdomain of it.
+/// Alignment without a public suffix list: the identifier is the From domain or a
+/// subdomain of it. Never a parent: without knowing the organizational domain, `co.uk`
+/// would be "aligned" with `victim.co.uk`.
 fn aligned(identifier: &str, from: &str) -> bool {
     let (a, b) = (
         identifier.trim_end_matches('.').to_ascii_lowercase(),
         from.to_ascii_lowercase(),
     );
-    a == b || a.ends_with(&format!(".{b}")) || b.ends_with(&format!(".{a}")) && a.contains('.')
+    !b.is_empty() && (a == b || a.ends_with(&format!(".{b}")))
 }
 
 #[cfg(test)]
@@ -601,6 +609,47 @@ mod override_tests {
             )
             .action,
             Action::Reject
+        );
+        // A dmarc=pass that does not say for which From domain.
+        let aar = "i=1; mx.edge.example; spf=fail smtp.mailfrom=x@y.test; dmarc=pass";
+        assert_eq!(
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
+            Action::Reject
+        );
+        // A pass for a parent domain or a look-alike is not a pass for ours.
+        for aar in [
+            "i=1; mx.edge.example; dmarc=pass header.from=fi",
+            "i=1; mx.edge.example; dkim=pass header.d=fi; dmarc=fail header.from=netvisor.fi",
+            "i=1; mx.edge.example; spf=pass smtp.mailfrom=a@fi; dmarc=fail header.from=netvisor.fi",
+            "i=1; mx.edge.example; dkim=pass header.d=evilnetvisor.fi; dmarc=fail header.from=netvisor.fi",
+            "i=1; mx.edge.example; dmarc=pass header.from=netvisor.fi.evil",
+        ] {
+            assert_eq!(
+                decide(
+                    &settings(),
+                    Some(&failing("edge.example", AuthResult::Pass, aar)),
+                    None
+                )
+                .action,
+                Action::Reject,
+                "{aar}"
+            );
+        }
+        // A subdomain of ours that passed DKIM is aligned.
+        let aar = "i=1; mx.edge.example; dkim=pass header.d=mail.netvisor.fi; dmarc=fail header.from=netvisor.fi";
+        assert_eq!(
+            decide(
+                &settings(),
+                Some(&failing("edge.example", AuthResult::Pass, aar)),
+                None
+            )
+            .action,
+            Action::Deliver
         );
         // A pass hidden in a comment.
         let aar = "i=1; mx.edge.example; spf=fail (dmarc=pass header.from=netvisor.fi) smtp.mailfrom=x@y.test";

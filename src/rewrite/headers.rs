@@ -1,4 +1,4 @@
-//! Locating header fields in a raw message and writing safe header values.
+//! Header fields of a raw message (read by `section`) and writing safe header values.
 //!
 //! The message is never modified in place; rewriting is a plan of fields to add and
 //! byte ranges to leave out (see `relay::OutboundMessage`).
@@ -14,65 +14,14 @@ pub struct HeaderField<'a> {
     pub value: &'a [u8],
     /// The whole field including its final CRLF.
     pub range: Range<usize>,
-    value_start: usize,
+    /// Where the value starts in the message (just after the colon).
+    pub value_start: usize,
 }
 
 impl HeaderField<'_> {
     pub fn is(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name.as_bytes())
     }
-}
-
-/// Splits the header section of `message` into fields. Returns the fields and the
-/// offset of the body (after the empty line, or the end when there is none).
-pub fn header_fields(message: &[u8]) -> (Vec<HeaderField<'_>>, usize) {
-    let mut fields = Vec::with_capacity(32);
-    let mut at = 0;
-    while at < message.len() {
-        let line_end = memchr::memchr(b'\n', &message[at..]).map_or(message.len(), |p| at + p + 1);
-        let line = &message[at..line_end];
-        if line == b"\r\n" || line == b"\n" {
-            return (fields, line_end);
-        }
-        if matches!(line[0], b' ' | b'\t') {
-            // A continuation line: extend the previous field.
-            if let Some(last) = fields.last_mut() {
-                last.range.end = line_end;
-                last.value = trim_crlf(&message[last.value_start..line_end]);
-            }
-        } else {
-            let colon = memchr::memchr(b':', line);
-            let (name, value_start) = match colon {
-                Some(c) => (&line[..c], at + c + 1),
-                None => (&b""[..], at),
-            };
-            fields.push(HeaderField {
-                name: trim_ws(name),
-                value: trim_crlf(&message[value_start..line_end]),
-                range: at..line_end,
-                value_start,
-            });
-        }
-        at = line_end;
-    }
-    (fields, message.len())
-}
-
-fn trim_crlf(bytes: &[u8]) -> &[u8] {
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    bytes.strip_suffix(b"\r").unwrap_or(bytes)
-}
-
-fn trim_ws(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |p| p + 1);
-    &bytes[start..end]
 }
 
 /// Parses a configured `Name: value` header line. The name must be a valid field name
@@ -144,26 +93,6 @@ pub fn write_folded(out: &mut Vec<u8>, name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splits_fields_with_folding() {
-        let msg = b"From: a@b\r\nSubject: one\r\n two\r\nX:y\r\n\r\nbody\r\n";
-        let (fields, body) = header_fields(msg);
-        assert_eq!(fields.len(), 3);
-        assert_eq!(fields[1].name, b"Subject");
-        assert_eq!(fields[1].value, b" one\r\n two");
-        assert_eq!(&msg[fields[1].range.clone()], b"Subject: one\r\n two\r\n");
-        assert_eq!(fields[2].value, b"y");
-        assert_eq!(&msg[body..], b"body\r\n");
-    }
-
-    #[test]
-    fn header_only_message() {
-        let msg = b"From: a@b\r\n";
-        let (fields, body) = header_fields(msg);
-        assert_eq!(fields.len(), 1);
-        assert_eq!(body, msg.len());
-    }
 
     #[test]
     fn sanitize_removes_line_breaks() {

@@ -6,4 +6,5 @@ pub mod arc;
 pub mod auth_results;
 pub mod headers;
 pub mod received;
+pub mod section;
 pub mod strip;

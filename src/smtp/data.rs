@@ -36,6 +36,10 @@ pub struct Anomalies {
     pub bare_cr: bool,
     pub bare_lf: bool,
     pub nul: bool,
+    /// Octets in the longest line of the decoded content, its line ending not counted
+    /// (RFC 5321 section 4.5.3.1.6 allows 998). Not an anomaly in itself: what to do
+    /// with long lines is `server.long_lines`.
+    pub longest_line: usize,
 }
 
 impl Anomalies {
@@ -76,6 +80,8 @@ enum State {
 pub struct DataReader {
     state: State,
     anomalies: Anomalies,
+    /// Octets of the current line so far.
+    line_len: usize,
 }
 
 impl Default for DataReader {
@@ -91,11 +97,20 @@ impl DataReader {
             // the first content line, so an immediate `.` CRLF is an empty message.
             state: State::LineStart { clean: true },
             anomalies: Anomalies::default(),
+            line_len: 0,
         }
     }
 
     pub fn anomalies(&self) -> Anomalies {
-        self.anomalies
+        let mut anomalies = self.anomalies;
+        anomalies.longest_line = anomalies.longest_line.max(self.line_len);
+        anomalies
+    }
+
+    /// A line ending was written: the line's length is final.
+    fn end_line(&mut self) {
+        self.anomalies.longest_line = self.anomalies.longest_line.max(self.line_len);
+        self.line_len = 0;
     }
 
     /// Consumes `input`, writing canonical content to `out`.
@@ -108,11 +123,13 @@ impl DataReader {
                     match memchr3(b'\r', b'\n', 0, rest) {
                         None => {
                             out.write(rest);
+                            self.line_len += rest.len();
                             return Progress::NeedMore;
                         }
                         Some(pos) => {
                             if pos > 0 {
                                 out.write(&rest[..pos]);
+                                self.line_len += pos;
                             }
                             i += pos + 1;
                             self.line_byte(rest[pos], out);
@@ -138,6 +155,8 @@ impl DataReader {
                             // A lone dot ended by a bare LF: content, never the end.
                             self.anomalies.bare_lf = true;
                             out.write(b".\r\n");
+                            self.line_len = 1;
+                            self.end_line();
                             self.state = State::LineStart { clean: false };
                         }
                         _ => {
@@ -156,16 +175,21 @@ impl DataReader {
                         }
                         // `.` CRLF right after a bare line ending: content.
                         out.write(b".\r\n");
+                        self.line_len = 1;
+                        self.end_line();
                         self.state = State::LineStart { clean: true };
                     } else {
                         // `.` then a bare CR: content; the byte after the CR starts a
                         // new line and is looked at again below.
                         self.anomalies.bare_cr = true;
                         out.write(b".\r\n");
+                        self.line_len = 1;
+                        self.end_line();
                         self.state = State::LineStart { clean: false };
                     }
                 }
                 State::Cr => {
+                    self.end_line();
                     if input[i] == b'\n' {
                         i += 1;
                         out.write(b"\r\n");
@@ -188,6 +212,7 @@ impl DataReader {
             b'\n' => {
                 self.anomalies.bare_lf = true;
                 out.write(b"\r\n");
+                self.end_line();
                 self.state = State::LineStart { clean: false };
             }
             0 => {
@@ -196,6 +221,7 @@ impl DataReader {
             }
             _ => {
                 out.write(&[byte]);
+                self.line_len += 1;
                 self.state = State::Mid;
             }
         }
@@ -209,6 +235,8 @@ impl DataReader {
 pub struct BdatReader {
     pending_cr: bool,
     anomalies: Anomalies,
+    /// Octets of the current line so far.
+    line_len: usize,
 }
 
 impl BdatReader {
@@ -217,13 +245,21 @@ impl BdatReader {
     }
 
     pub fn anomalies(&self) -> Anomalies {
-        self.anomalies
+        let mut anomalies = self.anomalies;
+        anomalies.longest_line = anomalies.longest_line.max(self.line_len);
+        anomalies
+    }
+
+    fn end_line(&mut self) {
+        self.anomalies.longest_line = self.anomalies.longest_line.max(self.line_len);
+        self.line_len = 0;
     }
 
     pub fn feed(&mut self, mut input: &[u8], out: &mut impl ContentSink) {
         while !input.is_empty() {
             if self.pending_cr {
                 self.pending_cr = false;
+                self.end_line();
                 if input[0] == b'\n' {
                     out.write(b"\r\n");
                     input = &input[1..];
@@ -236,15 +272,18 @@ impl BdatReader {
             match memchr3(b'\r', b'\n', 0, input) {
                 None => {
                     out.write(input);
+                    self.line_len += input.len();
                     return;
                 }
                 Some(pos) => {
                     out.write(&input[..pos]);
+                    self.line_len += pos;
                     match input[pos] {
                         b'\r' => self.pending_cr = true,
                         b'\n' => {
                             self.anomalies.bare_lf = true;
                             out.write(b"\r\n");
+                            self.end_line();
                         }
                         _ => self.anomalies.nul = true,
                     }
@@ -261,6 +300,7 @@ impl BdatReader {
             self.anomalies.bare_cr = true;
             out.write(b"\r\n");
         }
+        self.end_line();
     }
 }
 
@@ -379,6 +419,33 @@ mod tests {
         let (out, _, anomalies) = decode(&[b"a\x00b\r\n.\r\n"]);
         assert_eq!(out, b"ab\r\n");
         assert!(anomalies.nul);
+    }
+
+    #[test]
+    fn longest_line_is_measured_on_the_decoded_content() {
+        let long = "x".repeat(1200);
+        let input = format!("Subject: a\r\n\r\n..{long}\r\nshort\r\n.\r\n");
+        for (_, _, anomalies) in [
+            decode(&[input.as_bytes()]),
+            decode_bytewise(input.as_bytes()),
+        ] {
+            // The stuffed dot is not content; the kept dot is.
+            assert_eq!(anomalies.longest_line, 1201);
+            assert!(!anomalies.any());
+        }
+        let (_, _, anomalies) = decode(&[b"a\r\nbb\nccc\rdddd\r\n.\r\n"]);
+        assert_eq!(anomalies.longest_line, 4);
+        let (_, _, anomalies) = decode(&[format!("{}\r\n.\r\n", "y".repeat(998)).as_bytes()]);
+        assert_eq!(anomalies.longest_line, 998);
+
+        let mut reader = BdatReader::new();
+        let mut out = Vec::new();
+        reader.feed(b"ab\r", &mut out);
+        reader.feed(b"\ncde", &mut out);
+        reader.feed(b"fgh\x00i", &mut out);
+        assert_eq!(reader.anomalies().longest_line, 7);
+        reader.finish(&mut out);
+        assert_eq!(reader.anomalies().longest_line, 7);
     }
 
     #[test]

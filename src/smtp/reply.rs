@@ -43,6 +43,9 @@ pub const REASONS: &[&str] = &[
     "tls_required",
     "size",
     "bare_line_ending",
+    "header_syntax",
+    "header_limit",
+    "long_line",
     "parameters",
     "connection_limit",
     "rate_limit",
@@ -404,6 +407,46 @@ impl Reply {
             "Message contains a bare CR or LF or a NUL byte; lines must end with CRLF (see https://www.postfix.org/smtp-smuggling.html)",
         )
         .because("bare_line_ending")
+    }
+
+    /// A header section that two readers could take differently (see
+    /// `rewrite::section`): refused rather than judged by one reading and delivered to
+    /// a backend that reads another. RFC 3463 X.6.0: other media error.
+    pub fn header_section_malformed(detail: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 6, 0),
+            format!(
+                "Message refused: malformed header section: {} (RFC 5322 section 2.2)",
+                clean(detail)
+            ),
+        )
+        .because("header_syntax")
+    }
+
+    /// A header section over `server.max_header_size` or `server.max_header_fields`.
+    pub fn header_section_too_large(detail: &str) -> Self {
+        Reply::with(
+            552,
+            (5, 3, 4),
+            format!("Message refused: {}", clean(detail)),
+        )
+        .because("header_limit")
+    }
+
+    /// A text line over RFC 5321's limit of 998 octets (section 4.5.3.1.6) under
+    /// `server.long_lines: reject`. 550 5.6.0 (other media error), not 552 5.3.4: the
+    /// message is not too big for us, its format breaks a limit of the standard, and
+    /// sending it again smaller would not help.
+    pub fn line_too_long_in_message(longest: usize) -> Self {
+        Reply::with(
+            550,
+            (5, 6, 0),
+            format!(
+                "Message refused: a text line is {longest} octets long; RFC 5321 section 4.5.3.1.6 allows 998 plus CRLF"
+            ),
+        )
+        .because("long_line")
     }
 
     pub fn too_many_errors() -> Self {

@@ -14,7 +14,7 @@ use super::data::{Anomalies, BdatReader, DataReader, Progress};
 use super::extensions::ehlo_keywords;
 use super::metrics;
 use super::reply::Reply;
-use crate::config::BareLineEndings;
+use crate::config::{BareLineEndings, LongLines};
 use crate::pipeline::{Connection, Transaction};
 use crate::server::shutdown::{Phase, ShutdownListener};
 use crate::spool::{MessageBytes, Spool, SpoolError};
@@ -22,6 +22,9 @@ use smtp_proto::Request;
 use smtp_proto::request::receiver::RequestReceiver;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// RFC 5321 section 4.5.3.1.6: a text line is at most 998 octets plus CRLF.
+const MAX_TEXT_LINE: usize = 998;
 
 /// Where the session is in the protocol.
 enum State {
@@ -782,6 +785,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .conn
                 .refuse_message(tx, Reply::bare_line_ending())
                 .await;
+        }
+        if self.conn.snapshot.limits.long_lines == LongLines::Reject
+            && anomalies.longest_line > MAX_TEXT_LINE
+        {
+            tracing::info!(
+                longest_line = anomalies.longest_line,
+                "message refused: a text line is longer than RFC 5321 allows (server.long_lines: reject)"
+            );
+            let reply = Reply::line_too_long_in_message(anomalies.longest_line);
+            return self.conn.refuse_message(tx, reply).await;
         }
         let bytes: MessageBytes = match spool.finish() {
             Ok(bytes) => bytes,
