@@ -70,6 +70,27 @@ pub struct Server {
     pub spool_dir: Option<PathBuf>,
     #[serde(default)]
     pub timeouts: ServerTimeouts,
+    /// Load balancers that put a PROXY protocol header in front of the SMTP stream.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `server.proxy_protocol`: connections from `trusted_networks` must begin with a PROXY
+/// header (v1 or v2), whose source address then is the client address; connections
+/// from anywhere else must not.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    pub trusted_networks: Vec<Network>,
+    /// How long a trusted peer has to send the whole header.
+    #[serde(default = "defaults::proxy_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    pub fn is_trusted(&self, ip: &IpAddr) -> bool {
+        self.trusted_networks.iter().any(|net| net.contains(ip))
+    }
 }
 
 /// RFC 5321 section 4.5.3.2 defaults.
@@ -516,6 +537,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn proxy_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
 
     pub fn max_message_size() -> u64 {
         25 * 1024 * 1024

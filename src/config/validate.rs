@@ -63,6 +63,18 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             out.push(loaded.error(&server.key("timeouts").key(name), "must be greater than 0"));
         }
     }
+    if let Some(proxy) = &config.server.proxy_protocol {
+        let path = server.key("proxy_protocol");
+        if proxy.trusted_networks.is_empty() {
+            out.push(loaded.error(
+                &path.key("trusted_networks"),
+                "server.proxy_protocol needs at least one load balancer network",
+            ));
+        }
+        if proxy.timeout.is_zero() {
+            out.push(loaded.error(&path.key("timeout"), "must be greater than 0"));
+        }
+    }
 
     if config.backend.is_empty() {
         out.push(loaded.error(

@@ -63,6 +63,14 @@ impl SmtpClient {
         SmtpClient::start(tcp).await
     }
 
+    /// Connects, sends `preamble` at once (a load balancer's PROXY header), then reads
+    /// the greeting.
+    pub async fn connect_with_preamble(addr: SocketAddr, preamble: &[u8]) -> (SmtpClient, Reply) {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect to gateway");
+        tcp.write_all(preamble).await.expect("write preamble");
+        SmtpClient::start(tcp).await
+    }
+
     async fn start(tcp: TcpStream) -> (SmtpClient, Reply) {
         tcp.set_nodelay(true).ok();
         let mut client = SmtpClient {
