@@ -109,6 +109,10 @@ pub struct ServerTimeouts {
     /// After SIGTERM: how long in-flight transactions may take before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM: how long `/readyz` answers 503 while connections are still
+    /// accepted, before the drain begins (so a load balancer stops sending first).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerTimeouts {
@@ -118,6 +122,7 @@ impl Default for ServerTimeouts {
             data_block: Duration::from_secs(180),
             write: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
