@@ -37,4 +37,5 @@ pub fn metrics_init() {
     pipeline::metrics::init();
     relay::metrics::init();
     server::reload::init();
+    server::proxy::init();
 }

@@ -212,3 +212,58 @@ async fn per_ip_limit_counts_the_proxied_address() {
     assert_eq!(greeting.code, 220, "{greeting}");
     drop(open);
 }
+
+/// The first reply line on a raw connection after writing `pieces` with pauses.
+async fn first_line_after(addr: std::net::SocketAddr, pieces: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    for piece in pieces {
+        tcp.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("a reply in time")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn header_in_pieces_is_read_whole_and_an_overlong_one_is_refused() {
+    let dns = TestDns::start().await;
+    let gw = gateway(&dns, "127.0.0.1/32", "").await;
+    // Shorter than the first read, then the rest in two segments.
+    let line = first_line_after(
+        gw.smtp,
+        &[b"PROX", b"Y TCP4 192.0.2.7 198.51", b".100.1 40000 25\r\n"],
+    )
+    .await;
+    assert!(line.starts_with("220 "), "{line}");
+    // v2 in pieces, with a 1000-byte TLV.
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
+    header.extend_from_slice(&(12u16 + 1003).to_be_bytes());
+    header.extend_from_slice(&[192, 0, 2, 7, 198, 51, 100, 1, 0x9c, 0x40, 0, 25]);
+    header.extend_from_slice(&[0xEA, 0x03, 0xE8]);
+    header.extend_from_slice(&[b'x'; 1000]);
+    let (a, b) = header.split_at(14);
+    let line = first_line_after(gw.smtp, &[a, b]).await;
+    assert!(line.starts_with("220 "), "{line}");
+    // A v1 line longer than the spec's 107 bytes is refused without waiting for more.
+    let long = format!("PROXY TCP4 {}", "1".repeat(120));
+    let started = std::time::Instant::now();
+    let line = first_line_after(gw.smtp, &[long.as_bytes()]).await;
+    assert!(line.starts_with("421 4.7.0 "), "{line}");
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "refused for its length, not after the 500ms timeout"
+    );
+}

@@ -35,6 +35,13 @@ static HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Registers the counter with every result at 0 (so `increase()` sees the first one).
+pub fn init() {
+    for result in ["proxied", "local", "missing", "invalid", "untrusted"] {
+        HEADERS.with_label_values(&[result]);
+    }
+}
+
 /// v1 headers are at most this long, CRLF included (the spec's worst case, TCP6).
 const V1_MAX: usize = 107;
 /// Fewer bytes than any header: the shortest v1 is `PROXY UNKNOWN\r\n` (15 bytes), the
@@ -271,6 +278,11 @@ mod tests {
             }
         );
         assert_eq!(parse_v1(b"PROXY UNKNOWN\r\n").unwrap(), Header::Local);
+        // The spec lets a sender put addresses after UNKNOWN; they are ignored.
+        assert_eq!(
+            parse_v1(b"PROXY UNKNOWN 192.0.2.7 198.51.100.1 40000 25\r\n").unwrap(),
+            Header::Local
+        );
     }
 
     #[test]
