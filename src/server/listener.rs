@@ -1,4 +1,6 @@
-//! Accepting connections: limits, the per-connection snapshot, STARTTLS upgrade.
+//! Accepting connections: the PROXY header of a trusted load balancer (read first, so
+//! its client address is the one every later step sees, limits included), limits, the
+//! per-connection snapshot, STARTTLS upgrade.
 //!
 //! Each accepted connection takes a slot (global and per client IP, checked and taken
 //! in one step so two connections cannot both squeeze under the limit) and the snapshot

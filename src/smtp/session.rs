@@ -309,8 +309,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn process_command(&mut self) -> Flow {
         let input = &self.rbuf[self.rpos..];
         // A PROXY header here did not come from a trusted balancer (theirs is read
-        // before the session starts): it is refused, never honoured, and never read as
-        // SMTP (v2's binary header contains `QUIT\n`).
+        // before the session starts). It is never honoured; when it comes with the
+        // first bytes, as headers do, it is refused rather than read as SMTP (v2's
+        // binary header contains `QUIT\n`).
         if !self.first_input_seen {
             self.first_input_seen = true;
             if crate::server::proxy::looks_like_header(input) {
