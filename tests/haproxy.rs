@@ -37,7 +37,10 @@ fn instance(
         tls: false,
         // HAProxy connects from 127.0.0.1; only it may (and must) send PROXY headers.
         server_extra: "  proxy_protocol:\n    trusted_networks: [\"127.0.0.1/32\"]\n".into(),
-        extra: format!("relay:\n  tls: off\n{}", dns.config()),
+        extra: format!(
+            "relay:\n  tls: off\nmetrics:\n  listen: 127.0.0.1:0\n{}",
+            dns.config()
+        ),
         ..Default::default()
     };
     let path = dir.path().join("mxgate.yaml");
@@ -97,6 +100,20 @@ fn header_line<'a>(message: &'a str, name: &str) -> &'a str {
         end += 1 + rest[end + 1..].find('\n').unwrap();
     }
     &rest[..end]
+}
+
+/// The text of `/metrics`.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("metrics in time")
+        .unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 fn subject(message: &str) -> String {
@@ -245,6 +262,18 @@ async fn haproxy_send_proxy_v2_two_instances_one_killed() {
             && by_instance.get("mx2").copied().unwrap_or(0) > 0,
         "both instances took mail before the kill: {by_instance:?}"
     );
+    // HAProxy's SMTP health checks reached the surviving instance as v2 LOCAL
+    // headers, and every client connection as a proxied one.
+    let metrics = scrape(second.metrics.expect("metrics listener")).await;
+    for result in ["local", "proxied"] {
+        let line = format!("mxgate_proxy_protocol_headers_total{{result=\"{result}\"}} ");
+        let count: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"));
+        assert!(count > 0.0, "{line}{count}");
+    }
     drop(haproxy);
     drop(first);
     drop(second);
