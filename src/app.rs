@@ -188,8 +188,22 @@ impl Running {
     /// Stops accepting, lets transactions in flight finish within the grace period,
     /// then closes what is left.
     pub async fn stop(mut self) {
-        tracing::info!(grace = ?self.grace, "shutting down: no new connections, finishing transactions in flight");
+        // Not ready at once, so load balancers stop sending new connections; they are
+        // still accepted for `shutdown_delay` (a balancer takes a while to notice).
         self.bound.store(false, Ordering::Relaxed);
+        let delay = self
+            .snapshots
+            .load()
+            .loaded
+            .config
+            .server
+            .timeouts
+            .shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "shutting down: not ready; still accepting until the delay is over");
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(grace = ?self.grace, "shutting down: no new connections, finishing transactions in flight");
         self.shutdown.set(Phase::Draining);
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;

@@ -40,4 +40,5 @@ pub fn metrics_init() {
     relay::metrics::init();
     server::reload::init();
     limits::metrics::init();
+    server::proxy::init();
 }

@@ -192,3 +192,82 @@ async fn kill_9_never_loses_an_acknowledged_message() {
         drop(gateway);
     }
 }
+
+/// GET `path` on the metrics listener; the status code.
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("metrics answer in time")
+        .unwrap();
+    let head = String::from_utf8_lossy(&raw);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP answer {head:?}"))
+}
+
+/// A rolling restart behind a load balancer: on SIGTERM `/readyz` is 503 at once,
+/// while connections are still accepted (and served) for `shutdown_delay`; then the
+/// drain refuses new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_makes_readyz_fail_before_the_drain() {
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestConfig {
+        trusted: vec!["127.0.0.0/8".into()],
+        backends: vec![backend.url()],
+        server_extra: "  timeouts:\n    shutdown_grace: 5s\n    shutdown_delay: 3s\n".into(),
+        extra: "relay:\n  tls: off\nmetrics:\n  listen: 127.0.0.1:0\n".into(),
+        ..Default::default()
+    };
+    let path = dir.path().join("mxgate.yaml");
+    std::fs::write(&path, config.yaml(dir.path())).unwrap();
+    let mut gateway = GatewayProcess::spawn(&path);
+    let metrics = gateway.metrics.expect("metrics listener");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_status(metrics, "/readyz").await != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    gateway.signal(libc::SIGTERM);
+    let signalled = std::time::Instant::now();
+    loop {
+        let status = http_status(metrics, "/readyz").await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "/readyz still {status} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_status(metrics, "/healthz").await, 200, "alive");
+    // Inside the delay: a new client is still served end to end.
+    let mut client = start_transaction(gateway.smtp, "during the delay").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(
+        signalled.elapsed() < Duration::from_millis(2700),
+        "the test was too slow to check inside the delay"
+    );
+    // After the delay the drain starts: the idle session is told, the listener closes.
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.3.2"), "{reply}");
+    assert!(signalled.elapsed() >= Duration::from_secs(3));
+    assert!(
+        tokio::net::TcpStream::connect(gateway.smtp).await.is_err(),
+        "new connections are refused once the drain began"
+    );
+    let status = tokio::task::spawn_blocking(move || gateway.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    assert_eq!(backend.messages().len(), 1);
+}

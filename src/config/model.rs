@@ -81,6 +81,9 @@ pub struct Server {
     /// Text lines over 998 octets: relayed as they are, or refused.
     #[serde(default)]
     pub long_lines: LongLines,
+    /// Load balancers that put a PROXY protocol header in front of the SMTP stream.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -91,6 +94,24 @@ pub enum LongLines {
     Pass,
     /// Answer `550 5.6.0` at the end of data.
     Reject,
+}
+
+/// `server.proxy_protocol`: connections from `trusted_networks` must begin with a PROXY
+/// header (v1 or v2), whose source address then is the client address; connections
+/// from anywhere else must not.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    pub trusted_networks: Vec<Network>,
+    /// How long a trusted peer has to send the whole header.
+    #[serde(default = "defaults::proxy_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    pub fn is_trusted(&self, ip: &IpAddr) -> bool {
+        self.trusted_networks.iter().any(|net| net.contains(ip))
+    }
 }
 
 /// RFC 5321 section 4.5.3.2 defaults.
@@ -109,6 +130,10 @@ pub struct ServerTimeouts {
     /// After SIGTERM: how long in-flight transactions may take before they are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM: how long `/readyz` answers 503 while connections are still
+    /// accepted, before the drain begins (so a load balancer stops sending first).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerTimeouts {
@@ -118,6 +143,7 @@ impl Default for ServerTimeouts {
             data_block: Duration::from_secs(180),
             write: Duration::from_secs(180),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -630,6 +656,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn proxy_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
 
     pub fn max_message_size() -> u64 {
         25 * 1024 * 1024

@@ -78,6 +78,18 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             out.push(loaded.error(&server.key("timeouts").key(name), "must be greater than 0"));
         }
     }
+    if let Some(proxy) = &config.server.proxy_protocol {
+        let path = server.key("proxy_protocol");
+        if proxy.trusted_networks.is_empty() {
+            out.push(loaded.error(
+                &path.key("trusted_networks"),
+                "server.proxy_protocol needs at least one load balancer network",
+            ));
+        }
+        if proxy.timeout.is_zero() {
+            out.push(loaded.error(&path.key("timeout"), "must be greater than 0"));
+        }
+    }
 
     if config.backend.is_empty() {
         out.push(loaded.error(
@@ -391,5 +403,27 @@ mod tests {
             errors[0].starts_with("mxgate.yaml:6:5: backend[0]: unknown backend scheme"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn proxy_protocol_needs_balancers_and_a_timeout() {
+        let text = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\n  proxy_protocol:\n    trusted_networks: []\n    timeout: 0s\nbackend:\n  - maildir:./var/mail\n";
+        let errors = load(text).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].starts_with("mxgate.yaml:6:23: "), "{errors:#?}");
+        assert!(errors[0].contains("at least one"), "{errors:#?}");
+        assert!(errors[1].starts_with("mxgate.yaml:7:14: "), "{errors:#?}");
+        let fine = text
+            .replace("[]", "[\"10.0.0.0/8\"]")
+            .replace("    timeout: 0s\n", "");
+        let (loaded, _) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text: fine,
+        })
+        .unwrap();
+        let proxy = loaded.config.server.proxy_protocol.unwrap();
+        assert_eq!(proxy.timeout, std::time::Duration::from_secs(5));
+        assert!(proxy.is_trusted(&"10.1.2.3".parse().unwrap()));
+        assert!(!proxy.is_trusted(&"192.0.2.1".parse().unwrap()));
     }
 }

@@ -43,6 +43,9 @@ pub struct Connection {
     /// In `server.trusted_networks`: relayed without sender checks.
     pub trusted: bool,
     pub started: Instant,
+    /// A load balancer's own connection (PROXY `UNKNOWN` / v2 `LOCAL`): greeted, never
+    /// given a transaction, and never checked (its address is not a sender's).
+    pub health_check: bool,
     /// The sender checks, unless the client is trusted or checks are disabled.
     auth: Option<Arc<Authenticator>>,
     iprev: Option<Pending<IprevCheck>>,
@@ -104,7 +107,21 @@ impl Connection {
             esmtp: false,
             trusted,
             started: Instant::now(),
+            health_check: false,
         }
+    }
+
+    /// A connection a load balancer opened for itself (a health check).
+    pub fn health_check(
+        snapshot: Arc<Snapshot>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        budget: ClientBudget,
+    ) -> Self {
+        let mut conn = Connection::new(snapshot, peer, local, budget);
+        conn.auth = None;
+        conn.health_check = true;
+        conn
     }
 
     pub fn hostname(&self) -> &str {

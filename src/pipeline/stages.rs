@@ -19,6 +19,9 @@ impl Connection {
     /// A client connected. `Err` is the reply that refuses it. The iprev check starts
     /// now and runs while the client talks.
     pub fn on_connect(&mut self) -> Result<(), Reply> {
+        if self.health_check {
+            return Ok(());
+        }
         self.policy_at_connect()?;
         if let Some(auth) = self.auth.clone() {
             let ip = self.client_ip;
@@ -44,6 +47,9 @@ impl Connection {
     }
 
     pub async fn on_mail(&mut self, mail: MailFrom<String>) -> Result<Transaction, Reply> {
+        if self.health_check {
+            return Err(Reply::health_check_no_mail());
+        }
         let snapshot = &self.snapshot;
         if let Some(param) = unoffered_mail_parameter(&mail) {
             return Err(Reply::unsupported_parameter(param));

@@ -1,4 +1,6 @@
-//! Accepting connections: limits, the per-connection snapshot, STARTTLS upgrade.
+//! Accepting connections: the PROXY header of a trusted load balancer (read first, so
+//! its client address is the one every later step sees, limits included), limits, the
+//! per-connection snapshot, STARTTLS upgrade.
 //!
 //! Each accepted connection takes a global slot, then its client's budget from the
 //! [`Limiter`] (connections per client address or IPv6 prefix, checked and taken in one
@@ -6,6 +8,7 @@
 //! rate), and the snapshot that is current at that moment; it keeps all three until it
 //! ends.
 
+use super::proxy::{self, Header};
 use super::shutdown::{Phase, ShutdownListener};
 use crate::limits::Limiter;
 use crate::pipeline::Connection;
@@ -99,6 +102,39 @@ pub async fn accept_loop(
     }
 }
 
+/// The client and local address of a connection, and whether it is a balancer's health
+/// check; `None` when a trusted balancer sent no valid PROXY header (refused here).
+async fn proxied(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: &crate::config::Server,
+) -> Option<(SocketAddr, SocketAddr, bool)> {
+    let Some(proxy) = &config.proxy_protocol else {
+        return Some((peer, local, false));
+    };
+    if !proxy.is_trusted(&peer.ip()) {
+        return Some((peer, local, false));
+    }
+    match proxy::read_trusted(tcp, peer, proxy).await {
+        Ok(Header::Client {
+            source,
+            destination,
+        }) => Some((source, destination, false)),
+        Ok(Header::Local) => Some((peer, local, true)),
+        Err(_) => {
+            let reply = Reply::proxy_header_required();
+            smtp_metrics::reply(&reply);
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = tcp.write_all(&reply.to_wire()).await;
+                let _ = tcp.shutdown().await;
+            })
+            .await;
+            None
+        }
+    }
+}
+
 async fn serve_connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
@@ -109,10 +145,18 @@ async fn serve_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let config = &snapshot.loaded.config.server;
+    let local = tcp.local_addr().unwrap_or(peer);
+    // Behind a PROXY protocol balancer the client is the address in its header: from
+    // here on (limits included) `peer` is that address.
+    let Some((peer, local, health_check)) = proxied(&mut tcp, peer, local, config).await else {
+        return;
+    };
     let ip = crate::config::canonical_ip(peer.ip());
     let admitted = match slots.take(config.max_connections) {
         Ok(slot) => {
-            let trusted = snapshot.is_trusted(&ip);
+            // A balancer's health checks are exempt from the rates, as trusted clients
+            // are (they come every few seconds, for as long as the balancer runs).
+            let trusted = snapshot.is_trusted(&ip) || health_check;
             limiter
                 .admit(ip, trusted, snapshot.client_limits)
                 .await
@@ -133,8 +177,11 @@ async fn serve_connection(
         }
     };
     let started = tokio::time::Instant::now();
-    let local = tcp.local_addr().unwrap_or(peer);
-    let conn = Connection::new(snapshot, peer, local, budget);
+    let conn = if health_check {
+        Connection::health_check(snapshot, peer, local, budget)
+    } else {
+        Connection::new(snapshot, peer, local, budget)
+    };
     let ending = Session::new(tcp, conn, shutdown.clone()).run(true).await;
     if let Ending::StartTls(tcp, mut conn, errors) = ending {
         let Some(tls) = &conn.snapshot.tls else {

@@ -2,5 +2,6 @@
 //! and the reloader that swaps snapshots.
 
 pub mod listener;
+pub mod proxy;
 pub mod reload;
 pub mod shutdown;

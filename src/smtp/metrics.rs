@@ -36,7 +36,7 @@ pub static CONNECTIONS_CURRENT: LazyLock<IntGauge> =
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "mxgate_connections_refused_total",
-        "Connections refused at connect, by reason (global_limit, per_ip_limit, rate_limit, policy).",
+        "Connections refused at connect, by reason (global_limit, per_ip_limit, rate_limit, policy, proxy_protocol).",
         &["reason"],
     )
 });
@@ -81,7 +81,13 @@ pub fn init() {
     for reason in crate::smtp::reply::REASONS {
         REJECTIONS.with_label_values(&[reason]);
     }
-    for reason in ["global_limit", "per_ip_limit", "rate_limit", "policy"] {
+    for reason in [
+        "global_limit",
+        "per_ip_limit",
+        "rate_limit",
+        "policy",
+        "proxy_protocol",
+    ] {
         CONNECTIONS_REFUSED.with_label_values(&[reason]);
     }
     for version in ["1.2", "1.3", "failed"] {

@@ -54,6 +54,8 @@ pub const REASONS: &[&str] = &[
     "timeout",
     "shutdown",
     "local_error",
+    "proxy_protocol",
+    "proxy_local",
 ];
 
 impl Reply {
@@ -511,6 +513,36 @@ impl Reply {
     /// `limits.min_data_rate`: the message came in too slowly.
     pub fn data_rate_too_low() -> Self {
         Reply::with(421, (4, 4, 2), "Data rate too low, closing connection").because("data_rate")
+    }
+
+    /// A balancer's own connection (PROXY `UNKNOWN` / v2 `LOCAL`) tried to send mail.
+    pub fn health_check_no_mail() -> Self {
+        Reply::with(
+            421,
+            (4, 3, 2),
+            "Load balancer health check connection: no mail transactions, closing",
+        )
+        .because("proxy_local")
+    }
+
+    /// A peer in `server.proxy_protocol.trusted_networks` sent no valid PROXY header.
+    pub fn proxy_header_required() -> Self {
+        Reply::with(
+            421,
+            (4, 7, 0),
+            "PROXY protocol header missing or invalid, closing",
+        )
+        .because("proxy_protocol")
+    }
+
+    /// A PROXY header from outside `server.proxy_protocol.trusted_networks`.
+    pub fn proxy_header_refused() -> Self {
+        Reply::with(
+            554,
+            (5, 7, 1),
+            "PROXY protocol header not accepted from your address",
+        )
+        .because("proxy_protocol")
     }
 
     pub fn local_error() -> Self {

@@ -95,6 +95,8 @@ pub struct Session<S> {
     skipping_line: bool,
     errors: u32,
     shutdown: ShutdownListener,
+    /// Whether the first input was looked at for a PROXY header (see `process_command`).
+    first_input_seen: bool,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -118,6 +120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             skipping_line: false,
             errors: 0,
             shutdown,
+            first_input_seen: false,
         }
     }
 
@@ -342,6 +345,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn process_command(&mut self) -> Flow {
         let input = &self.rbuf[self.rpos..];
+        // A PROXY header here did not come from a trusted balancer (theirs is read
+        // before the session starts). It is never honoured; when it comes with the
+        // first bytes, as headers do, it is refused rather than read as SMTP (v2's
+        // binary header contains `QUIT\n`).
+        if !self.first_input_seen {
+            self.first_input_seen = true;
+            if crate::server::proxy::looks_like_header(input) {
+                crate::server::proxy::note_untrusted(self.conn.peer);
+                self.reply(Reply::proxy_header_refused());
+                return Flow::Close;
+            }
+        }
         let line_end = memchr::memchr(b'\n', input);
         if self.skipping_line {
             match line_end {

@@ -69,6 +69,45 @@ impl SmtpClient {
         SmtpClient::start(tcp).await
     }
 
+    /// Connects, sends `preamble` at once (a load balancer's PROXY header), then reads
+    /// the greeting.
+    pub async fn connect_with_preamble(addr: SocketAddr, preamble: &[u8]) -> (SmtpClient, Reply) {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect to gateway");
+        tcp.write_all(preamble).await.expect("write preamble");
+        SmtpClient::start(tcp).await
+    }
+
+    /// Like `connect_from`, for clients that retry: `None` when the connection fails or
+    /// closes before a greeting.
+    pub async fn try_connect_from(addr: SocketAddr, source: &str) -> Option<(SmtpClient, Reply)> {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind(SocketAddr::new(source.parse().ok()?, 0)).ok()?;
+        let tcp = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        tcp.set_nodelay(true).ok();
+        let mut client = SmtpClient {
+            io: Box::pin(tcp),
+            buf: Vec::new(),
+        };
+        let greeting = client.try_read_reply().await?;
+        Some((client, greeting))
+    }
+
+    /// Sends `line` + CRLF and reads one reply; `None` when the connection broke.
+    pub async fn try_cmd(&mut self, line: &str) -> Option<Reply> {
+        if !self.try_send(format!("{line}\r\n").as_bytes()).await {
+            return None;
+        }
+        self.try_read_reply().await
+    }
+
+    /// `false` when the connection broke.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.io.write_all(bytes).await.is_ok() && self.io.flush().await.is_ok()
+    }
+
     async fn start(tcp: TcpStream) -> (SmtpClient, Reply) {
         tcp.set_nodelay(true).ok();
         let mut client = SmtpClient {

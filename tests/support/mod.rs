@@ -8,6 +8,7 @@ pub mod client;
 pub mod dkim;
 pub mod dns;
 pub mod gateway;
+pub mod haproxy;
 pub mod net;
 pub mod postfix;
 pub mod pyverify;
