@@ -129,7 +129,10 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
 
     let shutdown = Shutdown::new();
     let slots = Arc::new(ConnectionSlots::default());
-    let limiter = Limiter::new(&snapshots.load().client_limits);
+    let (limiter, store_keeper) = {
+        let snapshot = snapshots.load();
+        Limiter::start(&snapshot.client_limits, &snapshot.loaded.config.limits).await
+    };
     let bound = Arc::new(AtomicBool::new(true));
     let mut smtp = Vec::with_capacity(listeners.len());
     let mut accept_tasks = Vec::with_capacity(listeners.len());
@@ -147,7 +150,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
         )));
     }
 
-    let mut background = Vec::new();
+    let mut background: Vec<JoinHandle<()>> = store_keeper.into_iter().collect();
     let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics = None;
     if let Some(listener) = metrics_listener {

@@ -1,10 +1,11 @@
-//! Where the per-client counters live, behind one small interface: today this process's
-//! memory; a shared store (Redis/Valkey, so that several instances enforce one limit)
-//! becomes another variant with the same two operations. The methods are `async` for
-//! that reason, though memory never waits.
+//! Where the per-client counters live, behind one small interface: this process's
+//! memory, or a store shared by several instances (Redis/Valkey, so that they enforce one
+//! limit; it falls back to memory by itself). The methods are `async` for the shared
+//! store; memory never waits.
 
 use super::key::ClientKey;
 use super::memory::{MemoryGuard, MemoryStore};
+use super::redis::{Acquired, RedisGuard, RedisStore};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +30,14 @@ pub struct Exceeded {
 
 pub enum Store {
     Memory(Arc<MemoryStore>),
+    /// The shared store and its memory fallback.
+    Redis(Arc<RedisStore>, Arc<MemoryStore>),
 }
 
 /// An open connection counted for its client until dropped.
 pub enum ConnectionGuard {
     Memory(#[allow(dead_code)] MemoryGuard),
+    Redis(#[allow(dead_code)] RedisGuard),
 }
 
 impl Store {
@@ -51,6 +55,10 @@ impl Store {
             Store::Memory(store) => store
                 .acquire_connection(key, max)
                 .map(ConnectionGuard::Memory),
+            Store::Redis(store, _) => match store.acquire_connection(key, max).await? {
+                Acquired::Shared(guard) => Ok(ConnectionGuard::Redis(guard)),
+                Acquired::Local(guard) => Ok(ConnectionGuard::Memory(guard)),
+            },
         }
     }
 
@@ -64,13 +72,16 @@ impl Store {
     ) -> Result<(), Exceeded> {
         match self {
             Store::Memory(store) => store.hit_rate(rate, key, limit, window),
+            Store::Redis(store, _) => store.hit_rate(rate, key, limit, window).await,
         }
     }
 
     /// Store-specific settings that a reload may change.
     pub fn configure(&self, max_tracked_clients: usize) {
         match self {
-            Store::Memory(store) => store.set_capacity(max_tracked_clients),
+            Store::Memory(store) | Store::Redis(_, store) => {
+                store.set_capacity(max_tracked_clients)
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod net;
 pub mod postfix;
 pub mod pyverify;
+pub mod redis;
 pub mod swaks;
 
 /// Initialises logging once when `RUST_LOG` is set (for debugging a failing test).

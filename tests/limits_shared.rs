@@ -1,0 +1,263 @@
+//! Limits shared in a real Redis (`limits.store: redis://…`) by real mxgate processes:
+//! one per-client connection limit and one rate across two instances, mail still flowing
+//! while the store is gone (`mxgate_limits_store_up` 0, then 1 again), and the slots of
+//! a SIGKILLed instance freed by their lease. The client is a TEST-NET address on `lo`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use support::client::SmtpClient;
+use support::gateway::{GatewayProcess, TestConfig};
+use support::redis::RedisServer;
+
+/// A lease short enough for a test: slots of a killed instance end within it.
+const TTL: Duration = Duration::from_secs(3);
+
+fn source(ip: &str) -> bool {
+    if support::net::source_address(ip) {
+        return true;
+    }
+    support::skip(format!("cannot use {ip} as a client address"));
+    false
+}
+
+/// An mxgate process counting in `store`, with its own directory (config, Maildir).
+fn instance(
+    store: &str,
+    server_extra: &str,
+    limits_extra: &str,
+) -> (GatewayProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestConfig {
+        server_extra: server_extra.into(),
+        extra: format!(
+            "auth:\n  enabled: false\nmetrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  store: \"{store}\"\n  store_connection_ttl: {}s\n{limits_extra}",
+            TTL.as_secs()
+        ),
+        ..Default::default()
+    };
+    let path = dir.path().join("mxgate.yaml");
+    std::fs::write(&path, config.yaml(dir.path())).unwrap();
+    (GatewayProcess::spawn(&path), dir)
+}
+
+async fn scrape(metrics: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+async fn store_up(gateway: &GatewayProcess) -> f64 {
+    scrape(gateway.metrics.expect("metrics listener"))
+        .await
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("mxgate_limits_store_up ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("mxgate_limits_store_up is exported")
+}
+
+/// Waits until the instance's `mxgate_limits_store_up` is `want`.
+async fn wait_store_up(gateway: &GatewayProcess, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = store_up(gateway).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mxgate_limits_store_up stayed {now}, expected {want}:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects from `from`; returns the client when greeted with 220, else the code.
+async fn connect(gateway: &GatewayProcess, from: &str) -> Result<SmtpClient, u16> {
+    let (mut client, greeting) = SmtpClient::connect_from(gateway.smtp, from).await;
+    if greeting.code != 220 {
+        return Err(greeting.code);
+    }
+    assert_eq!(client.cmd("EHLO client.example.net").await.code, 250);
+    Ok(client)
+}
+
+/// Retries `connect` until it is greeted, for at most `within`; returns how long it took.
+async fn connect_within(
+    gateway: &GatewayProcess,
+    from: &str,
+    within: Duration,
+) -> (SmtpClient, Duration) {
+    let start = Instant::now();
+    loop {
+        match connect(gateway, from).await {
+            Ok(client) => return (client, start.elapsed()),
+            Err(code) => {
+                assert_eq!(code, 421, "refused with the wrong code");
+                assert!(
+                    start.elapsed() < within,
+                    "still refused after {:?}:\n{}",
+                    start.elapsed(),
+                    gateway.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn deliver(client: &mut SmtpClient) -> u16 {
+    client
+        .send_mail(
+            "a@sender.test",
+            &["bob@example.test"],
+            "Subject: shared\n\nhi\n",
+        )
+        .await
+        .code
+}
+
+/// Issue 12, item 2: `max_connections_per_ip` 3 and `messages_per_minute` 4 hold for
+/// two instances together (each alone would allow them again).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_enforce_one_connection_limit_and_one_rate() {
+    let client_ip = "192.0.2.41";
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let server = "  max_connections_per_ip: 3\n";
+    let limits = "  messages_per_minute: 4\n";
+    let (a, _a_dir) = instance(&redis.url(), server, limits);
+    let (b, _b_dir) = instance(&redis.url(), server, limits);
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+
+    let mut on_a = vec![
+        connect(&a, client_ip).await.unwrap(),
+        connect(&a, client_ip).await.unwrap(),
+    ];
+    let mut on_b = connect(&b, client_ip).await.unwrap();
+    // Three open across the two: the fourth is refused by either.
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    assert_eq!(connect(&a, client_ip).await.err(), Some(421));
+    // Another client has its own count.
+    assert!(connect(&b, "127.0.0.9").await.is_ok());
+
+    // One closed on A: B has room again (the slot is removed as the connection ends).
+    let mut closing = on_a.pop().unwrap();
+    assert_eq!(closing.cmd("QUIT").await.code, 221);
+    drop(closing);
+    let (_again, took) = connect_within(&b, client_ip, Duration::from_secs(2)).await;
+    assert!(took < Duration::from_secs(2));
+
+    // Four messages a minute, wherever they are sent.
+    assert_eq!(deliver(&mut on_a[0]).await, 250);
+    assert_eq!(deliver(&mut on_b).await, 250);
+    assert_eq!(deliver(&mut on_a[0]).await, 250);
+    assert_eq!(deliver(&mut on_b).await, 250);
+    assert_eq!(on_b.cmd("MAIL FROM:<a@sender.test>").await.code, 450);
+    assert_eq!(on_a[0].cmd("MAIL FROM:<a@sender.test>").await.code, 450);
+    let logs = format!("{}{}", a.log(), b.log());
+    assert!(logs.contains("limits store reachable"), "{logs}");
+    assert!(!logs.contains("unreachable"), "{logs}");
+}
+
+/// Issue 12, items 2 and 6: the store stopped mid-run. Mail keeps flowing (counted in
+/// memory), `mxgate_limits_store_up` goes to 0 with one log line, and back to 1 when the
+/// store returns, after which the limit is shared again.
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_flows_while_the_store_is_down() {
+    let client_ip = "192.0.2.42";
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let server = "  max_connections_per_ip: 2\n";
+    let (a, _a_dir) = instance(&redis.url(), server, "  store_timeout: 150ms\n");
+    let (b, _b_dir) = instance(&redis.url(), server, "  store_timeout: 150ms\n");
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    let mut client = connect(&a, client_ip).await.unwrap();
+    assert_eq!(deliver(&mut client).await, 250);
+
+    redis.stop();
+    let mut delivered = 0;
+    for _ in 0..10 {
+        assert_eq!(deliver(&mut client).await, 250);
+        let mut other = connect(&b, client_ip)
+            .await
+            .expect("not refused for the store");
+        assert_eq!(deliver(&mut other).await, 250);
+        delivered += 2;
+    }
+    assert_eq!(delivered, 20);
+    wait_store_up(&a, 0.0, Duration::from_secs(2)).await;
+    wait_store_up(&b, 0.0, Duration::from_secs(2)).await;
+    let down_lines = a.log().matches("limits store unreachable").count();
+    assert_eq!(down_lines, 1, "one line per transition:\n{}", a.log());
+    assert!(!a.log().contains(":hunter"), "no password in logs");
+
+    redis.resume();
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    assert_eq!(
+        a.log().matches("limits store reachable").count(),
+        2,
+        "{}",
+        a.log()
+    );
+    // Shared again. The store restarted empty, but A put back the slot of the
+    // connection it still holds (taken in the store before it went away): one more on
+    // B fills the client's two, and both instances refuse a third.
+    let _b1 = connect(&b, client_ip).await.unwrap();
+    assert_eq!(connect(&a, client_ip).await.err(), Some(421));
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    assert_eq!(deliver(&mut client).await, 250);
+}
+
+/// Issue 12, item 2: an instance SIGKILLed while holding a client's connection slots
+/// cannot give them back; they end with their lease (`store_connection_ttl`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_instance_frees_its_slots_within_the_lease() {
+    let client_ip = "192.0.2.43";
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let server = "  max_connections_per_ip: 2\n";
+    let (mut a, _a_dir) = instance(&redis.url(), server, "");
+    let (b, _b_dir) = instance(&redis.url(), server, "");
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    let _held = [
+        connect(&a, client_ip).await.unwrap(),
+        connect(&a, client_ip).await.unwrap(),
+    ];
+    // Leases are renewed while A lives: longer than one lease, still full.
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+
+    a.signal(libc::SIGKILL);
+    assert!(a.wait(Duration::from_secs(5)).is_some());
+    // Nobody removed the slots: refused until their lease ends, then room again.
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    let (_client, took) = connect_within(&b, client_ip, TTL + Duration::from_secs(2)).await;
+    eprintln!("slots of the killed instance freed after {took:?} (lease {TTL:?})");
+}
