@@ -261,3 +261,61 @@ async fn a_killed_instance_frees_its_slots_within_the_lease() {
     let (_client, took) = connect_within(&b, client_ip, TTL + Duration::from_secs(2)).await;
     eprintln!("slots of the killed instance freed after {took:?} (lease {TTL:?})");
 }
+
+/// Issue 12, "done when": the cost of a Redis-backed limit check per connection (the
+/// connection slot, the connection rate, and giving the slot back), against the memory
+/// store, over loopback. Prints figures; asserts nothing about time. Run with
+/// `cargo test --release --test limits_shared -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, not a check"]
+async fn cost_of_a_shared_limit_check() {
+    use mxgate::limits::{Limiter, Settings};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let settings = Settings {
+        ipv6_prefix_length: 64,
+        max_connections_per_ip: 1_000_000,
+        connections_per_minute: 1_000_000_000,
+        messages_per_minute: 0,
+        recipients_per_minute: 0,
+        max_junk_commands: 0,
+        min_data_rate: 0,
+        data_grace: Duration::from_secs(1),
+        max_tracked_clients: 100_000,
+    };
+    let shared = mxgate::config::ClientLimits {
+        store: redis.url(),
+        ..Default::default()
+    };
+    let (redis_limiter, keeper) = Limiter::start(&settings, &shared).await;
+    let memory_limiter = Limiter::new(&settings);
+    const CONNECTIONS: u32 = 2_000;
+    for (name, limiter) in [("redis", &redis_limiter), ("memory", &memory_limiter)] {
+        let mut runs = Vec::new();
+        for run in 0..7 {
+            let start = Instant::now();
+            for n in 0..CONNECTIONS {
+                let ip = std::net::Ipv4Addr::from(0xC633_6400 + (n % 200)).into();
+                let budget = limiter.admit(ip, false, settings).await;
+                assert!(budget.is_ok(), "run {run}: refused");
+            }
+            runs.push(start.elapsed().as_secs_f64() * 1e6 / f64::from(CONNECTIONS));
+        }
+        runs.sort_by(f64::total_cmp);
+        eprintln!(
+            "{name}: per connection (slot + connection rate + release) median {:.1} µs, min {:.1} µs, max {:.1} µs over {} runs of {CONNECTIONS}",
+            runs[runs.len() / 2],
+            runs[0],
+            runs[runs.len() - 1],
+            runs.len()
+        );
+    }
+    assert!(
+        mxgate::metrics::render().contains("mxgate_limits_store_up 1"),
+        "the shared store was in use"
+    );
+    if let Some(keeper) = keeper {
+        keeper.abort();
+    }
+}
