@@ -28,6 +28,15 @@ fn instance(
     server_extra: &str,
     limits_extra: &str,
 ) -> (GatewayProcess, tempfile::TempDir) {
+    instance_with_env(store, server_extra, limits_extra, &[])
+}
+
+fn instance_with_env(
+    store: &str,
+    server_extra: &str,
+    limits_extra: &str,
+    env: &[(&str, &str)],
+) -> (GatewayProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = TestConfig {
         server_extra: server_extra.into(),
@@ -39,7 +48,7 @@ fn instance(
     };
     let path = dir.path().join("mxgate.yaml");
     std::fs::write(&path, config.yaml(dir.path())).unwrap();
-    (GatewayProcess::spawn(&path), dir)
+    (GatewayProcess::spawn_with_env(&path, env), dir)
 }
 
 async fn scrape(metrics: SocketAddr) -> String {
@@ -260,6 +269,40 @@ async fn a_killed_instance_frees_its_slots_within_the_lease() {
     assert_eq!(connect(&b, client_ip).await.err(), Some(421));
     let (_client, took) = connect_within(&b, client_ip, TTL + Duration::from_secs(2)).await;
     eprintln!("slots of the killed instance freed after {took:?} (lease {TTL:?})");
+}
+
+/// `rediss://` with a password: TLS to the store (its certificate trusted through
+/// `SSL_CERT_FILE`, as the system's CA store would), one limit for two instances, and
+/// the password in no log line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_over_tls_with_a_password() {
+    let client_ip = "192.0.2.44";
+    let password = "s3cret-pw";
+    let Some(redis) = RedisServer::start_tls(password) else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let ca = redis.certificate().unwrap().to_str().unwrap().to_string();
+    let env = [("SSL_CERT_FILE", ca.as_str())];
+    let server = "  max_connections_per_ip: 1\n";
+    let (a, _a_dir) = instance_with_env(&redis.url(), server, "", &env);
+    let (b, _b_dir) = instance_with_env(&redis.url(), server, "", &env);
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    let _held = connect(&a, client_ip).await.unwrap();
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    let logs = format!("{}{}", a.log(), b.log());
+    assert!(logs.contains("rediss://127.0.0.1:"), "{logs}");
+    assert!(!logs.contains(password), "{logs}");
+
+    // Not trusting the certificate is a store that is down: counted in memory.
+    let (c, _c_dir) = instance(&redis.url(), server, "");
+    wait_store_up(&c, 0.0, Duration::from_secs(5)).await;
+    assert!(connect(&c, client_ip).await.is_ok());
+    assert!(c.log().contains("limits store unreachable"), "{}", c.log());
+    assert!(!c.log().contains(password), "{}", c.log());
 }
 
 /// Issue 12, "done when": the cost of a Redis-backed limit check per connection (the

@@ -10,11 +10,23 @@ pub struct RedisServer {
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// With TLS (see [`Self::start_tls`]): its certificate (PEM) and password.
+    tls: Option<(std::path::PathBuf, String)>,
 }
 
 impl RedisServer {
     /// `None` (after `support::skip`) when `redis-server` is not installed.
     pub fn start() -> Option<RedisServer> {
+        RedisServer::start_with(None)
+    }
+
+    /// TLS only (no plain port), a self-signed certificate for 127.0.0.1 (see
+    /// [`Self::certificate`]) and a password.
+    pub fn start_tls(password: &str) -> Option<RedisServer> {
+        RedisServer::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Option<RedisServer> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -32,21 +44,59 @@ impl RedisServer {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls: None,
         };
+        if let Some(password) = password {
+            let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            let cert = server.dir.path().join("redis.crt");
+            std::fs::write(&cert, certified.cert.pem()).unwrap();
+            std::fs::write(
+                server.dir.path().join("redis.key"),
+                certified.signing_key.serialize_pem(),
+            )
+            .unwrap();
+            server.tls = Some((cert, password.to_string()));
+        }
         server.resume();
         Some(server)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://{}/0", self.addr)
+        match &self.tls {
+            None => format!("redis://{}/0", self.addr),
+            Some((_, password)) => format!("rediss://:{password}@{}/0", self.addr),
+        }
+    }
+
+    /// The TLS server's certificate, to trust (PEM).
+    pub fn certificate(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref().map(|(cert, _)| cert.as_path())
     }
 
     /// Starts the server (again) on its port and waits until it accepts connections.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.addr.port().to_string())
+        let port = self.addr.port().to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some((cert, password)) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(self.dir.path().join("redis.key"))
+                .args(["--requirepass", password]),
+        };
+        let child = command
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
