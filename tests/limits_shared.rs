@@ -92,6 +92,19 @@ async fn wait_store_up(gateway: &GatewayProcess, want: f64, within: Duration) {
     }
 }
 
+/// Waits (a little: the log is read from a pipe) until the instance has logged `text`.
+async fn wait_log(gateway: &GatewayProcess, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !gateway.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "{text:?} not logged:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Connects from `from`; returns the client when greeted with 220, else the code.
 async fn connect(gateway: &GatewayProcess, from: &str) -> Result<SmtpClient, u16> {
     let (mut client, greeting) = SmtpClient::connect_from(gateway.smtp, from).await;
@@ -180,8 +193,9 @@ async fn two_instances_enforce_one_connection_limit_and_one_rate() {
     assert_eq!(deliver(&mut on_b).await, 250);
     assert_eq!(on_b.cmd("MAIL FROM:<a@sender.test>").await.code, 450);
     assert_eq!(on_a[0].cmd("MAIL FROM:<a@sender.test>").await.code, 450);
+    wait_log(&a, "limits store reachable").await;
+    wait_log(&b, "limits store reachable").await;
     let logs = format!("{}{}", a.log(), b.log());
-    assert!(logs.contains("limits store reachable"), "{logs}");
     assert!(!logs.contains("unreachable"), "{logs}");
 }
 
@@ -217,6 +231,7 @@ async fn mail_flows_while_the_store_is_down() {
     assert_eq!(delivered, 20);
     wait_store_up(&a, 0.0, Duration::from_secs(2)).await;
     wait_store_up(&b, 0.0, Duration::from_secs(2)).await;
+    wait_log(&a, "limits store unreachable").await;
     let down_lines = a.log().matches("limits store unreachable").count();
     assert_eq!(down_lines, 1, "one line per transition:\n{}", a.log());
     assert!(!a.log().contains(":hunter"), "no password in logs");
@@ -224,6 +239,10 @@ async fn mail_flows_while_the_store_is_down() {
     redis.resume();
     wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
     wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while a.log().matches("limits store reachable").count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         a.log().matches("limits store reachable").count(),
         2,
@@ -237,6 +256,48 @@ async fn mail_flows_while_the_store_is_down() {
     assert_eq!(connect(&a, client_ip).await.err(), Some(421));
     assert_eq!(connect(&b, client_ip).await.err(), Some(421));
     assert_eq!(deliver(&mut client).await, 250);
+}
+
+/// A store that is slow rather than gone (`DEBUG SLEEP`): the checks give up after
+/// `store_timeout`, the instance counts in memory (metric 0) while the store sleeps, and
+/// shares again once it answers. No client waits for the sleeping store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_store_is_not_waited_for() {
+    let client_ip = "192.0.2.45";
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let (a, _a_dir) = instance(&redis.url(), "", "  store_timeout: 100ms\n");
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    const SLEEP: Duration = Duration::from_secs(4);
+    redis.pause(SLEEP.as_secs() as u32);
+    let paused = Instant::now();
+    let mut client = connect(&a, client_ip)
+        .await
+        .expect("not refused for the store");
+    assert_eq!(deliver(&mut client).await, 250);
+    let mut second = connect(&a, client_ip)
+        .await
+        .expect("not refused for the store");
+    assert_eq!(deliver(&mut second).await, 250);
+    // Both sessions were served while the store still slept.
+    assert!(
+        paused.elapsed() < SLEEP,
+        "served only after {:?}",
+        paused.elapsed()
+    );
+    assert_eq!(store_up(&a).await, 0.0);
+    wait_log(&a, "limits store unreachable").await;
+    wait_store_up(&a, 1.0, SLEEP + Duration::from_secs(5)).await;
+    assert_eq!(
+        a.log().matches("limits store unreachable").count(),
+        1,
+        "{}",
+        a.log()
+    );
 }
 
 /// Issue 12, item 2: an instance SIGKILLed while holding a client's connection slots
@@ -301,7 +362,7 @@ async fn a_store_over_tls_with_a_password() {
     let (c, _c_dir) = instance(&redis.url(), server, "");
     wait_store_up(&c, 0.0, Duration::from_secs(5)).await;
     assert!(connect(&c, client_ip).await.is_ok());
-    assert!(c.log().contains("limits store unreachable"), "{}", c.log());
+    wait_log(&c, "limits store unreachable").await;
     assert!(!c.log().contains(password), "{}", c.log());
 }
 

@@ -98,6 +98,7 @@ impl RedisServer {
         };
         let child = command
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -110,6 +111,19 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Makes the (plain) server answer nobody for `seconds` (`DEBUG SLEEP`): a store
+    /// that is slow, not gone. Returns at once.
+    pub fn pause(&self, seconds: u32) {
+        use std::io::{Read, Write};
+        let mut tcp = TcpStream::connect(self.addr).unwrap();
+        tcp.write_all(format!("DEBUG SLEEP {seconds}\r\n").as_bytes())
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut reply = [0u8; 16];
+            let _ = tcp.read(&mut reply);
+        });
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients) and waits for it.
