@@ -167,7 +167,10 @@ pub struct RedisStore {
     name: String,
     settings: RedisSettings,
     /// `None` while the store is down: checks go to `fallback` without waiting.
-    connection: Mutex<Option<MultiplexedConnection>>,
+    connection: Mutex<Option<Live>>,
+    /// Numbers the connections, so that a late failure on an old one cannot drop the
+    /// new one.
+    connections_made: AtomicU64,
     state: AtomicU8,
     /// Wakes the keeper when a check found the store down.
     reconnect: Notify,
@@ -178,6 +181,12 @@ pub struct RedisStore {
     held: Mutex<HashMap<u64, String>>,
     releases: mpsc::UnboundedSender<(String, String)>,
     fallback: Arc<MemoryStore>,
+}
+
+#[derive(Clone)]
+struct Live {
+    id: u64,
+    connection: MultiplexedConnection,
 }
 
 /// A connection slot held in the store; dropping it asks the keeper to remove it.
@@ -222,6 +231,7 @@ impl RedisStore {
             name: redact(&settings.url),
             settings,
             connection: Mutex::new(None),
+            connections_made: AtomicU64::new(0),
             state: AtomicU8::new(UNKNOWN),
             reconnect: Notify::new(),
             instance: instance_id(),
@@ -239,12 +249,13 @@ impl RedisStore {
     pub async fn connect(&self) -> bool {
         match self.open().await {
             Ok(connection) => {
-                *self.connection_lock() = Some(connection);
+                let id = self.connections_made.fetch_add(1, Ordering::Relaxed);
+                *self.connection_lock() = Some(Live { id, connection });
                 self.mark_up();
                 true
             }
             Err(err) => {
-                self.mark_down(&err);
+                self.mark_down(None, &err);
                 false
             }
         }
@@ -255,7 +266,7 @@ impl RedisStore {
         key: ClientKey,
         max: usize,
     ) -> Result<Acquired, Exceeded> {
-        if let Some(mut connection) = self.current() {
+        if let Some(Live { id, mut connection }) = self.current() {
             let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
             let slots = self.key("conn", key);
             let mut call = ACQUIRE.prepare_invoke();
@@ -275,7 +286,7 @@ impl RedisStore {
                 Ok(answer) => return Err(Exceeded { first: answer == 2 }),
                 // A slot the script took before the deadline passed is not renewed: its
                 // lease ends.
-                Err(err) => self.mark_down(&err),
+                Err(err) => self.mark_down(Some(id), &err),
             }
         }
         self.fallback
@@ -290,7 +301,7 @@ impl RedisStore {
         limit: u32,
         window: Duration,
     ) -> Result<(), Exceeded> {
-        if let Some(mut connection) = self.current() {
+        if let Some(Live { id, mut connection }) = self.current() {
             let mut call = HIT.prepare_invoke();
             call.key(self.key(rate_name(rate), key))
                 .arg(limit)
@@ -298,7 +309,7 @@ impl RedisStore {
             match self.within(call.invoke_async::<u8>(&mut connection)).await {
                 Ok(0) => return Ok(()),
                 Ok(answer) => return Err(Exceeded { first: answer == 2 }),
-                Err(err) => self.mark_down(&err),
+                Err(err) => self.mark_down(Some(id), &err),
             }
         }
         self.fallback.hit_rate(rate, key, limit, window)
@@ -317,11 +328,11 @@ impl RedisStore {
         self.settings.connection_ttl.as_millis() as u64
     }
 
-    fn current(&self) -> Option<MultiplexedConnection> {
+    fn current(&self) -> Option<Live> {
         self.connection_lock().clone()
     }
 
-    fn connection_lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn connection_lock(&self) -> std::sync::MutexGuard<'_, Option<Live>> {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -366,9 +377,16 @@ impl RedisStore {
         }
     }
 
-    /// Drops the connection (the keeper makes a new one) and logs the first failure.
-    fn mark_down(&self, err: &str) {
-        *self.connection_lock() = None;
+    /// Drops connection `failed` (the keeper makes a new one) and logs the first
+    /// failure. A failure of a connection already replaced changes nothing.
+    fn mark_down(&self, failed: Option<u64>, err: &str) {
+        {
+            let mut connection = self.connection_lock();
+            match (&*connection, failed) {
+                (Some(live), Some(failed)) if live.id != failed => return,
+                _ => *connection = None,
+            }
+        }
         metrics::STORE_UP.set(0);
         if self.state.swap(DOWN, Ordering::AcqRel) != DOWN {
             tracing::warn!(
@@ -382,7 +400,7 @@ impl RedisStore {
 
     /// Renews the leases of every slot held; false when the store failed.
     async fn renew(&self) -> bool {
-        let Some(mut connection) = self.current() else {
+        let Some(Live { id, mut connection }) = self.current() else {
             return false;
         };
         let held: Vec<(u64, String)> = self
@@ -397,7 +415,7 @@ impl RedisStore {
                 call.key(key).arg(self.member(*slot));
             }
             if let Err(err) = self.within(call.invoke_async::<u64>(&mut connection)).await {
-                self.mark_down(&err);
+                self.mark_down(Some(id), &err);
                 return false;
             }
         }
@@ -405,13 +423,13 @@ impl RedisStore {
     }
 
     async fn release(&self, key: &str, member: &str) {
-        let Some(mut connection) = self.current() else {
+        let Some(Live { id, mut connection }) = self.current() else {
             return;
         };
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(key).arg(member);
         if let Err(err) = self.within(zrem.query_async::<u64>(&mut connection)).await {
-            self.mark_down(&err);
+            self.mark_down(Some(id), &err);
         }
     }
 }
