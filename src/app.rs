@@ -82,6 +82,10 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     metrics_stop: tokio::sync::watch::Sender<bool>,
     grace: Duration,
+    limiter: Arc<Limiter>,
+    /// Keeps a shared limits store; stopped after the drain, so that the slots of the
+    /// last sessions are given back rather than left to expire.
+    store_keeper: Option<JoinHandle<()>>,
 }
 
 /// Compiles the snapshot, binds every listener and starts serving.
@@ -150,7 +154,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
         )));
     }
 
-    let mut background: Vec<JoinHandle<()>> = store_keeper.into_iter().collect();
+    let mut background = Vec::new();
     let (metrics_stop, metrics_stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics = None;
     if let Some(listener) = metrics_listener {
@@ -179,6 +183,8 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
         background,
         metrics_stop,
         grace,
+        limiter,
+        store_keeper,
     })
 }
 
@@ -202,6 +208,9 @@ impl Running {
             tracing::warn!("grace period over: closing the remaining sessions");
             self.shutdown.set(Phase::Forced);
             let _ = tokio::time::timeout(Duration::from_secs(10), self.shutdown.drained()).await;
+        }
+        if let Some(keeper) = self.store_keeper.take() {
+            self.limiter.finish(keeper).await;
         }
         let _ = self.metrics_stop.send(true);
         for task in self.background.drain(..) {

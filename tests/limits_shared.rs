@@ -38,11 +38,14 @@ fn instance_with_env(
     env: &[(&str, &str)],
 ) -> (GatewayProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
+    let ttl = match limits_extra.contains("store_connection_ttl") {
+        true => String::new(),
+        false => format!("  store_connection_ttl: {}s\n", TTL.as_secs()),
+    };
     let config = TestConfig {
         server_extra: server_extra.into(),
         extra: format!(
-            "auth:\n  enabled: false\nmetrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  store: \"{store}\"\n  store_connection_ttl: {}s\n{limits_extra}",
-            TTL.as_secs()
+            "auth:\n  enabled: false\nmetrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  store: \"{store}\"\n{ttl}{limits_extra}"
         ),
         ..Default::default()
     };
@@ -364,6 +367,37 @@ async fn a_store_over_tls_with_a_password() {
     assert!(connect(&c, client_ip).await.is_ok());
     wait_log(&c, "limits store unreachable").await;
     assert!(!c.log().contains(password), "{}", c.log());
+}
+
+/// Issue 12, item 3 (rolling restarts): an instance stopped with SIGTERM gives its
+/// slots back as its sessions end, not a lease later (here 30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_instance_gives_its_slots_back() {
+    let client_ip = "192.0.2.46";
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let server = "  max_connections_per_ip: 2\n";
+    let long_lease = "  store_connection_ttl: 30s\n";
+    let (mut a, _a_dir) = instance(&redis.url(), server, long_lease);
+    let (b, _b_dir) = instance(&redis.url(), server, long_lease);
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    let held = [
+        connect(&a, client_ip).await.unwrap(),
+        connect(&a, client_ip).await.unwrap(),
+    ];
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    a.signal(libc::SIGTERM);
+    // The drain closes the idle sessions after `shutdown_grace` (1 s in tests).
+    assert!(a.wait(Duration::from_secs(10)).is_some(), "{}", a.log());
+    drop(held);
+    let _client = connect(&b, client_ip)
+        .await
+        .expect("the stopped instance's slots are free at once");
 }
 
 /// Issue 12, "done when": the cost of a Redis-backed limit check per connection (the

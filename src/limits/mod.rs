@@ -121,6 +121,21 @@ impl Limiter {
         }
     }
 
+    /// After the drain: gives the store the slots of the last sessions back (at most
+    /// about a second; what is left ends with its lease), then stops `keeper`.
+    pub async fn finish(&self, mut keeper: tokio::task::JoinHandle<()>) {
+        if let Store::Redis(store, _) = &self.store {
+            store.finish();
+            if tokio::time::timeout(Duration::from_secs(1), &mut keeper)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        keeper.abort();
+    }
+
     /// A client connected: counts the connection and its rate. `Err` is the reply that
     /// refuses it (the caller sends it and closes).
     pub async fn admit(

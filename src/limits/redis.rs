@@ -15,6 +15,7 @@
 //!   fallback), sets `mxgate_limits_store_up` to 0, logs once, and reconnects in the
 //!   background; no mail is refused because of the store. Slots taken in memory stay in
 //!   memory until their connection ends.
+//! - At shutdown the slots of the drained sessions are removed before the process ends.
 //! - The store URL may hold a password: only [`StoreUrl::redacted`] is ever logged.
 
 use super::key::ClientKey;
@@ -174,6 +175,8 @@ pub struct RedisStore {
     state: AtomicU8,
     /// Wakes the keeper when a check found the store down.
     reconnect: Notify,
+    /// Tells the keeper to give back the slots released so far and end.
+    finishing: Notify,
     /// Tells slots of different instances apart in the store.
     instance: String,
     next_slot: AtomicU64,
@@ -234,6 +237,7 @@ impl RedisStore {
             connections_made: AtomicU64::new(0),
             state: AtomicU8::new(UNKNOWN),
             reconnect: Notify::new(),
+            finishing: Notify::new(),
             instance: instance_id(),
             next_slot: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
@@ -398,6 +402,11 @@ impl RedisStore {
         self.reconnect.notify_one();
     }
 
+    /// Asks the keeper to remove the slots released so far and end.
+    pub fn finish(&self) {
+        self.finishing.notify_one();
+    }
+
     /// Renews the leases of every slot held; false when the store failed.
     async fn renew(&self) -> bool {
         let Some(Live { id, mut connection }) = self.current() else {
@@ -435,7 +444,8 @@ impl RedisStore {
 }
 
 /// The keeper: reconnects while the store is down, renews leases, removes released
-/// slots. Runs until aborted (at shutdown; leases not renewed end by themselves).
+/// slots. At shutdown, after the drain, it removes what was released and ends (or is
+/// aborted; leases not renewed end by themselves).
 async fn keep(store: Arc<RedisStore>, mut released: mpsc::UnboundedReceiver<(String, String)>) {
     let mut renew = tokio::time::interval(store.settings.connection_ttl / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -458,6 +468,12 @@ async fn keep(store: Arc<RedisStore>, mut released: mpsc::UnboundedReceiver<(Str
                 store.release(&key, &member).await;
             }
             _ = store.reconnect.notified() => {}
+            _ = store.finishing.notified() => {
+                while let Ok((key, member)) = released.try_recv() {
+                    store.release(&key, &member).await;
+                }
+                return;
+            }
         }
     }
 }
