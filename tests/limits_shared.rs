@@ -202,6 +202,40 @@ async fn two_instances_enforce_one_connection_limit_and_one_rate() {
     assert!(!logs.contains("unreachable"), "{logs}");
 }
 
+/// `connections_per_minute` 3 across two instances: the slot and the rate are counted
+/// in one script, and a connection refused for the rate takes no slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_enforce_one_connection_rate() {
+    let client_ip = "192.0.2.47";
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    if !source(client_ip) {
+        return;
+    }
+    let server = "  max_connections_per_ip: 3\n";
+    let limits = "  connections_per_minute: 3\n";
+    let (a, _a_dir) = instance(&redis.url(), server, limits);
+    let (b, _b_dir) = instance(&redis.url(), server, limits);
+    wait_store_up(&a, 1.0, Duration::from_secs(5)).await;
+    wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
+    let _one = connect(&a, client_ip).await.unwrap();
+    let _two = connect(&b, client_ip).await.unwrap();
+    // Closed at once: the rate counts connections made, not open.
+    drop(connect(&a, client_ip).await.unwrap());
+    assert_eq!(connect(&b, client_ip).await.err(), Some(421));
+    assert_eq!(connect(&a, client_ip).await.err(), Some(421));
+    let refused = scrape(b.metrics.unwrap()).await;
+    assert!(
+        refused.contains("mxgate_limit_exceeded_total{limit=\"connections_per_minute\"} 1"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("mxgate_limit_exceeded_total{limit=\"max_connections_per_ip\"} 0"),
+        "{refused}"
+    );
+}
+
 /// Issue 12, items 2 and 6: the store stopped mid-run. Mail keeps flowing (counted in
 /// memory), `mxgate_limits_store_up` goes to 0 with one log line, and back to 1 when the
 /// store returns, after which the limit is shared again.

@@ -27,7 +27,7 @@ mod store;
 pub use data_rate::DataMeter;
 pub use key::ClientKey;
 pub use redis::StoreUrl;
-pub use store::{ConnectionGuard, Exceeded, Rate, Store};
+pub use store::{ConnectionGuard, Exceeded, Rate, Refused, Store};
 
 use crate::config::{ClientLimits, Config};
 use crate::smtp::metrics as smtp_metrics;
@@ -147,13 +147,17 @@ impl Limiter {
         self.store.configure(settings.max_tracked_clients);
         let ip = crate::config::canonical_ip(ip);
         let key = ClientKey::of(ip, settings.ipv6_prefix_length);
-        let guard = match self
+        let rate_limit = match trusted {
+            true => 0,
+            false => settings.connections_per_minute,
+        };
+        let admitted = self
             .store
-            .acquire_connection(key, settings.max_connections_per_ip)
-            .await
-        {
+            .admit(key, settings.max_connections_per_ip, rate_limit, MINUTE)
+            .await;
+        let guard = match admitted {
             Ok(guard) => guard,
-            Err(exceeded) => {
+            Err(Refused::Connections(exceeded)) => {
                 smtp_metrics::CONNECTIONS_REFUSED
                     .with_label_values(&["per_ip_limit"])
                     .inc();
@@ -166,6 +170,19 @@ impl Limiter {
                 );
                 return Err(Reply::too_many_connections_from_ip());
             }
+            Err(Refused::Rate(exceeded)) => {
+                smtp_metrics::CONNECTIONS_REFUSED
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+                refused(
+                    exceeded,
+                    ip,
+                    key,
+                    "connections_per_minute",
+                    settings.connections_per_minute.into(),
+                );
+                return Err(Reply::connection_rate_exceeded());
+            }
         };
         let budget = ClientBudget {
             limiter: self.clone(),
@@ -177,22 +194,6 @@ impl Limiter {
             data: None,
             _connection: guard,
         };
-        if let Err(exceeded) = budget
-            .rate(Rate::Connections, settings.connections_per_minute)
-            .await
-        {
-            smtp_metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["rate_limit"])
-                .inc();
-            refused(
-                exceeded,
-                ip,
-                key,
-                "connections_per_minute",
-                settings.connections_per_minute.into(),
-            );
-            return Err(Reply::connection_rate_exceeded());
-        }
         Ok(budget)
     }
 }

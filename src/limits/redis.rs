@@ -21,7 +21,7 @@
 use super::key::ClientKey;
 use super::memory::{MemoryGuard, MemoryStore};
 use super::metrics;
-use super::store::{Exceeded, Rate};
+use super::store::{Exceeded, Rate, Refused};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use std::collections::HashMap;
@@ -85,26 +85,67 @@ pub struct RedisSettings {
     pub connection_ttl: Duration,
 }
 
-/// Takes a slot unless `ARGV[1]` are held. KEYS: the client's slots, its refusal-log
-/// marker. ARGV: max, lease (ms), member. Returns 0 (taken), 1 (refused), 2 (refused,
-/// first in a minute).
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+/// The store's clock in milliseconds; scripts that read it must replicate effects.
+const NOW_LUA: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// The sliding window counter of `memory.rs` in a hash (`w`: window number, `c`: its
+/// count, `p`: the previous one's, `l`: a refusal was logged in it). Counts one event
+/// unless `limit` would be passed. Returns 0 (counted), 1 (refused), 2 (refused, first
+/// in this window).
+const HIT_LUA: &str = r"
+local function hit(key, limit, window)
+  local index = math.floor(now / window)
+  local v = redis.call('HMGET', key, 'w', 'c', 'p', 'l')
+  local w = tonumber(v[1])
+  local c = tonumber(v[2]) or 0
+  local p = tonumber(v[3]) or 0
+  local l = tonumber(v[4]) or 0
+  if w ~= index then
+    if w == index - 1 then p = c else p = 0 end
+    c = 0
+    l = 0
+  end
+  local into = (now - index * window) / window
+  local refused = p * (1 - into) + c + 1 > limit
+  if not refused then c = c + 1 end
+  redis.call('HSET', key, 'w', index, 'c', c, 'p', p, 'l', refused and 1 or l)
+  redis.call('PEXPIRE', key, window * 2)
+  if not refused then return 0 end
+  if l == 1 then return 1 end
+  return 2
+end
+";
+
+/// A new connection: takes a slot unless `ARGV[1]` are held, then counts the
+/// connection rate (when `ARGV[4]` is not 0), in one round trip. KEYS: the client's
+/// slots, its refusal-log marker, its connection rate. ARGV: max, lease (ms), member,
+/// rate limit, window (ms). Returns 0 (admitted), 1 or 2 (too many connections; 2: first
+/// in a minute), 3 or 4 (rate; 4: first in its window). A refused connection takes no
+/// slot.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW_LUA}{HIT_LUA}{}",
+        r"
 local ttl = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
   if redis.call('SET', KEYS[2], '1', 'NX', 'PX', 60000) then return 2 end
   return 1
 end
+local limit = tonumber(ARGV[4])
+if limit > 0 then
+  local rate = hit(KEYS[3], limit, tonumber(ARGV[5]))
+  if rate ~= 0 then return rate + 2 end
+end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 0
-",
-    )
+"
+    ))
 });
 
 /// Renews leases. KEYS: slot sets; ARGV: lease (ms), then one member per key. Re-adds a
@@ -125,37 +166,13 @@ return #KEYS
     )
 });
 
-/// Counts one event unless the sliding window is full. KEYS: the client's hash for
-/// this rate. ARGV: limit, window (ms). Returns 0 (counted), 1 (refused), 2 (refused,
-/// first in this window).
+/// Counts one event. KEYS: the client's hash for this rate. ARGV: limit, window (ms).
+/// Returns as `hit`.
 static HIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[2])
-local index = math.floor(now / window)
-local v = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'l')
-local w = tonumber(v[1])
-local c = tonumber(v[2]) or 0
-local p = tonumber(v[3]) or 0
-local l = tonumber(v[4]) or 0
-if w ~= index then
-  if w == index - 1 then p = c else p = 0 end
-  c = 0
-  l = 0
-end
-local into = (now - index * window) / window
-local refused = p * (1 - into) + c + 1 > tonumber(ARGV[1])
-if not refused then c = c + 1 end
-redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'l', refused and 1 or l)
-redis.call('PEXPIRE', KEYS[1], window * 2)
-if not refused then return 0 end
-if l == 1 then return 1 end
-return 2
-",
-    )
+    Script::new(&format!(
+        "{NOW_LUA}{HIT_LUA}{}",
+        "return hit(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))\n"
+    ))
 });
 
 const UNKNOWN: u8 = 0;
@@ -265,20 +282,27 @@ impl RedisStore {
         }
     }
 
-    pub async fn acquire_connection(
+    /// A new connection of `key`: a slot unless it has `max` open, and the connection
+    /// rate unless `rate_limit` is 0.
+    pub async fn admit(
         self: &Arc<Self>,
         key: ClientKey,
         max: usize,
-    ) -> Result<Acquired, Exceeded> {
+        rate_limit: u32,
+        window: Duration,
+    ) -> Result<Acquired, Refused> {
         if let Some(Live { id, mut connection }) = self.current() {
             let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
             let slots = self.key("conn", key);
-            let mut call = ACQUIRE.prepare_invoke();
+            let mut call = ADMIT.prepare_invoke();
             call.key(&slots)
                 .key(self.key("conn-refused", key))
+                .key(self.key(rate_name(Rate::Connections), key))
                 .arg(max)
                 .arg(self.ttl_ms())
-                .arg(self.member(slot));
+                .arg(self.member(slot))
+                .arg(rate_limit)
+                .arg(window.as_millis().max(1) as u64);
             match self.within(call.invoke_async::<u8>(&mut connection)).await {
                 Ok(0) => {
                     self.held_lock().insert(slot, slots);
@@ -287,15 +311,25 @@ impl RedisStore {
                         slot,
                     }));
                 }
-                Ok(answer) => return Err(Exceeded { first: answer == 2 }),
+                Ok(answer @ (1 | 2)) => {
+                    return Err(Refused::Connections(Exceeded { first: answer == 2 }));
+                }
+                Ok(answer) => return Err(Refused::Rate(Exceeded { first: answer == 4 })),
                 // A slot the script took before the deadline passed is not renewed: its
                 // lease ends.
                 Err(err) => self.mark_down(Some(id), &err),
             }
         }
-        self.fallback
+        let guard = self
+            .fallback
             .acquire_connection(key, max)
-            .map(Acquired::Local)
+            .map_err(Refused::Connections)?;
+        if rate_limit > 0 {
+            self.fallback
+                .hit_rate(Rate::Connections, key, rate_limit, window)
+                .map_err(Refused::Rate)?;
+        }
+        Ok(Acquired::Local(guard))
     }
 
     pub async fn hit_rate(

@@ -21,6 +21,15 @@ impl Rate {
     pub const ALL: [Rate; 3] = [Rate::Connections, Rate::Messages, Rate::Recipients];
 }
 
+/// Why a new connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `max_connections_per_ip` are open.
+    Connections(Exceeded),
+    /// `connections_per_minute`.
+    Rate(Exceeded),
+}
+
 /// A limit was reached. `first`: the first refusal of this client in a while (the
 /// current window, or a minute), so that one line is logged rather than one per attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,17 +54,29 @@ impl Store {
         Store::Memory(Arc::new(MemoryStore::new(capacity)))
     }
 
-    /// Counts a connection of `key` unless it already has `max` open.
-    pub async fn acquire_connection(
+    /// A new connection of `key`: counted unless it already has `max` open or (when
+    /// `rate_limit` is not 0) `rate_limit` connections in the last `window`. A refused
+    /// connection holds no slot. The shared store does both in one round trip.
+    pub async fn admit(
         &self,
         key: ClientKey,
         max: usize,
-    ) -> Result<ConnectionGuard, Exceeded> {
+        rate_limit: u32,
+        window: Duration,
+    ) -> Result<ConnectionGuard, Refused> {
         match self {
-            Store::Memory(store) => store
-                .acquire_connection(key, max)
-                .map(ConnectionGuard::Memory),
-            Store::Redis(store, _) => match store.acquire_connection(key, max).await? {
+            Store::Memory(store) => {
+                let guard = store
+                    .acquire_connection(key, max)
+                    .map_err(Refused::Connections)?;
+                if rate_limit > 0 {
+                    store
+                        .hit_rate(Rate::Connections, key, rate_limit, window)
+                        .map_err(Refused::Rate)?;
+                }
+                Ok(ConnectionGuard::Memory(guard))
+            }
+            Store::Redis(store, _) => match store.admit(key, max, rate_limit, window).await? {
                 Acquired::Shared(guard) => Ok(ConnectionGuard::Redis(guard)),
                 Acquired::Local(guard) => Ok(ConnectionGuard::Memory(guard)),
             },
