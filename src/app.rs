@@ -82,6 +82,10 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     metrics_stop: tokio::sync::watch::Sender<bool>,
     grace: Duration,
+    limiter: Arc<Limiter>,
+    /// Keeps a shared limits store; stopped after the drain, so that the slots of the
+    /// last sessions are given back rather than left to expire.
+    store_keeper: Option<JoinHandle<()>>,
 }
 
 /// Compiles the snapshot, binds every listener and starts serving.
@@ -129,7 +133,10 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
 
     let shutdown = Shutdown::new();
     let slots = Arc::new(ConnectionSlots::default());
-    let limiter = Limiter::new(&snapshots.load().client_limits);
+    let (limiter, store_keeper) = {
+        let snapshot = snapshots.load();
+        Limiter::start(&snapshot.client_limits, &snapshot.loaded.config.limits).await
+    };
     let bound = Arc::new(AtomicBool::new(true));
     let mut smtp = Vec::with_capacity(listeners.len());
     let mut accept_tasks = Vec::with_capacity(listeners.len());
@@ -176,6 +183,8 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
         background,
         metrics_stop,
         grace,
+        limiter,
+        store_keeper,
     })
 }
 
@@ -213,6 +222,9 @@ impl Running {
             tracing::warn!("grace period over: closing the remaining sessions");
             self.shutdown.set(Phase::Forced);
             let _ = tokio::time::timeout(Duration::from_secs(10), self.shutdown.drained()).await;
+        }
+        if let Some(keeper) = self.store_keeper.take() {
+            self.limiter.finish(keeper).await;
         }
         let _ = self.metrics_stop.send(true);
         for task in self.background.drain(..) {

@@ -519,6 +519,19 @@ pub struct ClientLimits {
     /// Clients whose rates are remembered at once; past it, clients not yet tracked are
     /// not rate-limited until entries expire (two minutes after their last count).
     pub max_tracked_clients: usize,
+    /// Where the connection count and the rates live: `memory` (this process) or
+    /// `redis://[:password@]host:port/db` (`rediss://` for TLS; Redis or Valkey), shared
+    /// by every instance that names the same store. Read at start-up only.
+    pub store: String,
+    /// Every store call must answer within this, or the instance counts in memory.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
+    /// Prepended to every key the store holds, so that several deployments can share it.
+    pub store_key_prefix: String,
+    /// A connection slot held in the store lives this long unless its instance renews
+    /// it (every third of it): a killed instance's slots free themselves within it.
+    #[serde(with = "humantime_serde")]
+    pub store_connection_ttl: Duration,
 }
 
 impl Default for ClientLimits {
@@ -531,6 +544,10 @@ impl Default for ClientLimits {
             max_junk_commands: 100,
             min_data_rate: 500,
             max_tracked_clients: 100_000,
+            store: "memory".into(),
+            store_timeout: Duration::from_millis(200),
+            store_key_prefix: "mxgate:limits:".into(),
+            store_connection_ttl: Duration::from_secs(30),
         }
     }
 }

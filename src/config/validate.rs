@@ -210,6 +210,22 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             "limits.max_tracked_clients must be at least 1",
         ));
     }
+    if let Err(err) = crate::limits::StoreUrl::parse(&config.limits.store) {
+        out.push(loaded.error(&limits.key("store"), format!("limits.store: {err}")));
+    }
+    let store_timeout = config.limits.store_timeout;
+    if store_timeout.is_zero() || store_timeout > Duration::from_secs(5) {
+        out.push(loaded.error(
+            &limits.key("store_timeout"),
+            "limits.store_timeout must be between 1ms and 5s (every client waits for it)",
+        ));
+    }
+    if config.limits.store_connection_ttl < Duration::from_secs(3) {
+        out.push(loaded.error(
+            &limits.key("store_connection_ttl"),
+            "limits.store_connection_ttl must be at least 3s",
+        ));
+    }
 
     if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         out.push(loaded.error(
@@ -351,6 +367,33 @@ mod tests {
         );
         load(&format!(
             "{MINIMAL}limits:\n  ipv6_prefix_length: 48\n  messages_per_minute: 0\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn the_limits_store_is_checked_without_showing_its_password() {
+        let text = format!(
+            "{MINIMAL}limits:\n  store: \"redis://:hunter2@redis:notaport/0\"\n  store_timeout: 0s\n  store_connection_ttl: 1s\n"
+        );
+        let errors = load(&text).unwrap_err();
+        let expected = [
+            "mxgate.yaml:8:10: limits.store: not a valid Redis URL",
+            "mxgate.yaml:9:18: limits.store_timeout",
+            "mxgate.yaml:10:25: limits.store_connection_ttl",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{want:?}: {errors:#?}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+        let errors = load(&format!("{MINIMAL}limits:\n  store: memcached://m\n")).unwrap_err();
+        assert!(
+            errors[0].starts_with("mxgate.yaml:8:10: limits.store: unknown store"),
+            "{errors:#?}"
+        );
+        load(&format!(
+            "{MINIMAL}limits:\n  store: \"rediss://:pw@redis.example.net:6380/1\"\n  store_timeout: 150ms\n  store_key_prefix: \"mx1:\"\n  store_connection_ttl: 10s\n"
         ))
         .unwrap();
     }

@@ -31,6 +31,13 @@ pub static TRACKED_CLIENTS: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+pub static STORE_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "mxgate_limits_store_up",
+        "1 while the limits store answers (always with limits.store: memory); 0 while this instance counts in its own memory instead of the shared store.",
+    )
+});
+
 pub fn exceeded(limit: &'static str) {
     debug_assert!(LIMITS.contains(&limit), "{limit}");
     EXCEEDED.with_label_values(&[limit]).inc();
@@ -38,6 +45,7 @@ pub fn exceeded(limit: &'static str) {
 
 pub fn init() {
     LazyLock::force(&TRACKED_CLIENTS);
+    LazyLock::force(&STORE_UP);
     for limit in LIMITS {
         EXCEEDED.with_label_values(&[limit]);
     }

@@ -9,6 +9,10 @@
 //! refusal moves `mxgate_limit_exceeded_total{limit}` and is logged (once per client and
 //! window for the counters a flood would repeat). This module decides nothing about mail.
 //!
+//! The counters live in this process's memory or, with `limits.store: redis://…`, in a
+//! store shared by every instance (see `redis.rs`), which falls back to memory whenever
+//! the store fails. Junk commands and the data rate are per connection and never shared.
+//!
 //! Clients in `server.trusted_networks` (our own relays, which may send in bulk) are
 //! exempt from the per-minute rates; the connection count, junk commands and the data
 //! rate apply to everyone, since they bound what a broken client can hold.
@@ -17,13 +21,15 @@ mod data_rate;
 mod key;
 mod memory;
 pub mod metrics;
+mod redis;
 mod store;
 
 pub use data_rate::DataMeter;
 pub use key::ClientKey;
-pub use store::{ConnectionGuard, Exceeded, Rate, Store};
+pub use redis::StoreUrl;
+pub use store::{ConnectionGuard, Exceeded, Rate, Refused, Store};
 
-use crate::config::Config;
+use crate::config::{ClientLimits, Config};
 use crate::smtp::metrics as smtp_metrics;
 use crate::smtp::reply::Reply;
 use std::net::IpAddr;
@@ -72,10 +78,62 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// Counts in memory.
     pub fn new(settings: &Settings) -> Arc<Limiter> {
+        metrics::STORE_UP.set(1);
         Arc::new(Limiter {
             store: Store::memory(settings.max_tracked_clients),
         })
+    }
+
+    /// The limiter for `limits.store` (validated at load). With a shared store: one
+    /// attempt to reach it (at most `limits.store_timeout`; a store that is down only
+    /// means counting in memory), and the task that keeps it, for the caller to run
+    /// in the background.
+    pub async fn start(
+        settings: &Settings,
+        config: &ClientLimits,
+    ) -> (Arc<Limiter>, Option<tokio::task::JoinHandle<()>>) {
+        let url = match StoreUrl::parse(&config.store) {
+            Ok(StoreUrl::Redis(url)) => url,
+            Ok(StoreUrl::Memory) | Err(_) => return (Limiter::new(settings), None),
+        };
+        let fallback = Arc::new(memory::MemoryStore::new(settings.max_tracked_clients));
+        let shared = redis::RedisSettings {
+            url,
+            timeout: config.store_timeout,
+            key_prefix: config.store_key_prefix.clone(),
+            connection_ttl: config.store_connection_ttl,
+        };
+        match redis::RedisStore::new(shared, fallback.clone()) {
+            Ok((store, keeper)) => {
+                store.connect().await;
+                let keeper = tokio::spawn(keeper);
+                let limiter = Arc::new(Limiter {
+                    store: Store::Redis(store, fallback),
+                });
+                (limiter, Some(keeper))
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "limits store not usable: counting in memory");
+                (Limiter::new(settings), None)
+            }
+        }
+    }
+
+    /// After the drain: gives the store the slots of the last sessions back (at most
+    /// about a second; what is left ends with its lease), then stops `keeper`.
+    pub async fn finish(&self, mut keeper: tokio::task::JoinHandle<()>) {
+        if let Store::Redis(store, _) = &self.store {
+            store.finish();
+            if tokio::time::timeout(Duration::from_secs(1), &mut keeper)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        keeper.abort();
     }
 
     /// A client connected: counts the connection and its rate. `Err` is the reply that
@@ -89,13 +147,17 @@ impl Limiter {
         self.store.configure(settings.max_tracked_clients);
         let ip = crate::config::canonical_ip(ip);
         let key = ClientKey::of(ip, settings.ipv6_prefix_length);
-        let guard = match self
+        let rate_limit = match trusted {
+            true => 0,
+            false => settings.connections_per_minute,
+        };
+        let admitted = self
             .store
-            .acquire_connection(key, settings.max_connections_per_ip)
-            .await
-        {
+            .admit(key, settings.max_connections_per_ip, rate_limit, MINUTE)
+            .await;
+        let guard = match admitted {
             Ok(guard) => guard,
-            Err(exceeded) => {
+            Err(Refused::Connections(exceeded)) => {
                 smtp_metrics::CONNECTIONS_REFUSED
                     .with_label_values(&["per_ip_limit"])
                     .inc();
@@ -108,6 +170,19 @@ impl Limiter {
                 );
                 return Err(Reply::too_many_connections_from_ip());
             }
+            Err(Refused::Rate(exceeded)) => {
+                smtp_metrics::CONNECTIONS_REFUSED
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+                refused(
+                    exceeded,
+                    ip,
+                    key,
+                    "connections_per_minute",
+                    settings.connections_per_minute.into(),
+                );
+                return Err(Reply::connection_rate_exceeded());
+            }
         };
         let budget = ClientBudget {
             limiter: self.clone(),
@@ -119,22 +194,6 @@ impl Limiter {
             data: None,
             _connection: guard,
         };
-        if let Err(exceeded) = budget
-            .rate(Rate::Connections, settings.connections_per_minute)
-            .await
-        {
-            smtp_metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["rate_limit"])
-                .inc();
-            refused(
-                exceeded,
-                ip,
-                key,
-                "connections_per_minute",
-                settings.connections_per_minute.into(),
-            );
-            return Err(Reply::connection_rate_exceeded());
-        }
         Ok(budget)
     }
 }

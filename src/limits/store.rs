@@ -1,10 +1,11 @@
-//! Where the per-client counters live, behind one small interface: today this process's
-//! memory; a shared store (Redis/Valkey, so that several instances enforce one limit)
-//! becomes another variant with the same two operations. The methods are `async` for
-//! that reason, though memory never waits.
+//! Where the per-client counters live, behind one small interface: this process's
+//! memory, or a store shared by several instances (Redis/Valkey, so that they enforce one
+//! limit; it falls back to memory by itself). The methods are `async` for the shared
+//! store; memory never waits.
 
 use super::key::ClientKey;
 use super::memory::{MemoryGuard, MemoryStore};
+use super::redis::{Acquired, RedisGuard, RedisStore};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,15 @@ impl Rate {
     pub const ALL: [Rate; 3] = [Rate::Connections, Rate::Messages, Rate::Recipients];
 }
 
+/// Why a new connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `max_connections_per_ip` are open.
+    Connections(Exceeded),
+    /// `connections_per_minute`.
+    Rate(Exceeded),
+}
+
 /// A limit was reached. `first`: the first refusal of this client in a while (the
 /// current window, or a minute), so that one line is logged rather than one per attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,11 +39,14 @@ pub struct Exceeded {
 
 pub enum Store {
     Memory(Arc<MemoryStore>),
+    /// The shared store and its memory fallback.
+    Redis(Arc<RedisStore>, Arc<MemoryStore>),
 }
 
 /// An open connection counted for its client until dropped.
 pub enum ConnectionGuard {
     Memory(#[allow(dead_code)] MemoryGuard),
+    Redis(#[allow(dead_code)] RedisGuard),
 }
 
 impl Store {
@@ -41,16 +54,32 @@ impl Store {
         Store::Memory(Arc::new(MemoryStore::new(capacity)))
     }
 
-    /// Counts a connection of `key` unless it already has `max` open.
-    pub async fn acquire_connection(
+    /// A new connection of `key`: counted unless it already has `max` open or (when
+    /// `rate_limit` is not 0) `rate_limit` connections in the last `window`. A refused
+    /// connection holds no slot. The shared store does both in one round trip.
+    pub async fn admit(
         &self,
         key: ClientKey,
         max: usize,
-    ) -> Result<ConnectionGuard, Exceeded> {
+        rate_limit: u32,
+        window: Duration,
+    ) -> Result<ConnectionGuard, Refused> {
         match self {
-            Store::Memory(store) => store
-                .acquire_connection(key, max)
-                .map(ConnectionGuard::Memory),
+            Store::Memory(store) => {
+                let guard = store
+                    .acquire_connection(key, max)
+                    .map_err(Refused::Connections)?;
+                if rate_limit > 0 {
+                    store
+                        .hit_rate(Rate::Connections, key, rate_limit, window)
+                        .map_err(Refused::Rate)?;
+                }
+                Ok(ConnectionGuard::Memory(guard))
+            }
+            Store::Redis(store, _) => match store.admit(key, max, rate_limit, window).await? {
+                Acquired::Shared(guard) => Ok(ConnectionGuard::Redis(guard)),
+                Acquired::Local(guard) => Ok(ConnectionGuard::Memory(guard)),
+            },
         }
     }
 
@@ -64,13 +93,16 @@ impl Store {
     ) -> Result<(), Exceeded> {
         match self {
             Store::Memory(store) => store.hit_rate(rate, key, limit, window),
+            Store::Redis(store, _) => store.hit_rate(rate, key, limit, window).await,
         }
     }
 
     /// Store-specific settings that a reload may change.
     pub fn configure(&self, max_tracked_clients: usize) {
         match self {
-            Store::Memory(store) => store.set_capacity(max_tracked_clients),
+            Store::Memory(store) | Store::Redis(_, store) => {
+                store.set_capacity(max_tracked_clients)
+            }
         }
     }
 }

@@ -200,10 +200,16 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn spawn(config_path: &std::path::Path) -> GatewayProcess {
+        GatewayProcess::spawn_with_env(config_path, &[])
+    }
+
+    /// Like [`Self::spawn`], with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub fn spawn_with_env(config_path: &std::path::Path, env: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
             .arg("serve")
             .arg("--config")
             .arg(config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -12,6 +12,7 @@ pub mod haproxy;
 pub mod net;
 pub mod postfix;
 pub mod pyverify;
+pub mod redis;
 pub mod swaks;
 
 /// Initialises logging once when `RUST_LOG` is set (for debugging a failing test).
