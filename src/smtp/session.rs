@@ -328,7 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Consumes buffered input until it runs out or the session must stop.
     async fn process_input(&mut self) -> Flow {
-        while self.rpos < self.rbuf.len() {
+        while self.rpos < self.rbuf.len() && !self.first_input_undecided() {
             let flow = match &self.state {
                 State::Data(..) => self.process_data().await,
                 State::Chunk { .. } => self.process_chunk().await,
@@ -341,6 +341,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Flow::Continue
+    }
+
+    /// The first input is too short to tell whether it is a PROXY header: wait for more
+    /// (a header split across reads must be refused as one, never read as SMTP).
+    fn first_input_undecided(&self) -> bool {
+        !self.first_input_seen && crate::server::proxy::may_become_header(&self.rbuf[self.rpos..])
     }
 
     async fn process_command(&mut self) -> Flow {
