@@ -584,6 +584,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn hello(&mut self, host: &str, esmtp: bool) -> Flow {
+        // Another EHLO/HELO with no transaction open did nothing for mail but costs a
+        // HELO SPF check (DNS) per new name: junk (`limits.max_junk_commands`).
+        let repeated = matches!(self.state, State::Ready);
         // A new EHLO/HELO resets any transaction (RFC 5321 section 4.1.4).
         self.abort_transaction("helo").await;
         match self.conn.on_helo(host, esmtp) {
@@ -599,7 +602,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } else {
                     Reply::helo(&hostname)
                 };
-                self.reply_flow(reply)
+                if repeated {
+                    self.junk_reply(reply)
+                } else {
+                    self.reply_flow(reply)
+                }
             }
         }
     }
