@@ -123,6 +123,34 @@ async fn white_space_before_the_colon_is_refused() {
     gw.stop().await;
 }
 
+/// A continuation line of white space only is the empty line that ends the header
+/// section to some readers: what we and mail-auth read as header fields (DKIM's `h=`,
+/// the Subject, a second From) would be body to them. Refused, like every line two
+/// readers could take differently.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_continuation_line_of_white_space_only_is_refused() {
+    let dns = TestDns::start().await;
+    zones(&dns);
+    let gw = gateway(&dns, "", "").await;
+    for content in [
+        &b"From: x@attacker.test\r\nSubject: hi\r\n \r\nTo: bob@example.test\r\n\r\nb\r\n"[..],
+        b"Subject: hi\r\n\t \r\nFrom: x@attacker.test\r\n\r\nb\r\n",
+    ] {
+        let reply = send_raw(&gw, "x@attacker.test", content).await;
+        assert!(
+            malformed(&reply),
+            "{}: {reply}",
+            String::from_utf8_lossy(content)
+        );
+        assert!(reply.text().contains("line"), "{reply}");
+    }
+    // Folding with text on the continuation line is fine.
+    let folded = b"From: x@attacker.test\r\nSubject: hi\r\n there\r\n\r\nb\r\n";
+    assert_eq!(send_raw(&gw, "x@attacker.test", folded).await.code, 250);
+    assert_eq!(gw.delivered().len(), 1);
+    gw.stop().await;
+}
+
 /// Messages from a trusted network are read the same way: the strip of forged
 /// Authentication-Results and the relayed fields come from the same reading.
 #[tokio::test(flavor = "multi_thread")]

@@ -89,6 +89,30 @@ async fn junk_commands_count_until_a_message_is_accepted() {
     gw.stop().await;
 }
 
+/// EHLO/HELO again with no transaction open does nothing for mail, yet each new name
+/// costs a HELO SPF check (DNS look-ups to names the client picks): it counts as junk,
+/// so an endless stream of them ends the session like NOOPs do.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_ehlo_counts_as_junk() {
+    let gw = Gateway::start(TestConfig {
+        server_extra: "  max_errors: 2\n".into(),
+        extra: "limits:\n  max_junk_commands: 4\n".into(),
+        ..trusted_local()
+    })
+    .await;
+    let (mut client, _) = gw.ehlo().await;
+    for n in 1..=5 {
+        let reply = client.cmd(&format!("EHLO n{n}.client.test")).await;
+        assert_eq!(reply.code, 250, "EHLO {n}: {reply}");
+        assert!(client.pending().is_empty(), "closed after EHLO {n}");
+    }
+    assert_eq!(client.cmd("HELO n6.client.test").await.code, 250);
+    let reply = client.read_reply().await;
+    assert_eq!((reply.code, reply.status()), (421, "4.7.0"), "{reply}");
+    assert!(client.is_closed().await);
+    gw.stop().await;
+}
+
 /// Issue 11, case 8: 30 connections from 30 addresses of one /64 were all greeted.
 /// `max_connections_per_ip` (20) now counts the /64; another /64 is not affected, and
 /// trusted networks are counted too (the count bounds what one client can hold).

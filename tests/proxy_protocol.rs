@@ -183,6 +183,29 @@ async fn header_from_an_untrusted_peer_is_refused_not_honoured() {
     );
 }
 
+/// A header from an untrusted peer that arrives in pieces (its first read shorter than
+/// the signature) is refused as a header too, not read as SMTP lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_in_pieces_from_an_untrusted_peer_is_refused() {
+    let dns = TestDns::start().await;
+    let gw = gateway(&dns, "127.0.0.1/32", "").await;
+    let v2_header = v2(1, Some(([192, 0, 2, 7], 40006)));
+    let v1_header = v1(SENDER_IP, 40007);
+    for (first, rest) in [
+        (&v1_header[..3], &v1_header[3..]),
+        (&v2_header[..2], &v2_header[2..]),
+    ] {
+        let (mut client, greeting) = SmtpClient::connect_from(gw.smtp, "127.0.0.2").await;
+        assert_eq!(greeting.code, 220);
+        client.send(first).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.send(rest).await;
+        let reply = client.read_reply().await;
+        assert_eq!((reply.code, reply.status()), (554, "5.7.1"), "{reply}");
+        assert!(client.is_closed().await);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_checks_are_greeted_and_get_no_transaction() {
     let dns = TestDns::start().await;

@@ -882,6 +882,108 @@ async fn recipient_answers_are_kept_in_a_cache() {
     gw.stop().await;
 }
 
+/// A backend may refuse a recipient because of the envelope (a quota against the
+/// declared SIZE, a list only some senders may write to). One client's refused envelope
+/// must not make us refuse the same recipient for other senders: a refusal is kept for
+/// its envelope only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_for_one_envelope_is_not_served_to_another() {
+    let mut behaviour = Behaviour::default();
+    behaviour.rcpt_replies.insert(
+        "bob@example.test".into(),
+        "552 5.2.2 <bob@example.test>: Mailbox full".into(),
+    );
+    let backend = FakeBackend::start(behaviour).await;
+    let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+    let (mut mallory, _) = gw.ehlo().await;
+    let mail = mallory
+        .cmd("MAIL FROM:<mallory@attacker.test> SIZE=9000000")
+        .await;
+    assert_eq!(mail.code, 250);
+    let refused = mallory.cmd("RCPT TO:<bob@example.test>").await;
+    assert_eq!(refused.code, 552, "{refused}");
+    mallory.cmd("QUIT").await;
+
+    // For a message of an ordinary size from another sender the backend takes bob.
+    backend.set(|b| {
+        b.rcpt_replies.remove("bob@example.test");
+    });
+    let (mut alice, _) = gw.ehlo().await;
+    assert_eq!(alice.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    let bob = alice.cmd("RCPT TO:<bob@example.test>").await;
+    assert_eq!(bob.code, 250, "a refusal kept for another envelope: {bob}");
+    assert_eq!(alice.cmd("DATA").await.code, 354);
+    alice.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+    assert_eq!(alice.read_reply().await.code, 250);
+    assert_eq!(backend.messages().len(), 1);
+    // The same refused envelope is still answered from the cache.
+    let (mut again, _) = gw.ehlo().await;
+    backend.set(|b| {
+        b.rcpt_replies.insert(
+            "bob@example.test".into(),
+            "552 5.2.2 <bob@example.test>: Mailbox full".into(),
+        );
+    });
+    let probes = rcpt_commands(&backend, "bob@example.test");
+    let mail = again
+        .cmd("MAIL FROM:<mallory@attacker.test> SIZE=9000000")
+        .await;
+    assert_eq!(mail.code, 250);
+    assert_eq!(again.cmd("RCPT TO:<bob@example.test>").await.code, 552);
+    assert_eq!(rcpt_commands(&backend, "bob@example.test"), probes);
+    gw.stop().await;
+}
+
+/// A backend that refuses DATA (Postfix's `smtpd_data_restrictions`, e.g.
+/// `reject_multi_recipient_bounce`) keeps the transaction open. The connection must
+/// not go back to the pool like that: the next MAIL on it, another client's probe or
+/// delivery, would get `503 nested MAIL command`, a permanent refusal of mail the
+/// backend would take.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_whose_data_was_refused_is_reset_before_reuse() {
+    for pipelining in [true, false] {
+        let backend = FakeBackend::start(Behaviour {
+            pipelining,
+            data_refusal: Some(
+                "550 5.5.3 <DATA>: Data command rejected: Multi-recipient bounce".into(),
+            ),
+            ..Behaviour::default()
+        })
+        .await;
+        let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+        let (mut mallory, _) = gw.ehlo().await;
+        let reply = mallory
+            .send_mail(
+                "mallory@attacker.test",
+                &["bob@example.test", "carol@example.test"],
+                "Subject: x\n\nx\n",
+            )
+            .await;
+        assert_eq!(reply.code, 550, "pipelining {pipelining}: {reply}");
+        mallory.cmd("QUIT").await;
+
+        backend.set(|b| b.data_refusal = None);
+        for n in 1..=2 {
+            let (mut alice, _) = gw.ehlo().await;
+            assert_eq!(alice.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+            let rcpt = alice.cmd(&format!("RCPT TO:<dave{n}@example.test>")).await;
+            assert_eq!(
+                rcpt.code, 250,
+                "pipelining {pipelining}, message {n}: {rcpt}"
+            );
+            assert_eq!(alice.cmd("DATA").await.code, 354);
+            alice.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+            let reply = alice.read_reply().await;
+            assert_eq!(
+                reply.code, 250,
+                "pipelining {pipelining}, message {n}: {reply}"
+            );
+        }
+        assert_eq!(backend.messages().len(), 2, "pipelining {pipelining}");
+        gw.stop().await;
+    }
+}
+
 /// The backend refuses at delivery a recipient it accepted when it was verified (its
 /// directory changed meanwhile): no `250` for a subset (there is no local queue), so the
 /// whole message gets `451 4.3.0`, nothing is stored, and the connection is reset.

@@ -1,6 +1,8 @@
 //! Which clients share a budget: an IPv4 address, or an IPv6 prefix (one host can hold
 //! a whole /64, so counting IPv6 addresses one by one bounds nothing). IPv4-mapped IPv6
 //! (`::ffff:192.0.2.1`, what a dual-stack socket reports) counts as the IPv4 address.
+//! A 6to4 address (`2002:AABB:CCDD::/48`, RFC 3056) is derived from one IPv4 address,
+//! whose owner holds the whole /48 (65,536 /64s): it counts by its /48 at most.
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::fmt;
@@ -17,7 +19,8 @@ impl ClientKey {
         let net = match crate::config::canonical_ip(ip) {
             IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),
             IpAddr::V6(v6) => {
-                let len = ipv6_prefix_length.min(128);
+                let six_to_four = v6.segments()[0] == 0x2002;
+                let len = ipv6_prefix_length.min(if six_to_four { 48 } else { 128 });
                 let net = Ipv6Net::new(v6, len).unwrap_or_else(|_| Ipv6Net::from(v6));
                 IpNet::V6(net.trunc())
             }
@@ -63,5 +66,17 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1", 48), key("2001:db8:1:3::1", 48));
         assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
         assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+    }
+
+    #[test]
+    fn six_to_four_counts_per_ipv4_address() {
+        // 2002:c000:0201::/48 is 192.0.2.1's: every /64 under it is one client.
+        assert_eq!(key("2002:c000:201:1::1", 64), "2002:c000:201::/48");
+        assert_eq!(
+            key("2002:c000:201:1::1", 64),
+            key("2002:c000:201:ffff::9", 64)
+        );
+        assert_ne!(key("2002:c000:201::1", 64), key("2002:c000:202::1", 64));
+        assert_eq!(key("2002:c000:201:1::1", 32), "2002:c000::/32");
     }
 }

@@ -396,7 +396,7 @@ impl Relay {
         // A non-ASCII envelope is always probed: the backend must also offer SMTPUTF8,
         // which only a connection can tell.
         let needs_smtputf8 = envelope.needs_smtputf8([rcpt]);
-        if !needs_smtputf8 && let Some(reply) = self.recipients.get(rcpt) {
+        if !needs_smtputf8 && let Some(reply) = self.recipients.get(envelope, rcpt) {
             return Ok(RcptAnswer::Rcpt(reply));
         }
         let mut last_error = None;
@@ -408,7 +408,7 @@ impl Relay {
             match probe::probe(backend, pool, envelope, rcpt, needs_smtputf8).await {
                 Ok(answer) => {
                     if let RcptAnswer::Rcpt(reply) = &answer {
-                        self.recipients.offer(rcpt, reply);
+                        self.recipients.offer(envelope, rcpt, reply);
                     }
                     return Ok(answer);
                 }

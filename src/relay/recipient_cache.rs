@@ -3,13 +3,18 @@
 //!
 //! Only definite answers are kept: a 2xx (accepted) or a 5xx (refused) to RCPT after an
 //! accepted MAIL. A 4xx, an error, or a refused MAIL (which is about the sender) is
-//! never kept. The key is the recipient exactly as relayed, so a differently spelled
-//! address is merely a miss. The cache is bounded by `max_entries` (least recently used
+//! never kept. An acceptance is kept under the recipient exactly as relayed (a
+//! differently spelled address is merely a miss; an acceptance that does not hold for
+//! another sender costs a `451` at delivery, never a loss). A refusal is kept under the
+//! recipient *and the whole envelope* (sender, SIZE, BODY, SMTPUTF8): a backend may
+//! refuse a recipient because of the sender or the declared size (a quota, a
+//! sender-restricted list), and a client must never make us refuse other senders' mail
+//! to that recipient by sending one envelope the backend refuses. The cache is bounded by `max_entries` (least recently used
 //! answers go first); a client that makes us probe random addresses can only evict
 //! answers, which costs probes, never correctness.
 
-use super::BackendReply;
 use super::metrics;
+use super::{BackendReply, Envelope};
 use crate::config::RelayRecipientCache;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,25 +66,30 @@ impl RecipientCache {
         }
     }
 
-    /// The kept answer for this recipient, if any (counted as a hit or a miss).
-    pub fn get(&self, rcpt: &str) -> Option<BackendReply> {
-        let kept = self.entries.get(rcpt).map(|kept| kept.reply);
+    /// The kept answer for this recipient under this envelope, if any (counted as a hit
+    /// or a miss).
+    pub fn get(&self, envelope: &Envelope, rcpt: &str) -> Option<BackendReply> {
+        let kept = self
+            .entries
+            .get(&refusal_key(envelope, rcpt))
+            .or_else(|| self.entries.get(rcpt))
+            .map(|kept| kept.reply);
         metrics::recipient_cache_lookup(kept.is_some());
         kept
     }
 
-    /// Keeps the backend's answer to RCPT if it is a definite one.
-    pub fn offer(&self, rcpt: &str, reply: &BackendReply) {
-        let ttl = match reply.code {
-            200..=299 => self.ttl_accept,
-            500..=599 => self.ttl_reject,
+    /// Keeps the backend's answer to RCPT under `envelope` if it is a definite one.
+    pub fn offer(&self, envelope: &Envelope, rcpt: &str, reply: &BackendReply) {
+        let (ttl, key) = match reply.code {
+            200..=299 => (self.ttl_accept, rcpt.to_string()),
+            500..=599 => (self.ttl_reject, refusal_key(envelope, rcpt)),
             _ => return,
         };
         if ttl.is_zero() {
             return;
         }
         self.entries.insert(
-            rcpt.to_string(),
+            key,
             Kept {
                 reply: reply.clone(),
                 ttl,
@@ -87,6 +97,15 @@ impl RecipientCache {
         );
         metrics::recipient_cache_size(self.entries.entry_count());
     }
+}
+
+/// The key of a refusal: the recipient and everything of the envelope the backend saw
+/// with it. NUL never occurs in an address, so two envelopes never share a key.
+fn refusal_key(envelope: &Envelope, rcpt: &str) -> String {
+    format!(
+        "{rcpt}\0{}\0{:?}\0{}\0{}",
+        envelope.mail_from, envelope.size, envelope.eight_bit, envelope.smtputf8
+    )
 }
 
 #[cfg(test)]
@@ -102,6 +121,19 @@ mod tests {
         }
     }
 
+    fn envelope(mail_from: &str, size: Option<u64>) -> Envelope {
+        Envelope {
+            mail_from: mail_from.into(),
+            smtputf8: false,
+            eight_bit: false,
+            size,
+        }
+    }
+
+    fn alice() -> Envelope {
+        envelope("alice@sender.test", None)
+    }
+
     fn cache(ttl_accept: u64, ttl_reject: u64) -> RecipientCache {
         RecipientCache::new(&RelayRecipientCache {
             ttl_accept: Duration::from_millis(ttl_accept),
@@ -113,16 +145,16 @@ mod tests {
     #[test]
     fn only_definite_answers_are_kept() {
         let cache = cache(60_000, 60_000);
-        cache.offer("a@x.test", &reply(250));
-        cache.offer("b@x.test", &reply(550));
-        cache.offer("c@x.test", &reply(450));
-        cache.offer("d@x.test", &reply(421));
-        assert_eq!(cache.get("a@x.test"), Some(reply(250)));
-        assert_eq!(cache.get("b@x.test"), Some(reply(550)));
-        assert_eq!(cache.get("c@x.test"), None);
-        assert_eq!(cache.get("d@x.test"), None);
+        cache.offer(&alice(), "a@x.test", &reply(250));
+        cache.offer(&alice(), "b@x.test", &reply(550));
+        cache.offer(&alice(), "c@x.test", &reply(450));
+        cache.offer(&alice(), "d@x.test", &reply(421));
+        assert_eq!(cache.get(&alice(), "a@x.test"), Some(reply(250)));
+        assert_eq!(cache.get(&alice(), "b@x.test"), Some(reply(550)));
+        assert_eq!(cache.get(&alice(), "c@x.test"), None);
+        assert_eq!(cache.get(&alice(), "d@x.test"), None);
         assert_eq!(
-            cache.get("A@x.test"),
+            cache.get(&alice(), "A@x.test"),
             None,
             "the key is the address as relayed"
         );
@@ -131,19 +163,37 @@ mod tests {
     #[test]
     fn each_kind_of_answer_expires_at_its_own_ttl() {
         let cache = cache(60_000, 50);
-        cache.offer("a@x.test", &reply(250));
-        cache.offer("b@x.test", &reply(550));
+        cache.offer(&alice(), "a@x.test", &reply(250));
+        cache.offer(&alice(), "b@x.test", &reply(550));
         std::thread::sleep(Duration::from_millis(120));
-        assert!(cache.get("a@x.test").is_some());
-        assert!(cache.get("b@x.test").is_none());
+        assert!(cache.get(&alice(), "a@x.test").is_some());
+        assert!(cache.get(&alice(), "b@x.test").is_none());
     }
 
     #[test]
     fn a_zero_ttl_keeps_nothing() {
         let cache = cache(0, 0);
-        cache.offer("a@x.test", &reply(250));
-        cache.offer("b@x.test", &reply(550));
-        assert!(cache.get("a@x.test").is_none());
-        assert!(cache.get("b@x.test").is_none());
+        cache.offer(&alice(), "a@x.test", &reply(250));
+        cache.offer(&alice(), "b@x.test", &reply(550));
+        assert!(cache.get(&alice(), "a@x.test").is_none());
+        assert!(cache.get(&alice(), "b@x.test").is_none());
+    }
+
+    #[test]
+    fn a_refusal_is_kept_for_its_envelope_only() {
+        let cache = cache(60_000, 60_000);
+        let big = envelope("mallory@attacker.test", Some(50_000_000));
+        cache.offer(&big, "bob@x.test", &reply(552));
+        assert_eq!(cache.get(&big, "bob@x.test"), Some(reply(552)));
+        for other in [
+            alice(),
+            envelope("mallory@attacker.test", None),
+            envelope("alice@sender.test", Some(50_000_000)),
+        ] {
+            assert_eq!(cache.get(&other, "bob@x.test"), None, "{other:?}");
+        }
+        // An acceptance holds for every envelope (delivery asks again anyway).
+        cache.offer(&alice(), "carol@x.test", &reply(250));
+        assert_eq!(cache.get(&big, "carol@x.test"), Some(reply(250)));
     }
 }

@@ -153,8 +153,14 @@ pub(super) async fn send(
             )));
         }
         if reply.code != 354 {
-            // Refused before content (e.g. 554): the session is at its initial state.
-            lease.release();
+            // Refused before content (Postfix's `smtpd_data_restrictions`, say): the
+            // transaction stays open on the backend (RFC 5321 leaves it to the client),
+            // and a MAIL on it would get `503 nested MAIL`. Only a reset session goes
+            // back to the pool.
+            let reset = lease.conn().command(b"RSET\r\n", limits.mail).await;
+            if matches!(reset, Ok(reply) if reply.is_positive()) {
+                lease.release();
+            }
             return Ok(Delivery::Single(reply));
         }
         message.write_stuffed(conn, limits.data_block).await?;

@@ -12,6 +12,8 @@
 //!   mail-auth reads as `From` and a plain name comparison does not);
 //! - an empty field name, or a name byte outside printable US-ASCII (8-bit, controls);
 //! - a continuation line before the first field;
+//! - a continuation line of white space only (obs-FWS): some readers take it for the
+//!   empty line that ends the header section, and would read what follows as body;
 //! - NUL, a bare CR or a bare LF anywhere in the header section, and a last header line
 //!   without its CRLF (mail-auth drops such a last field);
 //! - more than `max_fields` fields or more than `max_size` bytes (a bound, not ambiguity).
@@ -53,6 +55,7 @@ pub enum SectionError {
     EmptyName { line: usize },
     BadNameByte { line: usize },
     FoldedFirstLine,
+    BlankContinuation { line: usize },
     Nul { line: usize },
     BareLineEnding { line: usize },
     Unterminated { line: usize },
@@ -78,6 +81,7 @@ impl SectionError {
             SectionError::EmptyName { .. } => "empty_name",
             SectionError::BadNameByte { .. } => "bad_name_byte",
             SectionError::FoldedFirstLine => "folded_first_line",
+            SectionError::BlankContinuation { .. } => "blank_continuation",
             SectionError::Nul { .. } => "nul",
             SectionError::BareLineEnding { .. } => "bare_line_ending",
             SectionError::Unterminated { .. } => "unterminated",
@@ -108,6 +112,10 @@ impl fmt::Display for SectionError {
             SectionError::FoldedFirstLine => {
                 write!(f, "the first header line is a continuation line")
             }
+            SectionError::BlankContinuation { line } => write!(
+                f,
+                "header line {line} is a continuation line of white space only"
+            ),
             SectionError::Nul { line } => write!(f, "header line {line} contains a NUL byte"),
             SectionError::BareLineEnding { line } => {
                 write!(f, "header line {line} contains a bare CR or LF")
@@ -153,6 +161,9 @@ pub fn read_section(
             let Some(last) = fields.last_mut() else {
                 return Err(SectionError::FoldedFirstLine);
             };
+            if content.iter().all(|b| matches!(b, b' ' | b'\t')) {
+                return Err(SectionError::BlankContinuation { line });
+            }
             last.range.end = end;
             last.value = &message[last.value_start..end - 2];
         } else {
@@ -286,6 +297,14 @@ mod tests {
                 SectionError::BadNameByte { line: 2 },
             ),
             (b" From: x@a.test\r\n\r\n", SectionError::FoldedFirstLine),
+            (
+                b"From: x@a.test\r\n \t \r\nSubject: s\r\n\r\n",
+                SectionError::BlankContinuation { line: 2 },
+            ),
+            (
+                b"Subject: s\r\n\t\r\nFrom: x@a.test\r\n\r\n",
+                SectionError::BlankContinuation { line: 2 },
+            ),
             (b"From: x\x00@a.test\r\n\r\n", SectionError::Nul { line: 1 }),
             (
                 b"From: x@a.test\nTo: y\r\n\r\n",

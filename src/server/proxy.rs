@@ -132,6 +132,14 @@ pub fn looks_like_header(input: &[u8]) -> bool {
     input.starts_with(V1_PREFIX) || input.starts_with(V2_PREFIX)
 }
 
+/// Whether the first bytes a client sent are too few to tell: they are the start of a
+/// header's signature (a header split across reads, `PRO` then `XY TCP4 ...`), so more
+/// must be read before they are taken as SMTP.
+pub fn may_become_header(input: &[u8]) -> bool {
+    let starts = |prefix: &[u8]| input.len() < prefix.len() && prefix.starts_with(input);
+    starts(V1_PREFIX) || starts(V2_PREFIX)
+}
+
 async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyError> {
     let mut buf = vec![0u8; SHORTEST];
     read_exact(tcp, &mut buf).await?;
@@ -330,5 +338,9 @@ mod tests {
         assert!(looks_like_header(&v2(1, 0x11, &[0; 12], &[])));
         assert!(!looks_like_header(b"EHLO proxy.example\r\n"));
         assert!(!looks_like_header(b"\r\n"));
+        assert!(may_become_header(b"PRO"));
+        assert!(may_become_header(b"\r\n\r\n\0"));
+        assert!(!may_become_header(b"PROXY "));
+        assert!(!may_become_header(b"EHLO"));
     }
 }

@@ -328,7 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Consumes buffered input until it runs out or the session must stop.
     async fn process_input(&mut self) -> Flow {
-        while self.rpos < self.rbuf.len() {
+        while self.rpos < self.rbuf.len() && !self.first_input_undecided() {
             let flow = match &self.state {
                 State::Data(..) => self.process_data().await,
                 State::Chunk { .. } => self.process_chunk().await,
@@ -341,6 +341,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Flow::Continue
+    }
+
+    /// The first input is too short to tell whether it is a PROXY header: wait for more
+    /// (a header split across reads must be refused as one, never read as SMTP).
+    fn first_input_undecided(&self) -> bool {
+        !self.first_input_seen && crate::server::proxy::may_become_header(&self.rbuf[self.rpos..])
     }
 
     async fn process_command(&mut self) -> Flow {
@@ -578,6 +584,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn hello(&mut self, host: &str, esmtp: bool) -> Flow {
+        // Another EHLO/HELO with no transaction open did nothing for mail but costs a
+        // HELO SPF check (DNS) per new name: junk (`limits.max_junk_commands`).
+        let repeated = matches!(self.state, State::Ready);
         // A new EHLO/HELO resets any transaction (RFC 5321 section 4.1.4).
         self.abort_transaction("helo").await;
         match self.conn.on_helo(host, esmtp) {
@@ -593,7 +602,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } else {
                     Reply::helo(&hostname)
                 };
-                self.reply_flow(reply)
+                if repeated {
+                    self.junk_reply(reply)
+                } else {
+                    self.reply_flow(reply)
+                }
             }
         }
     }

@@ -40,6 +40,10 @@ pub struct Behaviour {
     pub starttls_refusal: Option<String>,
     /// Offer SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
+    /// Answer DATA with this refusal and keep the transaction open, as Postfix does
+    /// when `smtpd_data_restrictions` refuse (e.g. `reject_multi_recipient_bounce`):
+    /// until RSET, another MAIL gets `503 5.5.1 Error: nested MAIL command`.
+    pub data_refusal: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -61,6 +65,7 @@ impl Default for Behaviour {
             idle_421: None,
             starttls_refusal: None,
             smtputf8: true,
+            data_refusal: None,
         }
     }
 }
@@ -197,6 +202,9 @@ async fn serve(
     let mut b = shared.lock().unwrap().clone();
     let mut buf = Vec::new();
     let mut current = Received::default();
+    // Between an accepted MAIL and the end of the transaction (as a real server: a
+    // nested MAIL is refused).
+    let mut in_transaction = false;
     let mut tls_active = false;
     write_line(&mut stream, &b.greeting).await?;
     if !b.greeting.starts_with("220") {
@@ -249,6 +257,8 @@ async fn serve(
                 ));
             }
             stream.write_all(out.as_bytes()).await?;
+        } else if upper.starts_with("MAIL FROM:") && in_transaction {
+            write_line(&mut stream, "503 5.5.1 Error: nested MAIL command").await?;
         } else if upper.starts_with("MAIL FROM:") {
             let tls = b.tls.clone();
             b = Behaviour {
@@ -259,6 +269,7 @@ async fn serve(
                 mail_from: angle(&line),
                 ..Default::default()
             };
+            in_transaction = b.mail_reply.starts_with('2');
             write_line(&mut stream, &b.mail_reply).await?;
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = angle(&line);
@@ -279,6 +290,11 @@ async fn serve(
                 write_line(&mut stream, "554 5.5.1 no valid recipients").await?;
                 continue;
             }
+            if let Some(refusal) = &b.data_refusal {
+                write_line(&mut stream, refusal).await?;
+                continue;
+            }
+            in_transaction = false;
             write_line(&mut stream, "354 go ahead").await?;
             let Some(raw) = read_data(&mut stream, &mut buf, b.drop_mid_data).await? else {
                 return Ok(());
@@ -306,6 +322,7 @@ async fn serve(
                 write_line(&mut stream, &format!("250 2.0.0 {size} octets")).await?;
                 continue;
             }
+            in_transaction = false;
             if b.drop_after_data {
                 return Ok(());
             }
@@ -333,6 +350,7 @@ async fn serve(
             tls_active = true;
         } else if upper == "RSET" {
             current = Received::default();
+            in_transaction = false;
             write_line(&mut stream, "250 2.0.0 Ok").await?;
         } else if upper == "NOOP" {
             write_line(&mut stream, "250 2.0.0 Ok").await?;
