@@ -46,8 +46,9 @@ for target in $(cargo "${toolchain[@]}" fuzz list); do
         failed+=("$target")
         tail -n 60 "$log"
     fi
-    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
+    # grep -o: libFuzzer's stderr may run into the line before the stats.
+    runs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
+    rate=$(grep -ao 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)
     summary+=("$(printf '%-16s %-6s %12s executions %8s exec/s' "$target" "$status" "${runs:-?}" "${rate:-?}")")
     rm -f "$log"
 done

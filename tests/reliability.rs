@@ -15,7 +15,7 @@
 //! copy the backend stored and acknowledged promptly while the client got a 4xx has no
 //! cause and fails the test.
 //!
-//! `MXGATE_RELIABILITY_MESSAGES` (default 3000, about a minute) and `MXGATE_RELIABILITY_SEED` (default:
+//! `MXGATE_RELIABILITY_MESSAGES` (default 3000, under a minute) and `MXGATE_RELIABILITY_SEED` (default:
 //! from the clock; printed) set the run. The ledger is printed to stdout past the test
 //! harness's capture, so CI output shows it.
 
