@@ -58,6 +58,26 @@ async fn delivers_a_message_to_the_maildir() {
     gw.stop().await;
 }
 
+/// An Authentication-Results field whose comment ends in a backslash used to panic the
+/// session (found while writing the fuzz targets): the message is relayed and the
+/// session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn unterminated_comment_in_authentication_results_is_just_content() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    let reply = client
+        .send_mail(
+            "alice@sender.test",
+            &["bob@example.test"],
+            "Authentication-Results: (\\\nSubject: hello\n\nbody\n",
+        )
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(gw.delivered().len(), 1);
+    assert_eq!(client.cmd("QUIT").await.code, 221);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_out_of_sequence_get_503() {
     let gw = Gateway::start(trusted_local()).await;

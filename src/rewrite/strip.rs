@@ -83,7 +83,8 @@ fn skip_cfws(value: &[u8], mut at: usize) -> usize {
                 at += 1;
             }
         } else {
-            return at;
+            // A quoted-pair cut short at the end of an unclosed comment steps past it.
+            return at.min(value.len());
         }
     }
 }
@@ -155,5 +156,14 @@ Subject: x\r\n\r\nbody";
         );
         assert_eq!(authserv_id_of(b"   "), None);
         assert_eq!(authserv_id_of(b" \"mx.test"), None);
+    }
+
+    /// Found while writing the `auth_results` fuzz target: a comment cut short after a
+    /// backslash ran the position past the end of the value and the slice panicked.
+    #[test]
+    fn unterminated_comment_ending_in_a_backslash() {
+        assert_eq!(authserv_id_of(b" (\\"), None);
+        assert_eq!(authserv_id_of(b"(a\\"), None);
+        assert_eq!(authserv_id_of(b"(\\)"), None);
     }
 }

@@ -1,0 +1,84 @@
+//! The BDAT reader (`smtp::data::BdatReader`) against a plain reference.
+//!
+//! Invariants, beyond "no panic": every line ending (CRLF, bare CR, bare LF) comes out
+//! as CRLF, NUL bytes are dropped, nothing else changes (no dot-unstuffing: chunks are
+//! counted, not terminated); the anomalies flagged are the ones present; how the
+//! message is cut into chunks and reads does not change anything.
+//!
+//! Input: the first byte seeds how the rest is cut.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mxgate::smtp::data::{Anomalies, BdatReader};
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&seed, data)) = input.split_first() else {
+        return;
+    };
+    let expected = reference(data);
+    let whole = run(&[data]);
+    let bytewise = run(&data.chunks(1).collect::<Vec<_>>());
+    let cut = run(&cuts(data, seed));
+    for (name, got) in [("whole", &whole), ("bytewise", &bytewise), ("cut", &cut)] {
+        assert_eq!(
+            got.0, expected.0,
+            "{name}: content differs from the reference"
+        );
+        assert_eq!(
+            got.1, expected.1,
+            "{name}: anomalies differ from the reference"
+        );
+    }
+});
+
+fn run(reads: &[&[u8]]) -> (Vec<u8>, Anomalies) {
+    let mut reader = BdatReader::new();
+    let mut out = Vec::new();
+    for read in reads {
+        reader.feed(read, &mut out);
+    }
+    reader.finish(&mut out);
+    (out, reader.anomalies())
+}
+
+/// Reads of pseudo-random sizes (0..=63: an empty chunk is legal) from `seed`.
+fn cuts(data: &[u8], seed: u8) -> Vec<&[u8]> {
+    let mut state = u32::from(seed) | 0x100;
+    let mut reads = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let size = (((state >> 16) % 64) as usize).min(rest.len());
+        let (read, tail) = rest.split_at(size);
+        reads.push(read);
+        rest = tail;
+    }
+    reads
+}
+
+fn reference(data: &[u8]) -> (Vec<u8>, Anomalies) {
+    let mut anomalies = Anomalies::default();
+    let mut out = Vec::with_capacity(data.len());
+    let mut at = 0;
+    while at < data.len() {
+        match (data[at], data.get(at + 1)) {
+            (b'\r', Some(b'\n')) => {
+                out.extend_from_slice(b"\r\n");
+                at += 2;
+                continue;
+            }
+            (b'\r', _) => {
+                anomalies.bare_cr = true;
+                out.extend_from_slice(b"\r\n");
+            }
+            (b'\n', _) => {
+                anomalies.bare_lf = true;
+                out.extend_from_slice(b"\r\n");
+            }
+            (0, _) => anomalies.nul = true,
+            (b, _) => out.push(b),
+        }
+        at += 1;
+    }
+    (out, anomalies)
+}
