@@ -1,6 +1,6 @@
 //! Readers of Authentication-Results written by others: `auth::resinfo::parse` (the
 //! trusted sealer's ARC-Authentication-Results), `rewrite::strip::authserv_id_of` and
-//! `forged_results` over `rewrite::headers::header_fields` (the strip of forged A-R).
+//! `forged_results` over `rewrite::section::read_section` (the strip of forged A-R).
 //!
 //! Invariants, beyond "no panic": an authserv-id found is a non-empty part of the value
 //! without SP, HTAB, CR, LF or `;`; every method and result is lower case (the override
@@ -11,8 +11,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use mxgate::auth::resinfo;
-use mxgate::rewrite::headers::header_fields;
+use mxgate::rewrite::section::{SectionLimits, read_section};
 use mxgate::rewrite::strip::{authserv_id_of, forged_results};
+
+const LIMITS: SectionLimits = SectionLimits {
+    max_size: 256 * 1024,
+    max_fields: 1000,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(id) = authserv_id_of(data) {
@@ -36,8 +41,12 @@ fuzz_target!(|data: &[u8]| {
     let mut message = b"Authentication-Results:".to_vec();
     message.extend_from_slice(data);
     message.extend_from_slice(b"\r\nSubject: x\r\n\r\nbody\r\n");
-    let (fields, _) = header_fields(&message);
-    for range in forged_results(&fields, "mx.example.test") {
+    // A field our reader refuses is refused with its message (550 5.6.0).
+    let Ok(section) = read_section(&message, LIMITS) else {
+        return;
+    };
+    let fields = &section.fields;
+    for range in forged_results(fields, "mx.example.test") {
         let field = fields
             .iter()
             .find(|f| f.range == range)
@@ -48,8 +57,10 @@ fuzz_target!(|data: &[u8]| {
     let mut ours = b"Authentication-Results: mx.example.test;".to_vec();
     ours.extend_from_slice(data);
     ours.extend_from_slice(b"\r\n\r\nbody\r\n");
-    let (fields, _) = header_fields(&ours);
-    let forged = forged_results(&fields, "mx.example.test");
+    let Ok(section) = read_section(&ours, LIMITS) else {
+        return;
+    };
+    let forged = forged_results(&section.fields, "mx.example.test");
     assert_eq!(
         forged.first().map(|r| r.start),
         Some(0),

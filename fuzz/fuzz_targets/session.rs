@@ -14,6 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mxgate::limits::Limiter;
 use mxgate::pipeline::Connection;
 use mxgate::server::shutdown::Shutdown;
 use mxgate::smtp::session::{Ending, Session};
@@ -29,6 +30,7 @@ struct Fixture {
     snapshot: Arc<Snapshot>,
     maildir: PathBuf,
     shutdown: Shutdown,
+    limiter: Arc<Limiter>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -43,7 +45,8 @@ fn fixture() -> &'static Fixture {
         let text = format!(
             "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:0\"]\n  \
              domains: [example.test]\n  max_message_size: 65536\n  spool_threshold: 16384\n\
-             auth:\n  enabled: false\nbackend:\n  - \"maildir:{}\"\n",
+             auth:\n  enabled: false\nlimits:\n  connections_per_minute: 0\n  \
+             messages_per_minute: 0\n  recipients_per_minute: 0\nbackend:\n  - \"maildir:{}\"\n",
             maildir.display()
         );
         std::fs::write(&config, &text).expect("write config");
@@ -56,8 +59,10 @@ fn fixture() -> &'static Fixture {
         let (snapshot, _) = runtime
             .block_on(async { snapshot::compile(loaded, 1, Mode::Serve, None) })
             .unwrap_or_else(|errors| panic!("fixture snapshot: {errors:?}"));
+        let limiter = Limiter::new(&snapshot.client_limits);
         Fixture {
             _dir: dir,
+            limiter,
             runtime,
             snapshot: Arc::new(snapshot),
             maildir,
@@ -89,7 +94,12 @@ async fn converse(fixture: &Fixture, data: &[u8]) -> Vec<u8> {
     });
     let peer = SocketAddr::from((Ipv4Addr::new(192, 0, 2, (hash % 254 + 1) as u8), 40_000));
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 25));
-    let conn = Connection::new(fixture.snapshot.clone(), peer, local);
+    let budget = fixture
+        .limiter
+        .admit(peer.ip(), false, fixture.snapshot.client_limits)
+        .await
+        .expect("the fixture's limits admit every session (rates off, one at a time)");
+    let conn = Connection::new(fixture.snapshot.clone(), peer, local, budget);
     let session = Session::new(server, conn, fixture.shutdown.listener());
     let (mut reader, mut writer) = tokio::io::split(client);
     let send = async move {
