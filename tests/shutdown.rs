@@ -261,10 +261,16 @@ async fn sigterm_makes_readyz_fail_before_the_drain() {
     let reply = client.read_reply().await;
     assert_eq!((reply.code, reply.status()), (421, "4.3.2"), "{reply}");
     assert!(signalled.elapsed() >= Duration::from_secs(3));
-    assert!(
-        tokio::net::TcpStream::connect(gateway.smtp).await.is_err(),
-        "new connections are refused once the drain began"
-    );
+    // The listener closes as the drain begins; the idle session's 421 and the close
+    // race each other by a few milliseconds on a loaded machine.
+    let drained = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(gateway.smtp).await.is_ok() {
+        assert!(
+            drained.elapsed() < Duration::from_secs(2),
+            "new connections are refused once the drain began"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let status = tokio::task::spawn_blocking(move || gateway.wait(Duration::from_secs(10)))
         .await
         .unwrap();

@@ -24,6 +24,17 @@ pub(super) async fn evaluate(
     spf: &SpfCheck,
     from: &FromHeader,
 ) -> DmarcCheck {
+    if from.too_many_domains() {
+        // Refused at the verdict (`FromHeader::problem`); nothing is looked up.
+        let mut check = unfinished(from);
+        check.result = AuthResult::None;
+        check.reason = Some(format!(
+            "{} From domains, more than {}: not evaluated",
+            from.domains.len(),
+            super::results::MAX_AUTHOR_DOMAINS
+        ));
+        return check;
+    }
     let spf_output = spf_output(spf);
     if from.domains.len() <= 1 {
         // mail-auth reads the author domain from the addresses as written; it gets

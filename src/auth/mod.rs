@@ -360,7 +360,8 @@ impl Authenticator {
     /// Starts the DMARC record look-ups while DKIM runs, so that DMARC's evaluation
     /// after DKIM finds them in the cache. Errors are left for that evaluation to see.
     async fn prefetch_dmarc(&self, from: &FromHeader, deadline: tokio::time::Instant) {
-        let lookups = from.domains.iter().take(4).map(|domain| {
+        let wanted = if from.too_many_domains() { 0 } else { 4 };
+        let lookups = from.domains.iter().take(wanted).map(|domain| {
             self.resolver.txt_lookup::<mail_auth::dmarc::Dmarc>(
                 format!("_dmarc.{domain}."),
                 Some(&self.caches.txt),

@@ -167,6 +167,9 @@ impl FromHeader {
     /// What is wrong with the From header field for DMARC, if anything.
     pub fn problem(&self) -> Option<&'static str> {
         match self.fields {
+            1 if self.too_many_domains() => {
+                Some("the From header field names more than 10 domains")
+            }
             0 => Some("the message has no From header field"),
             1 if !self.unusable.is_empty() => {
                 Some("the From header field has an address without a usable domain")
@@ -175,6 +178,19 @@ impl FromHeader {
             1 => None,
             _ => Some("the message has several From header fields"),
         }
+    }
+}
+
+/// Author domains evaluated per message at most: DMARC is evaluated for each distinct
+/// From domain (RFC 7489 6.6.1), so without a bound one From field listing thousands
+/// of domains would cost thousands of DNS look-ups. Past it the message is refused
+/// whatever `dmarc.reject_invalid_from` says, and DMARC looks nothing up.
+pub const MAX_AUTHOR_DOMAINS: usize = 10;
+
+impl FromHeader {
+    /// More distinct From domains than [`MAX_AUTHOR_DOMAINS`].
+    pub fn too_many_domains(&self) -> bool {
+        self.domains.len() > MAX_AUTHOR_DOMAINS
     }
 }
 

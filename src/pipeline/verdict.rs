@@ -163,7 +163,8 @@ fn decide_policy_and_dmarc(
 }
 
 fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
-    if settings.reject_invalid_from
+    // Too many author domains is a bound, not a matter of taste: refused either way.
+    if (settings.reject_invalid_from || report.from.too_many_domains())
         && let Some(problem) = report.from.problem()
     {
         return Verdict::refuse(
@@ -456,6 +457,20 @@ mod tests {
         r.from.fields = 1;
         r.from.domains.clear();
         assert_eq!(decide(&settings(), Some(&r), None).action, Action::Reject);
+    }
+
+    #[test]
+    fn too_many_author_domains_are_refused_even_when_invalid_from_is_allowed() {
+        let mut r = report(AuthResult::None, DmarcPolicy::None);
+        r.from.fields = 1;
+        r.from.domains = (0..10).map(|i| format!("d{i}.test")).collect();
+        let mut lenient = settings();
+        lenient.reject_invalid_from = false;
+        assert_eq!(decide(&lenient, Some(&r), None).action, Action::Deliver);
+        r.from.domains.push("d10.test".into());
+        let v = decide(&lenient, Some(&r), None);
+        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.reply.unwrap().code(), 550);
     }
 }
 
