@@ -157,6 +157,9 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             "must be greater than 0",
         ));
     }
+    if config.auth.timeouts.spf.is_zero() {
+        out.push(loaded.error(&auth.key("timeouts").key("spf"), "must be greater than 0"));
+    }
 
     if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
         out.push(loaded.error(
@@ -372,13 +375,14 @@ mod tests {
         let text = MINIMAL.replace(
             "  domains: [example.test]\n",
             "  domains: [example.test]\n  max_header_size: 100\n  max_header_fields: 0\n  long_lines: reject\n",
-        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n";
+        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n    spf: 0s\n";
         let errors = load(&text).unwrap_err();
         let expected = [
             "mxgate.yaml:5:20: must be at least 1024 bytes",
             "mxgate.yaml:6:22: must be at least 1",
             "mxgate.yaml:11:24: must be at least 1",
             "mxgate.yaml:13:18: must be greater than 0",
+            "mxgate.yaml:14:10: must be greater than 0",
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for (error, want) in errors.iter().zip(expected) {
