@@ -160,6 +160,13 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     if config.auth.timeouts.spf.is_zero() {
         out.push(loaded.error(&auth.key("timeouts").key("spf"), "must be greater than 0"));
     }
+    // The guard judges the sender checks' report; with none, it lets everything by.
+    if !config.auth.enabled && config.dmarc.protect_own_domains {
+        out.push(loaded.warning(
+            &auth.key("enabled"),
+            "with sender checks off, dmarc.protect_own_domains protects nothing: mail forged From your own domains is delivered",
+        ));
+    }
 
     if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
         out.push(loaded.error(
@@ -245,6 +252,31 @@ mod tests {
         })
         .map(|_| ())
         .map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn a_guard_without_sender_checks_is_a_warning() {
+        let text = format!("{MINIMAL}auth:\n  enabled: false\n");
+        let (_, diagnostics) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text,
+        })
+        .unwrap();
+        let found: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+        assert!(
+            found
+                .iter()
+                .any(|d| d.contains("mxgate.yaml:8:12") && d.contains("protect_own_domains")),
+            "{found:?}"
+        );
+        let text =
+            format!("{MINIMAL}auth:\n  enabled: false\ndmarc:\n  protect_own_domains: false\n");
+        let (_, diagnostics) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text,
+        })
+        .unwrap();
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
     }
 
     const MINIMAL: &str = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\nbackend:\n  - maildir:./var/mail\n";
