@@ -349,6 +349,7 @@ fn compile_auth(
         && existing.dns_config == config.dns
         && existing.host_domain() == hostname
     {
+        existing.set_spf_timeout(config.auth.timeouts.spf);
         return Some(existing);
     }
     match Authenticator::new(&config.dns, hostname) {
@@ -356,6 +357,7 @@ fn compile_auth(
             if let Some(warning) = warning {
                 diagnostics.push(loaded.warning(&YamlPath::root().key("dns"), warning));
             }
+            auth.set_spf_timeout(config.auth.timeouts.spf);
             Some(Arc::new(auth))
         }
         Err(err) => {

@@ -108,6 +108,52 @@ async fn void_lookups_stop_at_two() {
     gw.stop().await;
 }
 
+/// RFC 7208 4.6.4: the whole evaluation has a deadline (`auth.timeouts.spf`), not only
+/// each look-up. Ten names answered just within the per-query timeout would otherwise
+/// hold the message for ten times that (with MX names, some 110 times).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_record_is_a_temperror_at_the_evaluation_deadline() {
+    let dns = TestDns::start().await;
+    let names: Vec<String> = (1..=9).map(|n| format!("slow{n}.sender.test")).collect();
+    let record = format!(
+        "v=spf1 {} -all",
+        names
+            .iter()
+            .map(|n| format!("a:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let key = zone(&dns, &[&record]);
+    for name in &names {
+        dns.a(name, "198.51.100.1");
+        dns.delay(name, std::time::Duration::from_millis(400));
+    }
+    let series = "mxgate_spf_errors_total{check=\"spf\",reason=\"timeout\"}";
+    let before = counter(&mxgate::metrics::render(), series);
+    let gw = Gateway::start(TestConfig {
+        extra: format!(
+            "dns:\n  nameservers: [\"{}\"]\n  timeout: 3s\n  attempts: 1\nauth:\n  timeouts:\n    spf: 1s\n",
+            dns.addr
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (mut client, _) = SmtpClient::connect_from(gw.smtp, LEGIT_IP).await;
+    assert_eq!(client.cmd("EHLO mail.sender.test").await.code, 250);
+    let message = key.sign(
+        "From: alice@sender.test\nTo: bob@example.test\nSubject: spf\nMessage-ID: <slow@sender.test>\n\nhello\n",
+    );
+    let reply = client
+        .send_mail("alice@sender.test", &["bob@example.test"], &message)
+        .await;
+    assert_eq!(reply.code, 250, "DKIM-aligned DMARC pass delivers: {reply}");
+    let ar = spf_results(&gw.delivered()[0]);
+    assert!(ar.contains("spf=temperror"), "{ar}");
+    // Without the deadline, all nine names answer (3.6 s) and the result is fail.
+    assert!(counter(&mxgate::metrics::render(), series) > before);
+    gw.stop().await;
+}
+
 /// RFC 7208 5.6: `ip6` never matches an IPv4 client, not even through its IPv4-mapped
 /// form (mail-auth matched it); and a malformed name is a permerror, not a look-up.
 #[tokio::test(flavor = "multi_thread")]

@@ -100,13 +100,17 @@ pub(super) fn unfinished(from: &FromHeader) -> DmarcCheck {
 }
 
 /// The check that decides: the failing one with the strictest policy, else a
-/// temperror, else the first.
+/// temperror, else one that did not pass, else the first. A pass speaks only for its
+/// own domain: one author domain without a DMARC record beside one that passes is not
+/// a pass for the message (the domains are in alphabetical order, so an attacker could
+/// otherwise pick which one is reported).
 fn strictest(mut checks: Vec<DmarcCheck>) -> DmarcCheck {
     let rank = |c: &DmarcCheck| match (c.result, c.applied_policy) {
         (AuthResult::Fail, DmarcPolicy::Reject) => 0,
         (AuthResult::Fail, DmarcPolicy::Quarantine) => 1,
         (AuthResult::TempError, _) => 2,
         (AuthResult::Fail, DmarcPolicy::None) => 3,
+        (AuthResult::Pass, _) => 5,
         _ => 4,
     };
     checks.sort_by_key(rank);
@@ -266,5 +270,23 @@ mod tests {
             check(AuthResult::TempError, DmarcPolicy::None),
         ]);
         assert_eq!(pick.domain, "temperror-none");
+    }
+
+    /// `From: a@aaa-attacker.test, ceo@ours.test` where ours.test publishes no DMARC
+    /// record: the message does not pass DMARC because its first domain does.
+    #[test]
+    fn a_pass_does_not_speak_for_another_domain() {
+        for other in [AuthResult::None, AuthResult::PermError] {
+            let pick = strictest(vec![
+                check(AuthResult::Pass, DmarcPolicy::Reject),
+                check(other, DmarcPolicy::None),
+            ]);
+            assert_eq!(pick.result, other);
+        }
+        let pick = strictest(vec![
+            check(AuthResult::Pass, DmarcPolicy::Reject),
+            check(AuthResult::Pass, DmarcPolicy::None),
+        ]);
+        assert_eq!(pick.result, AuthResult::Pass);
     }
 }

@@ -35,6 +35,9 @@ pub struct Authenticator {
     host_domain: String,
     /// The DNS settings this was built from (a reload reuses the cache if unchanged).
     pub dns_config: crate::config::Dns,
+    /// `auth.timeouts.spf` in milliseconds; a reload that keeps this authenticator
+    /// updates it.
+    spf_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The outputs of the message checks, borrowing the parsed message (the ARC sealer needs
@@ -65,9 +68,26 @@ impl Authenticator {
                 caches: DnsCaches::new(config.cache_entries, config.timeout),
                 host_domain: host_domain.to_string(),
                 dns_config: config.clone(),
+                spf_timeout_ms: std::sync::atomic::AtomicU64::new(
+                    crate::config::AuthTimeouts::default().spf.as_millis() as u64,
+                ),
             },
             warning,
         ))
+    }
+
+    /// Bounds each SPF evaluation (`auth.timeouts.spf`).
+    pub fn set_spf_timeout(&self, limit: std::time::Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self.spf_timeout_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn spf_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.spf_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub fn host_domain(&self) -> &str {
@@ -243,6 +263,7 @@ impl Authenticator {
                 helo,
                 receiver: &self.host_domain,
             },
+            self.spf_timeout(),
         )
         .await
     }

@@ -407,12 +407,17 @@ pub struct AuthTimeouts {
     /// DKIM, ARC and DMARC of one message, together; what is unfinished is temperror.
     #[serde(with = "humantime_serde")]
     pub end_of_data: Duration,
+    /// One SPF evaluation (`check_host()`, all its look-ups); over it: temperror.
+    #[serde(with = "humantime_serde")]
+    pub spf: Duration,
 }
 
 impl Default for AuthTimeouts {
     fn default() -> Self {
         AuthTimeouts {
             end_of_data: Duration::from_secs(15),
+            // RFC 7208 section 4.6.4: such a limit SHOULD allow at least 20 seconds.
+            spf: Duration::from_secs(20),
         }
     }
 }

@@ -157,6 +157,16 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             "must be greater than 0",
         ));
     }
+    if config.auth.timeouts.spf.is_zero() {
+        out.push(loaded.error(&auth.key("timeouts").key("spf"), "must be greater than 0"));
+    }
+    // The guard judges the sender checks' report; with none, it lets everything by.
+    if !config.auth.enabled && config.dmarc.protect_own_domains {
+        out.push(loaded.warning(
+            &auth.key("enabled"),
+            "with sender checks off, dmarc.protect_own_domains protects nothing: mail forged From your own domains is delivered",
+        ));
+    }
 
     if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
         out.push(loaded.error(
@@ -258,6 +268,31 @@ mod tests {
         })
         .map(|_| ())
         .map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn a_guard_without_sender_checks_is_a_warning() {
+        let text = format!("{MINIMAL}auth:\n  enabled: false\n");
+        let (_, diagnostics) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text,
+        })
+        .unwrap();
+        let found: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+        assert!(
+            found
+                .iter()
+                .any(|d| d.contains("mxgate.yaml:8:12") && d.contains("protect_own_domains")),
+            "{found:?}"
+        );
+        let text =
+            format!("{MINIMAL}auth:\n  enabled: false\ndmarc:\n  protect_own_domains: false\n");
+        let (_, diagnostics) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text,
+        })
+        .unwrap();
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
     }
 
     const MINIMAL: &str = "server:\n  hostname: mx.example.test\n  listen: [\"127.0.0.1:2525\"]\n  domains: [example.test]\nbackend:\n  - maildir:./var/mail\n";
@@ -415,13 +450,14 @@ mod tests {
         let text = MINIMAL.replace(
             "  domains: [example.test]\n",
             "  domains: [example.test]\n  max_header_size: 100\n  max_header_fields: 0\n  long_lines: reject\n",
-        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n";
+        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n    spf: 0s\n";
         let errors = load(&text).unwrap_err();
         let expected = [
             "mxgate.yaml:5:20: must be at least 1024 bytes",
             "mxgate.yaml:6:22: must be at least 1",
             "mxgate.yaml:11:24: must be at least 1",
             "mxgate.yaml:13:18: must be greater than 0",
+            "mxgate.yaml:14:10: must be greater than 0",
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for (error, want) in errors.iter().zip(expected) {

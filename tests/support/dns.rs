@@ -24,6 +24,8 @@ pub struct Entry {
     pub servfail: bool,
     /// TTL of the answers; 300 s when not set.
     pub ttl: Option<u32>,
+    /// Answers are sent this long after the query (a slow authoritative server).
+    pub delay: Option<std::time::Duration>,
 }
 
 #[derive(Default)]
@@ -78,8 +80,20 @@ impl TestDns {
                     return;
                 };
                 q.fetch_add(1, Ordering::Relaxed);
+                let delay = delay_of(&z, &buf[..n]);
                 if let Some(response) = answer(&z, &buf[..n], 1232) {
-                    let _ = udp.send_to(&response, peer).await;
+                    match delay {
+                        Some(delay) => {
+                            let udp = udp.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = udp.send_to(&response, peer).await;
+                            });
+                        }
+                        None => {
+                            let _ = udp.send_to(&response, peer).await;
+                        }
+                    }
                 }
             }
         });
@@ -101,6 +115,9 @@ impl TestDns {
                             return;
                         }
                         q.fetch_add(1, Ordering::Relaxed);
+                        if let Some(delay) = delay_of(&z, &query) {
+                            tokio::time::sleep(delay).await;
+                        }
                         if let Some(response) = answer(&z, &query, 65535) {
                             let mut out = (response.len() as u16).to_be_bytes().to_vec();
                             out.extend_from_slice(&response);
@@ -226,6 +243,11 @@ impl TestDns {
             .push(prefix.to_ascii_lowercase());
     }
 
+    /// Answers for `name` come `delay` after the query.
+    pub fn delay(&self, name: &str, delay: std::time::Duration) {
+        self.with_entry(name, |e| e.delay = Some(delay));
+    }
+
     /// Makes `name` exist (NOERROR with no data for every type) without records.
     pub fn exists(&self, name: &str) {
         self.with_entry(name, |_| {});
@@ -276,6 +298,13 @@ pub fn reverse_name(ip: IpAddr) -> String {
 
 fn record_type(rdata: &RData) -> RecordType {
     rdata.record_type()
+}
+
+/// How long to wait before answering `query`, if its name is slow.
+fn delay_of(zone: &RwLock<Zone>, query: &[u8]) -> Option<std::time::Duration> {
+    let request = Message::from_vec(query).ok()?;
+    let name = wire_key(request.queries.first()?.name());
+    zone.read().unwrap().names.get(&name)?.delay
 }
 
 /// Builds the response to one query, or `None` to stay silent (a timeout).

@@ -151,7 +151,18 @@ pub fn uses_ptr(text: &str) -> bool {
         .any(|w| w[0] == b'%' && w[1] == b'{' && w[2].eq_ignore_ascii_case(&b'p'))
 }
 
-/// Expands `text` (already checked) into `out`.
+/// A domain name is at most 253 octets and is cut from the left (section 7.3), so of
+/// a longer expansion only the last part matters: past `KEEP_DOMAIN * 2` octets the
+/// front is dropped. Without this, a record of 60 KB of `%{s}` with a 500-octet sender
+/// would expand to 7.5 MB per term.
+const KEEP_DOMAIN: usize = 1024;
+/// An explanation longer than this is no explanation (section 6.2 lets a receiver
+/// give none).
+pub const MAX_EXPLANATION: usize = 1024;
+
+/// Expands `text` (already checked) into `out`. A domain-spec's expansion keeps at
+/// least its last [`KEEP_DOMAIN`] octets (all a query name can use); an explanation
+/// over [`MAX_EXPLANATION`] octets is an error.
 pub fn expand(
     text: &str,
     context: Context,
@@ -159,7 +170,32 @@ pub fn expand(
     out: &mut String,
 ) -> Result<(), MacroError> {
     let mut scratch = String::new();
-    scan(text, context, |piece| match piece {
+    let mut too_long = false;
+    scan(text, context, |piece| {
+        if too_long {
+            return;
+        }
+        expand_piece(piece, values, out, &mut scratch);
+        if context == Context::Explanation {
+            too_long = out.len() > MAX_EXPLANATION;
+        } else if out.len() > 2 * KEEP_DOMAIN {
+            let mut cut = out.len() - KEEP_DOMAIN;
+            while !out.is_char_boundary(cut) {
+                cut += 1;
+            }
+            out.drain(..cut);
+        }
+    })?;
+    if too_long {
+        return Err(MacroError(format!(
+            "the explanation is longer than {MAX_EXPLANATION} octets"
+        )));
+    }
+    Ok(())
+}
+
+fn expand_piece(piece: Piece<'_>, values: &Values<'_>, out: &mut String, scratch: &mut String) {
+    match piece {
         Piece::Literal(literal) => out.push_str(literal),
         Piece::Macro {
             letter,
@@ -169,7 +205,7 @@ pub fn expand(
             delimiters,
         } => {
             scratch.clear();
-            value(letter, values, &mut scratch);
+            value(letter, values, scratch);
             let delimiters = if delimiters.is_empty() {
                 "."
             } else {
@@ -200,8 +236,7 @@ pub fn expand(
                 url_escape(&expanded, out);
             }
         }
-    })
-    .map(|_| ())
+    }
 }
 
 fn value(letter: u8, values: &Values<'_>, out: &mut String) {
@@ -309,6 +344,33 @@ mod tests {
         );
         assert_eq!(x("%%%_%-", v4), "% %20");
         assert_eq!(x("%{S}", v4), "strong-bad%40email.example.com");
+    }
+
+    /// A hostile record cannot make one expansion large: a domain keeps only the end a
+    /// query name can use (the same name results), an explanation has a maximum.
+    #[test]
+    fn expansions_are_bounded() {
+        let sender = format!("{}@email.example.com", "x".repeat(40));
+        let values = Values {
+            sender: &sender,
+            ..values("192.0.2.3")
+        };
+        let text = format!("{}example.com", "%{s}.".repeat(10_000));
+        check(&text, Context::Domain).unwrap();
+        let mut out = String::new();
+        expand(&text, Context::Domain, &values, &mut out).unwrap();
+        assert!(out.len() <= 2 * KEEP_DOMAIN + 100, "{}", out.len());
+        let full = format!("{}example.com", format!("{}.", sender).repeat(10_000));
+        assert_eq!(
+            crate::auth::spf::lookup::query_name(&out),
+            crate::auth::spf::lookup::query_name(&full)
+        );
+        assert!(crate::auth::spf::lookup::query_name(&out).is_some());
+        let text = "%{s} ".repeat(100);
+        let mut out = String::new();
+        assert!(expand(&text, Context::Explanation, &values, &mut out).is_err());
+        let mut out = String::new();
+        assert!(expand("%{s} ok", Context::Explanation, &values, &mut out).is_ok());
     }
 
     #[test]

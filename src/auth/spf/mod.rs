@@ -50,10 +50,13 @@ pub enum SpfErrorKind {
     InvalidDomain,
     /// A DNS look-up that timed out or failed (temperror).
     Dns,
+    /// The whole evaluation took longer than `auth.timeouts.spf` (temperror, RFC 7208
+    /// section 4.6.4).
+    Timeout,
 }
 
 impl SpfErrorKind {
-    pub const ALL: [SpfErrorKind; 8] = [
+    pub const ALL: [SpfErrorKind; 9] = [
         SpfErrorKind::MultipleRecords,
         SpfErrorKind::Syntax,
         SpfErrorKind::LookupLimit,
@@ -62,6 +65,7 @@ impl SpfErrorKind {
         SpfErrorKind::RedirectNone,
         SpfErrorKind::InvalidDomain,
         SpfErrorKind::Dns,
+        SpfErrorKind::Timeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -74,6 +78,7 @@ impl SpfErrorKind {
             SpfErrorKind::RedirectNone => "redirect_without_record",
             SpfErrorKind::InvalidDomain => "invalid_domain",
             SpfErrorKind::Dns => "dns",
+            SpfErrorKind::Timeout => "timeout",
         }
     }
 }
@@ -115,7 +120,7 @@ impl SpfOutcome {
 
     fn error(error: SpfError) -> Self {
         SpfOutcome {
-            result: if error.kind == SpfErrorKind::Dns {
+            result: if matches!(error.kind, SpfErrorKind::Dns | SpfErrorKind::Timeout) {
                 AuthResult::TempError
             } else {
                 AuthResult::PermError
@@ -138,9 +143,32 @@ pub struct SpfRequest<'a> {
     pub receiver: &'a str,
 }
 
-/// Evaluates SPF for `request` (section 4). The caller has checked that the domain is
-/// a fully qualified domain name (section 4.3, otherwise the result is none).
+/// Evaluates SPF for `request` (section 4) within `limit` for the whole evaluation:
+/// each look-up has the resolver's timeout, but a record can ask for some 110 of them
+/// (10 terms, 10 MX exchanges each), each answered just in time. Section 4.6.4: limit
+/// the elapsed time, allowing at least 20 seconds; over it the result is temperror.
+/// The caller has checked that the domain is a fully qualified domain name (section
+/// 4.3, otherwise the result is none).
 pub async fn check_host(
+    resolver: &TokioResolver,
+    caches: &DnsCaches,
+    request: &SpfRequest<'_>,
+    limit: std::time::Duration,
+) -> SpfOutcome {
+    match tokio::time::timeout(limit, check_host_unbounded(resolver, caches, request)).await {
+        Ok(outcome) => outcome,
+        Err(_) => SpfOutcome::error(SpfError::new(
+            SpfErrorKind::Timeout,
+            format!(
+                "the evaluation for {} took longer than {} (auth.timeouts.spf)",
+                request.domain,
+                humantime::format_duration(limit)
+            ),
+        )),
+    }
+}
+
+async fn check_host_unbounded(
     resolver: &TokioResolver,
     caches: &DnsCaches,
     request: &SpfRequest<'_>,
