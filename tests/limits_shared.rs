@@ -95,6 +95,46 @@ async fn wait_store_up(gateway: &GatewayProcess, want: f64, within: Duration) {
     }
 }
 
+/// Waits until the store holds `want` connection slots for `client`.
+async fn wait_open_slots(redis: &RedisServer, client: &str, want: usize) {
+    let store = redis::Client::open(redis.url()).unwrap();
+    let mut store = store.get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*conn:{{{client}*"))
+            .query_async(&mut store)
+            .await
+            .unwrap();
+        let mut open = 0;
+        for key in keys {
+            // The connection-rate key of a client is named alike, but is no sorted set.
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut store)
+                .await
+                .unwrap();
+            if kind != "zset" {
+                continue;
+            }
+            let n: usize = redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut store)
+                .await
+                .unwrap();
+            open += n;
+        }
+        if open == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} slots open for {client}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (a little: the log is read from a pipe) until the instance has logged `text`.
 async fn wait_log(gateway: &GatewayProcess, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -221,8 +261,11 @@ async fn two_instances_enforce_one_connection_rate() {
     wait_store_up(&b, 1.0, Duration::from_secs(5)).await;
     let _one = connect(&a, client_ip).await.unwrap();
     let _two = connect(&b, client_ip).await.unwrap();
-    // Closed at once: the rate counts connections made, not open.
+    // Closed at once: the rate counts connections made, not open. Its slot is given
+    // back to the store after the close, asynchronously: wait for that, or the next
+    // connection could be refused for the slot rather than for the rate.
     drop(connect(&a, client_ip).await.unwrap());
+    wait_open_slots(&redis, client_ip, 2).await;
     assert_eq!(connect(&b, client_ip).await.err(), Some(421));
     assert_eq!(connect(&a, client_ip).await.err(), Some(421));
     let refused = scrape(b.metrics.unwrap()).await;

@@ -155,10 +155,17 @@ async fn serve_connection(
     let admitted = match slots.take(config.max_connections) {
         Ok(slot) => {
             // A balancer's health checks are exempt from the rates, as trusted clients
-            // are (they come every few seconds, for as long as the balancer runs).
+            // are (they come every few seconds, for as long as the balancer runs), and
+            // from the per-address count: every instance's checks come from the
+            // balancer's one address, and with a shared store they would add up and
+            // mark healthy instances down. `server.max_connections` still bounds them.
             let trusted = snapshot.is_trusted(&ip) || health_check;
+            let mut limits = snapshot.client_limits;
+            if health_check {
+                limits.max_connections_per_ip = usize::MAX;
+            }
             limiter
-                .admit(ip, trusted, snapshot.client_limits)
+                .admit(ip, trusted, limits)
                 .await
                 .map(|budget| (slot, budget))
         }
