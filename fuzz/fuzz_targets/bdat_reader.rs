@@ -80,5 +80,16 @@ fn reference(data: &[u8]) -> (Vec<u8>, Anomalies) {
         }
         at += 1;
     }
+    anomalies.longest_line = longest_line(&out);
     (out, anomalies)
 }
+
+/// Octets in the longest line of canonical content, its CRLF not counted (the last
+/// line may be unterminated).
+fn longest_line(out: &[u8]) -> usize {
+    out.split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
+        .max()
+        .unwrap_or(0)
+}
+
