@@ -874,3 +874,6 @@ fn protocol_error_reply(err: smtp_proto::Error) -> Reply {
         E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reply::unknown_command(),
     }
 }
+
+#[cfg(test)]
+mod tests;
