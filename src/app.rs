@@ -8,7 +8,7 @@ use crate::config::{self, Diagnostic, LoadedConfig};
 use crate::limits::Limiter;
 use crate::server::listener::{ConnectionSlots, accept_loop};
 use crate::server::reload::{self, Reloader};
-use crate::server::shutdown::{Phase, Shutdown};
+use crate::shutdown::{Phase, Shutdown};
 use crate::snapshot::{self, Mode, Snapshot};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;

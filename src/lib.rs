@@ -3,8 +3,9 @@
 //!
 //! Layers (imports point downward):
 //! - pure: `smtp::reply`, `smtp::data`, `config`, `rewrite`, `policy`
-//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`, `limits`
-//! - orchestration: `smtp::session`, `pipeline`
+//! - adapters: `auth`, `relay`, `tls`, `metrics`, `spool`, `limits`, `shutdown`
+//! - orchestration: `smtp::session`, `pipeline` (the session sees the pipeline only
+//!   through the `smtp::stages::Stages` trait, which `pipeline::Connection` implements)
 //! - process: `server`, `snapshot`, `app`, `cli`
 
 pub mod app;
@@ -24,6 +25,7 @@ pub mod profile;
 pub mod relay;
 pub mod rewrite;
 pub mod server;
+pub mod shutdown;
 pub mod smtp;
 pub mod snapshot;
 pub mod spool;

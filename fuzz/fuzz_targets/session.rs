@@ -16,7 +16,7 @@
 use libfuzzer_sys::fuzz_target;
 use mxgate::limits::Limiter;
 use mxgate::pipeline::Connection;
-use mxgate::server::shutdown::Shutdown;
+use mxgate::shutdown::Shutdown;
 use mxgate::smtp::session::{Ending, Session};
 use mxgate::snapshot::{self, Mode, Snapshot};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -100,7 +100,8 @@ async fn converse(fixture: &Fixture, data: &[u8]) -> Vec<u8> {
         .await
         .expect("the fixture's limits admit every session (rates off, one at a time)");
     let conn = Connection::new(fixture.snapshot.clone(), peer, local, budget);
-    let session = Session::new(server, conn, fixture.shutdown.listener());
+    let limits = conn.session_limits();
+    let session = Session::new(server, conn, limits, fixture.shutdown.listener());
     let (mut reader, mut writer) = tokio::io::split(client);
     let send = async move {
         // The session may close first (QUIT, too many errors): the rest is not read.

@@ -12,6 +12,7 @@ pub mod own_domain;
 mod pending;
 pub mod policy;
 mod record;
+mod session_stages;
 mod stages;
 pub mod verdict;
 

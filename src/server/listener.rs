@@ -9,9 +9,9 @@
 //! ends.
 
 use super::proxy::{self, Header};
-use super::shutdown::{Phase, ShutdownListener};
 use crate::limits::Limiter;
 use crate::pipeline::Connection;
+use crate::shutdown::{Phase, ShutdownListener};
 use crate::smtp::metrics as smtp_metrics;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Ending, Session};
@@ -189,7 +189,10 @@ async fn serve_connection(
     } else {
         Connection::new(snapshot, peer, local, budget)
     };
-    let ending = Session::new(tcp, conn, shutdown.clone()).run(true).await;
+    let limits = conn.session_limits();
+    let ending = Session::new(tcp, conn, limits, shutdown.clone())
+        .run(true)
+        .await;
     if let Ending::StartTls(tcp, mut conn, errors) = ending {
         let Some(tls) = &conn.snapshot.tls else {
             return;
@@ -208,7 +211,8 @@ async fn serve_connection(
                     .with_label_values(&[info.version_label()])
                     .inc();
                 conn.on_tls_established(info);
-                let _ = Session::new(stream, *conn, shutdown)
+                let limits = conn.session_limits();
+                let _ = Session::new(stream, *conn, limits, shutdown)
                     .with_errors(errors)
                     .run(false)
                     .await;

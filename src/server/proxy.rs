@@ -5,7 +5,7 @@
 //! Contract: connections from `server.proxy_protocol.trusted_networks` must begin with
 //! one header, read here *before* the session exists; connections from anywhere else
 //! are never asked for one and a header they send is never honoured (the session
-//! refuses a first line that looks like one, see [`looks_like_header`]). The header
+//! refuses a first line that looks like one, see `smtp::proxy_header`). The header
 //! format is parsed by the `ppp` crate; this module only decides how many bytes
 //! belong to the header so that not one byte of SMTP after it is consumed: v1 is one
 //! line of at most 107 bytes ending in CRLF, v2 carries its own length (at most
@@ -18,6 +18,7 @@
 
 use crate::config::ProxyProtocol;
 use crate::metrics::counter_vec;
+use crate::smtp::proxy_header::{V1_PREFIX, V2_PREFIX};
 use prometheus::IntCounterVec;
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -47,8 +48,6 @@ const V1_MAX: usize = 107;
 /// Fewer bytes than any header: the shortest v1 is `PROXY UNKNOWN\r\n` (15 bytes), the
 /// shortest v2 is 16. Reading this much first can never take a byte of SMTP.
 const SHORTEST: usize = 15;
-const V1_PREFIX: &[u8] = b"PROXY ";
-const V2_PREFIX: &[u8] = ppp::v2::PROTOCOL_PREFIX;
 /// v2 fixed part: signature (12), version and command, family and protocol, length (2).
 const V2_FIXED: usize = 16;
 
@@ -125,19 +124,6 @@ pub fn note_untrusted(peer: SocketAddr) {
         .with_label_values(&["proxy_protocol"])
         .inc();
     tracing::warn!(client = %peer, "PROXY header refused: the peer is outside server.proxy_protocol.trusted_networks (or sent a second header)");
-}
-
-/// Whether the first bytes a client sent begin a PROXY header (v1 or v2).
-pub fn looks_like_header(input: &[u8]) -> bool {
-    input.starts_with(V1_PREFIX) || input.starts_with(V2_PREFIX)
-}
-
-/// Whether the first bytes a client sent are too few to tell: they are the start of a
-/// header's signature (a header split across reads, `PRO` then `XY TCP4 ...`), so more
-/// must be read before they are taken as SMTP.
-pub fn may_become_header(input: &[u8]) -> bool {
-    let starts = |prefix: &[u8]| input.len() < prefix.len() && prefix.starts_with(input);
-    starts(V1_PREFIX) || starts(V2_PREFIX)
 }
 
 async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyError> {
@@ -330,17 +316,5 @@ mod tests {
         let mut bad_version = v2(1, 0x11, &v4, &[]);
         bad_version[12] = 0x11;
         assert!(parse_v2(&bad_version).is_err());
-    }
-
-    #[test]
-    fn first_bytes_of_a_header_are_recognised() {
-        assert!(looks_like_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"));
-        assert!(looks_like_header(&v2(1, 0x11, &[0; 12], &[])));
-        assert!(!looks_like_header(b"EHLO proxy.example\r\n"));
-        assert!(!looks_like_header(b"\r\n"));
-        assert!(may_become_header(b"PRO"));
-        assert!(may_become_header(b"\r\n\r\n\0"));
-        assert!(!may_become_header(b"PROXY "));
-        assert!(!may_become_header(b"EHLO"));
     }
 }

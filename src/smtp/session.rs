@@ -6,17 +6,20 @@
 //! the read buffer is dropped (CVE-2011-0411) and the caller starts a fresh session on
 //! the TLS stream (RFC 3207 section 4.2), which never offers STARTTLS again.
 //!
-//! What a command *means* for the mail is decided by `pipeline`; this module only knows
-//! the protocol.
+//! What a command *means* for the mail is decided behind the [`Stages`] trait (the
+//! pipeline); this module only knows the protocol, and reads its settings from the
+//! [`SessionLimits`] it was started with.
 
 use super::address;
 use super::data::{Anomalies, BdatReader, DataReader, Progress};
 use super::extensions::ehlo_keywords;
 use super::metrics;
+use super::proxy_header;
 use super::reply::Reply;
+use super::session_limits::{SessionLimits, Tls};
+use super::stages::Stages;
 use crate::config::{BareLineEndings, LongLines};
-use crate::pipeline::{Connection, Transaction};
-use crate::server::shutdown::{Phase, ShutdownListener};
+use crate::shutdown::{Phase, ShutdownListener};
 use crate::spool::{MessageBytes, Spool, SpoolError};
 use smtp_proto::Request;
 use smtp_proto::request::receiver::RequestReceiver;
@@ -27,23 +30,23 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const MAX_TEXT_LINE: usize = 998;
 
 /// Where the session is in the protocol.
-enum State {
+enum State<T> {
     /// Connected (or just after STARTTLS): EHLO/HELO expected.
     Fresh,
     /// Greeted, no transaction.
     Ready,
     /// MAIL accepted; RCPT, DATA or BDAT expected.
-    Envelope(Box<Transaction>),
+    Envelope(Box<T>),
     /// Receiving DATA content.
-    Data(Box<Transaction>, DataReader, Spool),
+    Data(Box<T>, DataReader, Spool),
     /// Reading the octets of a BDAT chunk.
     Chunk {
-        message: Box<Chunked>,
+        message: Box<Chunked<T>>,
         remaining: usize,
         last: bool,
     },
     /// Between BDAT chunks: the next BDAT (or RSET) is expected.
-    BetweenChunks(Box<Chunked>),
+    BetweenChunks(Box<Chunked<T>>),
     /// Reading and dropping a BDAT chunk sent outside a transaction; afterwards the
     /// session is back in `Fresh` or `Ready` and answers `reply`.
     Discard {
@@ -56,8 +59,8 @@ enum State {
 }
 
 /// A message being received in BDAT chunks.
-struct Chunked {
-    tx: Transaction,
+struct Chunked<T> {
+    tx: T,
     reader: BdatReader,
     spool: Spool,
     /// Set when the message can no longer be accepted; reported when the chunk ends.
@@ -65,12 +68,12 @@ struct Chunked {
 }
 
 /// How a session ended.
-pub enum Ending<S> {
+pub enum Ending<S, H> {
     Closed,
     /// The client asked for TLS: the caller handshakes on this stream and starts a new
-    /// session with the same connection and the errors counted so far (the limit is
-    /// per connection, or a client could double it with STARTTLS).
-    StartTls(S, Box<Connection>, u32),
+    /// session with the same stages (connection) and the errors counted so far (the
+    /// limit is per connection, or a client could double it with STARTTLS).
+    StartTls(S, Box<H>, u32),
 }
 
 enum Flow {
@@ -79,10 +82,11 @@ enum Flow {
     StartTls,
 }
 
-pub struct Session<S> {
+pub struct Session<S, H: Stages> {
     io: S,
-    conn: Connection,
-    state: State,
+    stages: H,
+    limits: SessionLimits,
+    state: State<H::Transaction>,
     rbuf: Vec<u8>,
     rpos: usize,
     wbuf: Vec<u8>,
@@ -106,11 +110,12 @@ const COMMAND_CHUNK: usize = 1024;
 /// octets as the minimum a server must accept; parameters push real clients past it.
 const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(io: S, conn: Connection, shutdown: ShutdownListener) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
+    pub fn new(io: S, stages: H, limits: SessionLimits, shutdown: ShutdownListener) -> Self {
         Session {
             io,
-            conn,
+            stages,
+            limits,
             state: State::Fresh,
             rbuf: Vec::new(),
             rpos: 0,
@@ -131,13 +136,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Runs the session from the 220 greeting (or, after STARTTLS, from the handshake).
-    pub async fn run(mut self, greet: bool) -> Ending<S> {
+    pub async fn run(mut self, greet: bool) -> Ending<S, H> {
         if greet {
-            let outcome = self.conn.on_connect();
-            metrics::GREETING_SECONDS.observe(self.conn.started.elapsed().as_secs_f64());
+            let outcome = self.stages.on_connect();
+            metrics::GREETING_SECONDS.observe(self.stages.started().elapsed().as_secs_f64());
             match outcome {
                 Ok(()) => {
-                    let greeting = Reply::greeting(self.conn.hostname());
+                    let greeting = Reply::greeting(self.stages.hostname());
                     self.reply(greeting);
                 }
                 Err(reply) => {
@@ -154,7 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // A transaction still open here was not completed: release its backend.
         self.abort_transaction("disconnect").await;
         match flow {
-            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.conn), self.errors),
+            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.stages), self.errors),
             Flow::Close | Flow::Continue => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
                 Ending::Closed
@@ -233,15 +238,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.rbuf.capacity() - self.rbuf.len() < want / 2 {
             self.rbuf.reserve(want);
         }
-        let timeouts = &self.conn.snapshot.limits.timeouts;
         let limit = if self.is_idle() || matches!(self.state, State::Envelope(_)) {
-            timeouts.command
+            self.limits.command_timeout
         } else {
-            timeouts.data_block
+            self.limits.data_block_timeout
         };
         // Inside message content the read also ends when the data rate would fall
         // below `limits.min_data_rate`, so a silent client is caught as well.
-        let rate_deadline = self.conn.budget.before_read(self.is_receiving())?;
+        let rate_deadline = self.stages.before_read(self.is_receiving())?;
         let now = tokio::time::Instant::now();
         let (limit, too_slow_at_end) = match rate_deadline {
             Some(deadline) if deadline - now < limit => (deadline - now, true),
@@ -257,11 +261,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
             read = tokio::time::timeout(limit, self.io.read_buf(&mut self.rbuf)) => match read {
-                Err(_) if too_slow_at_end => Err(self.conn.budget.data_too_slow()),
+                Err(_) if too_slow_at_end => Err(self.stages.data_too_slow()),
                 Err(_) => Err(Reply::timeout()),
                 Ok(Ok(0)) | Ok(Err(_)) => Ok(false),
                 Ok(Ok(n)) => {
-                    self.conn.budget.received(n);
+                    self.stages.received(n);
                     Ok(true)
                 }
             },
@@ -273,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let limit = self.conn.snapshot.limits.timeouts.write;
+        let limit = self.limits.write_timeout;
         let result = tokio::time::timeout(limit, async {
             self.io.write_all(&self.wbuf).await?;
             self.io.flush().await
@@ -299,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Counts one error; at `max_errors` queues the closing reply and returns true.
     fn count_error(&mut self) -> bool {
         self.errors += 1;
-        if self.errors >= self.conn.snapshot.limits.max_errors {
+        if self.errors >= self.limits.max_errors {
             let limit = Reply::too_many_errors();
             metrics::reply(&limit);
             limit.write_to(&mut self.wbuf);
@@ -311,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Answers a command that did nothing (`limits.max_junk_commands`): past the limit
     /// each one counts as an error, so an endless stream of them ends the session.
     fn junk_reply(&mut self, reply: Reply) -> Flow {
-        if self.reply(reply) || (self.conn.budget.junk_command() && self.count_error()) {
+        if self.reply(reply) || (self.stages.junk_command() && self.count_error()) {
             Flow::Close
         } else {
             Flow::Continue
@@ -346,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The first input is too short to tell whether it is a PROXY header: wait for more
     /// (a header split across reads must be refused as one, never read as SMTP).
     fn first_input_undecided(&self) -> bool {
-        !self.first_input_seen && crate::server::proxy::may_become_header(&self.rbuf[self.rpos..])
+        !self.first_input_seen && proxy_header::may_become_header(&self.rbuf[self.rpos..])
     }
 
     async fn process_command(&mut self) -> Flow {
@@ -357,8 +361,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // binary header contains `QUIT\n`).
         if !self.first_input_seen {
             self.first_input_seen = true;
-            if crate::server::proxy::looks_like_header(input) {
-                crate::server::proxy::note_untrusted(self.conn.peer);
+            if proxy_header::looks_like_header(input) {
+                self.stages.on_untrusted_proxy_header();
                 self.reply(Reply::proxy_header_refused());
                 return Flow::Close;
             }
@@ -497,11 +501,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.state = State::Ready;
                         self.reply_flow(Reply::bad_sender_syntax())
                     }
-                    State::Ready if let Err(reply) = self.conn.budget.message().await => {
+                    State::Ready if let Err(reply) = self.stages.allow_message().await => {
                         self.state = State::Ready;
                         self.reply_flow(reply)
                     }
-                    State::Ready => match self.conn.on_mail(from).await {
+                    State::Ready => match self.stages.on_mail(from).await {
                         Ok(tx) => {
                             self.state = State::Envelope(Box::new(tx));
                             self.reply_flow(Reply::mail_ok())
@@ -526,10 +530,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if !address::has_valid_domain(&to.address) {
                         return self.reply_flow(Reply::bad_recipient_syntax());
                     }
-                    if let Err(reply) = self.conn.budget.recipient().await {
+                    if let Err(reply) = self.stages.allow_recipient().await {
                         return self.reply_flow(reply);
                     }
-                    let reply = self.conn.on_rcpt(tx, to).await;
+                    let reply = self.stages.on_rcpt(tx, to).await;
                     self.reply_flow(reply)
                 } else {
                     self.reply_flow(Reply::bad_sequence("need MAIL before RCPT"))
@@ -565,7 +569,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Noop { .. } => self.junk_reply(Reply::ok()),
             Request::Quit => {
                 self.abort_transaction("quit").await;
-                let reply = Reply::quit(self.conn.hostname());
+                let reply = Reply::quit(self.stages.hostname());
                 self.reply(reply);
                 Flow::Close
             }
@@ -589,15 +593,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let repeated = matches!(self.state, State::Ready);
         // A new EHLO/HELO resets any transaction (RFC 5321 section 4.1.4).
         self.abort_transaction("helo").await;
-        match self.conn.on_helo(host, esmtp) {
+        match self.stages.on_helo(host, esmtp) {
             Err(reply) => self.reply_flow(reply),
             Ok(()) => {
                 self.state = State::Ready;
-                let hostname = self.conn.hostname().to_string();
+                let hostname = self.stages.hostname().to_string();
                 let reply = if esmtp {
-                    let starttls = self.conn.tls.is_none() && self.conn.snapshot.tls.is_some();
-                    let keywords =
-                        ehlo_keywords(self.conn.snapshot.limits.max_message_size, starttls);
+                    let starttls = self.limits.tls == Tls::Offered;
+                    let keywords = ehlo_keywords(self.limits.max_message_size, starttls);
                     Reply::ehlo(&hostname, host, keywords)
                 } else {
                     Reply::helo(&hostname)
@@ -612,11 +615,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn start_tls(&mut self) -> Flow {
-        if self.conn.tls.is_some() {
-            return self.reply_flow(Reply::tls_already_active());
-        }
-        if self.conn.snapshot.tls.is_none() {
-            return self.reply_flow(Reply::tls_not_available());
+        match self.limits.tls {
+            Tls::Active => return self.reply_flow(Reply::tls_already_active()),
+            Tls::Unavailable => return self.reply_flow(Reply::tls_not_available()),
+            Tls::Offered => {}
         }
         match self.state {
             State::Fresh => self.reply_flow(Reply::bad_sequence("send EHLO first")),
@@ -635,7 +637,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn new_spool(&self, hint: usize) -> Spool {
-        let limits = &self.conn.snapshot.limits;
+        let limits = &self.limits;
         Spool::new(
             limits.max_message_size,
             limits.spool_threshold,
@@ -647,9 +649,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn start_data(&mut self) -> Flow {
         let state = std::mem::replace(&mut self.state, State::Busy);
         match state {
-            State::Envelope(tx) => match self.conn.on_data(&tx) {
+            State::Envelope(tx) => match self.stages.on_data(&tx) {
                 Ok(()) => {
-                    let hint = tx.params.size.unwrap_or(0) as usize;
+                    let hint = self.stages.declared_size(&tx).unwrap_or(0) as usize;
                     self.state = State::Data(tx, DataReader::new(), self.new_spool(hint));
                     self.reply_flow(Reply::start_data())
                 }
@@ -673,8 +675,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let state = std::mem::replace(&mut self.state, State::Busy);
         self.state = match state {
             State::Envelope(tx) => {
-                let failure = self.conn.on_data(&tx).err();
-                let hint = tx.params.size.unwrap_or(0) as usize;
+                let failure = self.stages.on_data(&tx).err();
+                let hint = self.stages.declared_size(&tx).unwrap_or(0) as usize;
                 let spool = self.new_spool(hint.max(chunk_size));
                 State::Chunk {
                     message: Box::new(Chunked {
@@ -764,7 +766,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .take()
             .or_else(|| message.spool.overflowed().then(Reply::message_too_big));
         if let Some(reply) = failure {
-            let reply = self.conn.refuse_message(message.tx, reply).await;
+            let reply = self.stages.refuse_message(message.tx, reply).await;
             return self.reply_flow(reply);
         }
         if !last {
@@ -803,40 +805,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn finish_message(
         &mut self,
-        tx: Transaction,
+        tx: H::Transaction,
         spool: Spool,
         anomalies: Anomalies,
     ) -> Reply {
-        if anomalies.any() && self.conn.snapshot.limits.bare_line_endings == BareLineEndings::Reject
-        {
+        if anomalies.any() && self.limits.bare_line_endings == BareLineEndings::Reject {
             return self
-                .conn
+                .stages
                 .refuse_message(tx, Reply::bare_line_ending())
                 .await;
         }
-        if self.conn.snapshot.limits.long_lines == LongLines::Reject
-            && anomalies.longest_line > MAX_TEXT_LINE
-        {
+        if self.limits.long_lines == LongLines::Reject && anomalies.longest_line > MAX_TEXT_LINE {
             tracing::info!(
                 longest_line = anomalies.longest_line,
                 "message refused: a text line is longer than RFC 5321 allows (server.long_lines: reject)"
             );
             let reply = Reply::line_too_long_in_message(anomalies.longest_line);
-            return self.conn.refuse_message(tx, reply).await;
+            return self.stages.refuse_message(tx, reply).await;
         }
         let bytes: MessageBytes = match spool.finish() {
             Ok(bytes) => bytes,
             Err(SpoolError::TooBig) => {
-                return self.conn.refuse_message(tx, Reply::message_too_big()).await;
+                return self
+                    .stages
+                    .refuse_message(tx, Reply::message_too_big())
+                    .await;
             }
             Err(SpoolError::Io(err)) => {
                 tracing::error!(error = %err, "cannot spool message");
-                return self.conn.refuse_message(tx, Reply::spool_error()).await;
+                return self.stages.refuse_message(tx, Reply::spool_error()).await;
             }
         };
-        let reply = self.conn.on_message(tx, bytes).await;
+        let reply = self.stages.on_message(tx, bytes).await;
         if reply.is_positive() {
-            self.conn.budget.message_accepted();
+            self.stages.message_accepted();
         }
         reply
     }
@@ -853,7 +855,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         self.state = next;
         if let Some(tx) = tx {
-            self.conn.on_abort(tx, reason).await;
+            self.stages.on_abort(tx, reason).await;
         }
     }
 }
@@ -872,3 +874,6 @@ fn protocol_error_reply(err: smtp_proto::Error) -> Reply {
         E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reply::unknown_command(),
     }
 }
+
+#[cfg(test)]
+mod tests;
