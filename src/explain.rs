@@ -164,6 +164,8 @@ struct RcptRefusal {
     reason: String,
     #[serde(skip)]
     hit: Option<PolicyHit>,
+    #[serde(skip)]
+    reply: Reply,
 }
 
 impl RcptRefusal {
@@ -176,6 +178,7 @@ impl RcptRefusal {
             text: reply.text(),
             reason,
             hit: None,
+            reply: reply.clone(),
         }
     }
 }
@@ -321,8 +324,18 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
     let mut local = Vec::new();
     let mut refused = Vec::new();
     for rcpt in &request.rcpts {
-        match snapshot.local_recipient(rcpt) {
+        // `--rcpt ""` is `RCPT TO:<>`, which the session refuses as syntax; the empty
+        // address `local_recipient` takes as the postmaster is smtp-proto's `<postmaster>`.
+        let local_address = (!rcpt.is_empty())
+            .then(|| snapshot.local_recipient(rcpt))
+            .flatten();
+        match local_address {
             Some(address) => local.push(address),
+            None if rcpt.is_empty() => refused.push(RcptRefusal::new(
+                rcpt,
+                &Reply::bad_recipient_syntax(),
+                "the null path <> is not a recipient".into(),
+            )),
             None => refused.push(RcptRefusal::new(
                 rcpt,
                 &Reply::relay_denied(rcpt),
@@ -346,8 +359,8 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         // No recipient left: the message never gets to its data.
         let verdict = match refused.first() {
             Some(first) => Verdict::refuse(
-                Reply::relay_denied(&first.rcpt),
-                format!("{} is not in server.domains", first.rcpt),
+                first.reply.clone(),
+                format!("<{}> is refused at RCPT: {}", first.rcpt, first.reason),
             ),
             None => Verdict::refuse(Reply::no_valid_recipients(), "no recipients"),
         };
