@@ -484,11 +484,34 @@ impl Sources for Offline<'_> {
         let hit = match (remaining.is_empty(), refused.first()) {
             (true, Some(first)) => first.hit.clone(),
             _ => hit,
-        };
+        }
+        .map(|hit| at_connect(self.snapshot, self.ip, hit));
         self.trace = trace;
         self.refused = refused;
         self.hit = hit.clone();
         hit
+    }
+}
+
+/// A refusal the rule already decides at connect, on the client IP alone, is given as
+/// live: in place of the greeting (`policy_at_connect`), where only 554 and 421 may
+/// stand (RFC 5321 section 3.1).
+fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
+    use crate::policy::Action as Rule;
+    let facts = crate::pipeline::policy::connect_facts(ip);
+    let decided = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts).decision;
+    if decided.is_none_or(|rule| rule.name != hit.rule) {
+        return hit;
+    }
+    let action = match &hit.action {
+        Rule::Reject(reply) => Rule::Reject(reply.as_greeting()),
+        Rule::Tempfail(reply) => Rule::Tempfail(reply.as_greeting()),
+        _ => return hit,
+    };
+    PolicyHit {
+        action,
+        stage: "connect",
+        ..hit
     }
 }
 

@@ -18,6 +18,8 @@ const LEGIT_IP: &str = "192.0.2.5";
 const OTHER_IP: &str = "192.0.2.66";
 /// A host a policy rule accepts.
 const PARTNER_IP: &str = "192.0.2.9";
+/// A host a policy rule refuses at connect.
+const BLOCKED_IP: &str = "192.0.2.99";
 /// In `server.trusted_networks`.
 const TRUSTED_IP: &str = "192.0.2.77";
 
@@ -25,6 +27,9 @@ const POLICY: &str = "rules:
   - name: partner-host
     match: { client_ip: 192.0.2.9 }
     action: accept
+  - name: blocked-host
+    match: { client_ip: 192.0.2.99 }
+    action: reject
   - name: known-spammer
     match: { header_from: spam.test }
     action: reject
@@ -133,6 +138,14 @@ fn corpus(rsa: &DkimKey, ed: &DkimKey) -> Vec<Case> {
             "alice@sender.test",
             message(alice, "partner"),
             "deliver",
+        ),
+        case(
+            "policy reject rule on the client IP: refused in place of the greeting",
+            BLOCKED_IP,
+            "relay.blocked.test",
+            "alice@sender.test",
+            message(alice, "blocked"),
+            "reject",
         ),
         case(
             "policy reject rule on header from",
@@ -252,8 +265,6 @@ async fn over_smtp(gw: &Gateway, backend: &FakeBackend, case: &Case) -> Outcome 
     );
     let before = backend.messages().len();
     let (mut client, greeting) = SmtpClient::connect_from(gw.smtp, case.ip).await;
-    assert_eq!(greeting.code, 220, "{greeting}");
-    assert_eq!(client.cmd(&format!("EHLO {}", case.helo)).await.code, 250);
     let refused = |reply: Reply| {
         let status = reply.status().to_string();
         let text = reply
@@ -271,6 +282,10 @@ async fn over_smtp(gw: &Gateway, backend: &FakeBackend, case: &Case) -> Outcome 
             authentication_results: None,
         }
     };
+    if greeting.code != 220 {
+        return refused(greeting);
+    }
+    assert_eq!(client.cmd(&format!("EHLO {}", case.helo)).await.code, 250);
     let reply = client.cmd(&format!("MAIL FROM:<{}>", case.mail_from)).await;
     if reply.code != 250 {
         return refused(reply);

@@ -60,10 +60,7 @@ impl Connection {
         let Some(policy) = self.policy() else {
             return Ok(());
         };
-        let facts = Facts {
-            client_ip: Some(self.client_ip),
-            ..Facts::default()
-        };
+        let facts = connect_facts(self.client_ip);
         let mut seen = std::mem::take(&mut self.shadow_seen);
         let decided = decide(policy.disposition_rules(), &facts, &mut seen);
         self.shadow_seen = seen;
@@ -335,6 +332,14 @@ pub fn full_facts(
             .unwrap_or_default(),
         dmarc: report.map_or(AuthResult::None, |r| r.dmarc.result),
         arc: report.map_or(AuthResult::None, |r| r.arc.result),
+    }
+}
+
+/// What is known at connect, before waiting for DNS: the client IP.
+pub fn connect_facts(client_ip: std::net::IpAddr) -> Facts<'static> {
+    Facts {
+        client_ip: Some(client_ip),
+        ..Facts::default()
     }
 }
 
