@@ -79,20 +79,20 @@ impl Connection {
             results,
             ..
         } = evaluation;
-        let Verdict::Deliver {
-            headers, redirect, ..
-        } = &verdict
-        else {
-            metrics::end_of_data(end_of_data.elapsed());
-            let reply = verdict.reply().cloned().unwrap_or_else(Reply::local_error);
-            return self.refuse_message(tx, reply).await;
+        let (headers, redirect) = match &verdict {
+            Verdict::Refuse { reply, .. } => {
+                metrics::end_of_data(end_of_data.elapsed());
+                return self.refuse_message(tx, reply.clone()).await;
+            }
+            Verdict::Deliver {
+                headers, redirect, ..
+            } => (headers, redirect),
         };
-        let Ok(section) = &section else {
-            // Not reached: a section we could not read is always refused above.
-            metrics::end_of_data(end_of_data.elapsed());
-            return self.refuse_message(tx, Reply::local_error()).await;
-        };
-        let skip = forged_results(&section.fields, self.hostname());
+        // A section we could not read was refused above.
+        let skip = section
+            .as_ref()
+            .map(|section| forged_results(&section.fields, self.hostname()))
+            .unwrap_or_default();
         let mut prefix = Vec::with_capacity(4096);
         let client_name = report
             .as_ref()
