@@ -23,6 +23,8 @@ const BLOCKED_IP: &str = "192.0.2.99";
 /// In `server.trusted_networks`.
 const TRUSTED_IP: &str = "192.0.2.77";
 
+/// Rules on recipients come before the one on header From: a rule that needs facts
+/// not yet known holds back the rules after it, and these are to decide at RCPT.
 const POLICY: &str = "rules:
   - name: partner-host
     match: { client_ip: 192.0.2.9 }
@@ -30,17 +32,16 @@ const POLICY: &str = "rules:
   - name: blocked-host
     match: { client_ip: 192.0.2.99 }
     action: reject
-  - name: known-spammer
-    match: { header_from: spam.test }
-    action: reject
   - name: postmaster-quarantine
     match: { rcpt: postmaster@example.test }
     action: quarantine
   - name: ceo-protection
     match: { rcpt: ceo@example.test }
     action: reject
+  - name: known-spammer
+    match: { header_from: spam.test }
+    action: reject
 ";
-
 struct Case {
     name: &'static str,
     ip: &'static str,
@@ -334,7 +335,13 @@ fn results_header(message: &str) -> Option<String> {
     Some(value.trim_start().to_string())
 }
 
-async fn explained(gw: &Gateway, dir: &std::path::Path, case: &Case) -> Outcome {
+/// `mxgate explain --json` for `case` with these recipients.
+async fn explain_json(
+    gw: &Gateway,
+    dir: &std::path::Path,
+    case: &Case,
+    rcpts: &[&str],
+) -> serde_json::Value {
     let path = dir.join(format!("{}.eml", case.name.replace(' ', "-")));
     std::fs::write(&path, &case.message).unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"));
@@ -342,8 +349,11 @@ async fn explained(gw: &Gateway, dir: &std::path::Path, case: &Case) -> Outcome 
         .args(["explain", "--json", "--config"])
         .arg(&gw.config_path)
         .args(["--ip", case.ip, "--helo", case.helo])
-        .args(["--mail-from", case.mail_from, "--rcpt", case.rcpt])
-        .arg(&path);
+        .args(["--mail-from", case.mail_from]);
+    for rcpt in rcpts {
+        command.args(["--rcpt", rcpt]);
+    }
+    command.arg(&path);
     let output = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap();
@@ -354,8 +364,11 @@ async fn explained(gw: &Gateway, dir: &std::path::Path, case: &Case) -> Outcome 
         case.name,
         String::from_utf8_lossy(&output.stderr)
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{}: {e}: {out}", case.name));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{}: {e}: {out}", case.name))
+}
+
+async fn explained(gw: &Gateway, dir: &std::path::Path, case: &Case) -> Outcome {
+    let v = explain_json(gw, dir, case, &[case.rcpt]).await;
     let verdict = &v["verdict"];
     let action = verdict["action"].as_str().unwrap();
     assert_eq!(action, case.action, "{}: {v:#}", case.name);
@@ -370,8 +383,17 @@ async fn explained(gw: &Gateway, dir: &std::path::Path, case: &Case) -> Outcome 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn explain_and_smtp_agree_on_every_message_of_the_corpus() {
+struct Setup {
+    _dns: TestDns,
+    backend: FakeBackend,
+    dir: tempfile::TempDir,
+    gw: Gateway,
+    rsa: DkimKey,
+    ed: DkimKey,
+}
+
+/// The sender zones, an SMTP backend, and a gateway with the policy.
+async fn setup() -> Setup {
     let dns = TestDns::start().await;
     let (rsa, ed) = zone(&dns);
     let backend = FakeBackend::start(Behaviour::default()).await;
@@ -388,6 +410,26 @@ async fn explain_and_smtp_agree_on_every_message_of_the_corpus() {
         ..Default::default()
     })
     .await;
+    Setup {
+        _dns: dns,
+        backend,
+        dir,
+        gw,
+        rsa,
+        ed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_and_smtp_agree_on_every_message_of_the_corpus() {
+    let Setup {
+        _dns,
+        backend,
+        dir,
+        gw,
+        rsa,
+        ed,
+    } = setup().await;
     for case in corpus(&rsa, &ed) {
         let smtp = over_smtp(&gw, &backend, &case).await;
         let explain = explained(&gw, dir.path(), &case).await;
@@ -400,5 +442,76 @@ async fn explain_and_smtp_agree_on_every_message_of_the_corpus() {
             case.name
         );
     }
+    gw.stop().await;
+}
+
+/// Recipients refused at RCPT (one in no domain of ours, one a rule refuses) leave
+/// the message to the others: `explain` lists them with the replies RCPT gave, and its
+/// verdict is about the rest (it used to refuse the whole message).
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_refused_at_rcpt_leave_the_message_to_the_others() {
+    let Setup {
+        _dns,
+        backend,
+        dir,
+        gw,
+        rsa,
+        ..
+    } = setup().await;
+    let case = Case {
+        name: "three recipients",
+        ip: LEGIT_IP,
+        helo: "mail.sender.test",
+        mail_from: "alice@sender.test",
+        rcpt: "",
+        message: rsa.sign(&message("From: alice@sender.test\n", "three")),
+        action: "deliver",
+    };
+    let rcpts = ["eve@elsewhere.test", "bob@example.test", "ceo@example.test"];
+    assert!(support::net::source_address(case.ip));
+    let (mut client, _) = SmtpClient::connect_from(gw.smtp, case.ip).await;
+    assert_eq!(client.cmd(&format!("EHLO {}", case.helo)).await.code, 250);
+    assert_eq!(client.cmd("MAIL FROM:<alice@sender.test>").await.code, 250);
+    let mut refused_live = Vec::new();
+    for rcpt in rcpts {
+        let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        if reply.code != 250 {
+            refused_live.push((rcpt.to_string(), reply.code, reply.status().to_string()));
+        }
+    }
+    assert_eq!(client.cmd("DATA").await.code, 354);
+    client
+        .send(format!("{}.\r\n", case.message).as_bytes())
+        .await;
+    let reply = client.read_reply().await;
+    assert_eq!(
+        reply.code, 250,
+        "{reply}; refused at RCPT: {refused_live:?}"
+    );
+    let relayed = backend.messages().pop().unwrap();
+    assert_eq!(relayed.rcpts, ["bob@example.test"]);
+
+    let v = explain_json(&gw, dir.path(), &case, &rcpts).await;
+    let refused_explained: Vec<(String, u16, String)> = v["refused_rcpts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["rcpt"].as_str().unwrap().to_string(),
+                r["code"].as_u64().unwrap() as u16,
+                r["enhanced"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(refused_explained, refused_live, "{v:#}");
+    assert_eq!(refused_live.len(), 2);
+    assert_eq!(v["refused_rcpts"][1]["rule"], "ceo-protection", "{v:#}");
+    assert!(v["refused_rcpts"][0].get("rule").is_none(), "{v:#}");
+    assert_eq!(v["verdict"]["action"], "deliver", "{v:#}");
+    assert_eq!(
+        v["authentication_results"].as_str(),
+        results_header(&relayed.text()).as_deref()
+    );
     gw.stop().await;
 }
