@@ -70,6 +70,7 @@ fn zone(dns: &TestDns) -> (DkimKey, DkimKey) {
     dns.txt("quarantined.test", "v=spf1 -all");
     dns.txt("spam.test", "v=spf1 +all");
     dns.txt("_dmarc.example.test", "v=DMARC1; p=none");
+    dns.servfail("_dmarc.broken.test");
     let rsa = DkimKey::rsa("sender.test", "rsa2026", 2048);
     rsa.publish(dns);
     let ed = DkimKey::ed25519("sender.test", "ed2026");
@@ -131,6 +132,14 @@ fn corpus(rsa: &DkimKey, ed: &DkimKey) -> Vec<Case> {
             "news@quarantined.test",
             message("From: news@quarantined.test\n", "quarantine"),
             "quarantine",
+        ),
+        case(
+            "dmarc temperror (SERVFAIL) defers",
+            OTHER_IP,
+            "relay.other.test",
+            "news@broken.test",
+            message("From: news@broken.test\n", "temperror"),
+            "tempfail",
         ),
         case(
             "policy accept rule lifts a dmarc failure",
