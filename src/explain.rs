@@ -50,7 +50,8 @@ struct Explanation<'a> {
     authentication_results: Option<String>,
     /// The rule that decided (null when none matched).
     policy: Option<PolicyView>,
-    /// Recipients a rule refuses at RCPT; the verdict is about the others.
+    /// Recipients refused at RCPT (not ours, or by a rule); the verdict is about the
+    /// others.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     refused_rcpts: Vec<RcptRefusal>,
     /// Every rule, in order, with each condition's result.
