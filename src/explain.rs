@@ -1,20 +1,24 @@
 //! `mxgate explain`: the whole evaluation of one message, offline, against the
-//! configured DNS, printed check by check with the final verdict. It runs the same
-//! functions as the SMTP path (`pipeline::assess`, `pipeline::verdict::decide`).
+//! configured DNS, printed check by check with the final verdict. It runs the very
+//! evaluation the SMTP path runs (`pipeline::evaluate`), with the envelope checks run
+//! now instead of while a client talks, and every policy rule traced.
 
+use crate::auth::Authenticator;
 use crate::auth::results::AuthReport;
 use crate::config;
-use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts};
-use crate::pipeline::verdict::{self, Action, Verdict};
-use crate::pipeline::{EnvelopeChecks, assess};
-use crate::rewrite::auth_results::{ResultsInput, results_value, unfolded};
+use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
+use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
+use crate::pipeline::verdict::{Action, Verdict};
+use crate::pipeline::{EnvelopeChecks, Evaluation};
+use crate::rewrite::auth_results::unfolded;
 use crate::smtp::data::BdatReader;
 use crate::smtp::reply::Reply;
 use crate::snapshot::{self, Mode, Snapshot};
-use mail_auth::AuthenticatedMessage;
 use serde::Serialize;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 pub struct Request {
     pub config: PathBuf,
@@ -46,7 +50,8 @@ struct Explanation<'a> {
     authentication_results: Option<String>,
     /// The rule that decided (null when none matched).
     policy: Option<PolicyView>,
-    /// Recipients a rule refuses at RCPT; the verdict is about the others.
+    /// Recipients refused at RCPT (not ours, or by a rule); the verdict is about the
+    /// others.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     refused_rcpts: Vec<RcptRefusal>,
     /// Every rule, in order, with each condition's result.
@@ -56,23 +61,23 @@ struct Explanation<'a> {
 /// The check fields of a message whose checks did not run.
 #[derive(Serialize)]
 struct NotChecked {
-    iprev: Unchecked,
-    helo_spf: Unchecked,
-    spf: Unchecked,
-    dkim: [Unchecked; 0],
-    arc: Unchecked,
-    dmarc: Unchecked,
+    iprev: NotRun,
+    helo_spf: NotRun,
+    spf: NotRun,
+    dkim: [NotRun; 0],
+    arc: NotRun,
+    dmarc: NotRun,
 }
 
 #[derive(Clone, Copy, Serialize)]
-struct Unchecked {
+struct NotRun {
     result: &'static str,
     reason: &'static str,
 }
 
 impl NotChecked {
     fn because(reason: &'static str) -> Self {
-        let none = Unchecked {
+        let none = NotRun {
             result: "none",
             reason,
         };
@@ -139,14 +144,10 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
             else {
                 return None;
             };
-            Some(RcptRefusal {
-                rcpt: rcpt.clone(),
-                rule: rule.name.to_string(),
-                code: reply.code(),
-                enhanced: reply.status().map(|s| s.to_string()).unwrap_or_default(),
-                text: reply.text(),
-                hit: crate::pipeline::policy::hit(rule, &rule.action, "rcpt"),
-            })
+            let mut refusal = RcptRefusal::new(rcpt, reply, format!("policy rule `{}`", rule.name));
+            refusal.rule = Some(rule.name.to_string());
+            refusal.hit = Some(crate::pipeline::policy::hit(rule, &rule.action, "rcpt"));
+            Some(refusal)
         })
         .collect()
 }
@@ -154,12 +155,33 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
 #[derive(Serialize)]
 struct RcptRefusal {
     rcpt: String,
-    rule: String,
+    /// The policy rule that refuses it; absent for a recipient not in our domains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
     code: u16,
     enhanced: String,
     text: String,
+    /// Why, in words: the rule, or `not in server.domains`.
+    reason: String,
     #[serde(skip)]
-    hit: PolicyHit,
+    hit: Option<PolicyHit>,
+    #[serde(skip)]
+    reply: Reply,
+}
+
+impl RcptRefusal {
+    fn new(rcpt: &str, reply: &Reply, reason: String) -> Self {
+        RcptRefusal {
+            rcpt: rcpt.to_string(),
+            rule: None,
+            code: reply.code(),
+            enhanced: reply.status().map(|s| s.to_string()).unwrap_or_default(),
+            text: reply.text(),
+            reason,
+            hit: None,
+            reply: reply.clone(),
+        }
+    }
 }
 
 /// Evaluates every rule on complete facts: the decision and the trace.
@@ -219,12 +241,12 @@ struct VerdictView {
 
 impl VerdictView {
     fn new(verdict: &Verdict, quarantine_header: &(String, String)) -> Self {
-        let reply = match &verdict.reply {
+        let reply = match verdict.reply() {
             Some(reply) => reply.clone(),
             None => Reply::policy(
                 250,
                 Some(crate::smtp::reply::Status(2, 0, 0)),
-                &match verdict.action {
+                &match verdict.action() {
                     Action::Quarantine => format!(
                         "relayed to the mailbox server with {}: {}",
                         quarantine_header.0, quarantine_header.1
@@ -234,11 +256,11 @@ impl VerdictView {
             ),
         };
         VerdictView {
-            action: verdict.action,
+            action: verdict.action(),
             code: reply.code(),
             enhanced: reply.status().map(|s| s.to_string()).unwrap_or_default(),
             text: reply.text(),
-            reason: verdict.reason.clone(),
+            reason: verdict.reason().to_string(),
         }
     }
 }
@@ -299,141 +321,77 @@ fn canonical(raw: &[u8]) -> Vec<u8> {
 async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
     let ip = crate::config::canonical_ip(request.ip);
     let trusted = snapshot.is_trusted(&ip);
-    let refused_rcpt = request
-        .rcpts
-        .iter()
-        .find(|rcpt| !rcpt_domain_accepted(snapshot, rcpt));
-
-    // The same reading of the header section, and the same cross-check with mail-auth's,
-    // as the SMTP path (`pipeline::deliver`).
-    let section = crate::rewrite::section::read_section(message, snapshot.limits.header_section);
-    let parsed = AuthenticatedMessage::parse(message);
-    let from = section
-        .as_ref()
-        .ok()
-        .map(|section| crate::auth::reading::from_header(section, message));
-    let read_alike = match (&section, &from) {
-        (Ok(section), Some(from)) => {
-            crate::auth::reading::reads_alike(section, message, parsed.as_ref(), from)
-        }
-        _ => true,
-    };
-    let mut report = None;
+    // RCPT's recipient-domain rule, whoever the client: the others are refused there.
+    let mut local = Vec::new();
     let mut refused = Vec::new();
-    let mut not_checked = None;
-    let mut ar_value = None;
-    let mut policy = None;
-    let mut rules = Vec::new();
-    let verdict = if let Some(rcpt) = refused_rcpt {
-        not_checked = Some(NotChecked::because(
-            "not checked: a recipient is refused first",
-        ));
-        let reply = Reply::relay_denied(rcpt);
-        Verdict::refuse(
-            Action::Reject,
-            reply,
-            format!("{rcpt} is not in server.domains"),
-        )
-    } else if let Err(err) = &section {
-        not_checked = Some(NotChecked::because(
-            "not checked: the header section is refused first",
-        ));
-        let reply = if err.is_limit() {
-            Reply::header_section_too_large(&err.to_string())
-        } else {
-            Reply::header_section_malformed(&err.to_string())
-        };
-        Verdict::refuse(Action::Reject, reply, format!("header section: {err}"))
-    } else if !read_alike && snapshot.auth.is_some() && !trusted {
-        not_checked = Some(NotChecked::because(
-            "not checked: the header section is refused first",
-        ));
-        let reply = Reply::header_section_malformed("it can be read in more than one way");
-        Verdict::refuse(
-            Action::Reject,
-            reply,
-            "header section: mail-auth reads it differently".to_string(),
-        )
-    } else if trusted {
-        not_checked = Some(NotChecked::because("not checked: trusted network"));
-        Verdict::deliver("trusted network: no sender checks")
-    } else if let (Some(auth), Some(from)) = (&snapshot.auth, from) {
-        let envelope = EnvelopeChecks::run(auth, ip, &request.helo, &request.mail_from).await;
-        let (full, _verification) =
-            assess(auth, parsed.as_ref(), from, envelope, snapshot.auth_budget).await;
-        let mut dns = DnsFacts::default();
-        let mut records = std::collections::HashMap::new();
-        for record in &snapshot.policy.spf_records {
-            let authorised = auth
-                .spf_record_authorizes(ip, record, &request.helo, &request.mail_from)
-                .await
-                == crate::auth::results::AuthResult::Pass;
-            records.insert(record.clone(), authorised);
+    for rcpt in &request.rcpts {
+        // `--rcpt ""` is `RCPT TO:<>`, which the session refuses as syntax; the empty
+        // address `local_recipient` takes as the postmaster is smtp-proto's `<postmaster>`.
+        let local_address = (!rcpt.is_empty())
+            .then(|| snapshot.local_recipient(rcpt))
+            .flatten();
+        match local_address {
+            Some(address) => local.push(address),
+            None if rcpt.is_empty() => refused.push(RcptRefusal::new(
+                rcpt,
+                &Reply::bad_recipient_syntax(),
+                "the null path <> is not a recipient".into(),
+            )),
+            None => refused.push(RcptRefusal::new(
+                rcpt,
+                &Reply::relay_denied(rcpt),
+                "not in server.domains".into(),
+            )),
         }
-        dns.spf_records = Some(records);
-        let facts_for = |rcpts: &[String]| {
-            full_facts(
-                ip,
-                Some(&request.helo),
-                request.tls.then_some("1.3"),
-                &request.mail_from,
-                rcpts,
-                &dns,
-                Some(&full),
-                &snapshot.dmarc.own_domains,
-            )
-        };
-        refused = rcpt_refusals(snapshot, &facts_for(&request.rcpts), &request.rcpts);
-        let remaining: Vec<String> = request
-            .rcpts
-            .iter()
-            .filter(|r| !refused.iter().any(|x| &x.rcpt == *r))
-            .cloned()
-            .collect();
-        let facts = facts_for(&remaining);
-        let (hit, trace) = policy_trace(snapshot, &facts);
-        rules = trace;
-        // Every recipient refused at RCPT: the message never gets to its data.
-        let hit = match (remaining.is_empty(), refused.first()) {
-            (true, Some(first)) => Some(first.hit.clone()),
-            _ => hit,
-        };
-        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
-        let verdict = verdict::decide(&snapshot.dmarc, Some(&full), hit.as_ref());
-        if verdict.reply.is_none() {
-            ar_value = Some(unfolded(&results_value(&ResultsInput {
-                authserv_id: &snapshot.hostname,
-                comments: snapshot.auth_comments,
-                client_ip: ip,
-                report: &full,
-                dmarc_override: verdict.dmarc_override.as_ref(),
-            })));
-        }
-        report = Some(full);
-        verdict
-    } else {
-        let facts = full_facts(
-            ip,
-            Some(&request.helo),
-            request.tls.then_some("1.3"),
-            &request.mail_from,
-            &request.rcpts,
-            &DnsFacts::default(),
-            None,
-            &snapshot.dmarc.own_domains,
-        );
-        let (hit, trace) = policy_trace(snapshot, &facts);
-        policy = hit.as_ref().map(|h| PolicyView::new(h, snapshot));
-        rules = trace;
-        not_checked = Some(NotChecked::because(
-            "not checked: sender checks are disabled",
-        ));
-        let mut verdict = verdict::decide(&snapshot.dmarc, None, hit.as_ref());
-        if verdict.rule.is_none() {
-            verdict.reason = "sender checks are disabled (auth.enabled: false)".into();
-        }
-        verdict
+    }
+    let mut offline = Offline {
+        snapshot,
+        ip,
+        request,
+        rcpts: local,
+        dns: DnsFacts::default(),
+        refused: Vec::new(),
+        trace: Vec::new(),
+        hit: None,
     };
+    let section = crate::rewrite::section::read_section(message, snapshot.limits.header_section);
+    let parsed = OnceLock::new();
+    let (verdict, report, not_checked, results) = if offline.rcpts.is_empty() {
+        // No recipient left: the message never gets to its data.
+        let verdict = match refused.first() {
+            Some(first) => Verdict::refuse(
+                first.reply.clone(),
+                format!("<{}> is refused at RCPT: {}", first.rcpt, first.reason),
+            ),
+            None => Verdict::refuse(Reply::no_valid_recipients(), "no recipients"),
+        };
+        let why = NotChecked::because("not checked: a recipient is refused first");
+        (verdict, None, Some(why), None)
+    } else {
+        let input = Input {
+            raw: message,
+            section: section.as_ref(),
+            parsed: &parsed,
+        };
+        let Evaluation {
+            verdict,
+            report,
+            unchecked,
+            results,
+            ..
+        } = evaluate(snapshot, ip, trusted, input, &mut offline).await;
+        let why = unchecked.map(|why| {
+            NotChecked::because(match why {
+                Unchecked::Trusted => "not checked: trusted network",
+                Unchecked::Disabled => "not checked: sender checks are disabled",
+                Unchecked::HeaderSection | Unchecked::ReadDifferently => {
+                    "not checked: the header section is refused first"
+                }
+            })
+        });
+        (verdict, report, why, results)
+    };
+    refused.append(&mut offline.refused);
 
     let explanation = Explanation {
         client: Client {
@@ -449,10 +407,10 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
         not_checked,
         refused_rcpts: refused,
         verdict: VerdictView::new(&verdict, &snapshot.dmarc.quarantine_header),
-        own_domain_guard: verdict.own_domain.clone(),
-        authentication_results: ar_value,
-        policy,
-        policy_trace: rules,
+        own_domain_guard: verdict.own_domain().cloned(),
+        authentication_results: results.as_deref().map(unfolded),
+        policy: offline.hit.as_ref().map(|h| PolicyView::new(h, snapshot)),
+        policy_trace: offline.trace,
     };
     if request.json {
         println!(
@@ -464,11 +422,98 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
     }
 }
 
-fn rcpt_domain_accepted(snapshot: &Snapshot, rcpt: &str) -> bool {
-    rcpt.rsplit_once('@')
-        .and_then(|(_, domain)| idna::domain_to_ascii(domain.trim_end_matches('.')).ok())
-        .is_some_and(|domain| snapshot.accepts_domain(&domain))
-        || rcpt.eq_ignore_ascii_case("postmaster")
+/// `explain`'s sources for [`evaluate`]: the envelope checks run now, and every rule
+/// evaluated on complete facts, traced, with the refusals RCPT would have made.
+struct Offline<'a> {
+    snapshot: &'a Snapshot,
+    ip: IpAddr,
+    request: &'a Request,
+    /// The recipients in our domains, in the form RCPT accepts them.
+    rcpts: Vec<String>,
+    dns: DnsFacts,
+    refused: Vec<RcptRefusal>,
+    trace: Vec<RuleView>,
+    hit: Option<PolicyHit>,
+}
+
+impl Sources for Offline<'_> {
+    fn envelope_checks(
+        &mut self,
+        auth: &Arc<Authenticator>,
+    ) -> impl Future<Output = EnvelopeChecks> + Send {
+        let auth = auth.clone();
+        async move {
+            let request = self.request;
+            let (envelope, records) = tokio::join!(
+                EnvelopeChecks::run(&auth, self.ip, &request.helo, &request.mail_from),
+                spf_record_results(
+                    &auth,
+                    self.ip,
+                    &self.snapshot.policy.spf_records,
+                    &request.helo,
+                    &request.mail_from,
+                )
+            );
+            self.dns.spf_records = Some(records);
+            envelope
+        }
+    }
+
+    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> Option<PolicyHit> {
+        let request = self.request;
+        let facts_for = |rcpts: &[String]| {
+            full_facts(
+                self.ip,
+                Some(&request.helo),
+                request.tls.then_some("1.3"),
+                &request.mail_from,
+                rcpts,
+                &self.dns,
+                report,
+                &self.snapshot.dmarc.own_domains,
+            )
+        };
+        let refused = rcpt_refusals(self.snapshot, &facts_for(&self.rcpts), &self.rcpts);
+        let remaining: Vec<String> = self
+            .rcpts
+            .iter()
+            .filter(|r| !refused.iter().any(|x| &x.rcpt == *r))
+            .cloned()
+            .collect();
+        let (hit, trace) = policy_trace(self.snapshot, &facts_for(&remaining));
+        // Every recipient refused at RCPT: the message never gets to its data.
+        let hit = match (remaining.is_empty(), refused.first()) {
+            (true, Some(first)) => first.hit.clone(),
+            _ => hit,
+        }
+        .map(|hit| at_connect(self.snapshot, self.ip, hit));
+        self.trace = trace;
+        self.refused = refused;
+        self.hit = hit.clone();
+        hit
+    }
+}
+
+/// A refusal the rule already decides at connect, on the client IP alone, is given as
+/// live: in place of the greeting (`policy_at_connect`), where only 554 and 421 may
+/// stand (RFC 5321 section 3.1).
+fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
+    use crate::policy::Action as Rule;
+    let facts = crate::pipeline::policy::connect_facts(ip);
+    let decided = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts).decision;
+    if decided.is_none_or(|rule| rule.name != hit.rule) {
+        return hit;
+    }
+    let action = match &hit.action {
+        Rule::Reject(reply) => Rule::Reject(reply.as_greeting()),
+        Rule::Tempfail(reply) => Rule::Tempfail(reply.as_greeting()),
+        _ => return hit,
+    };
+    PolicyHit {
+        action,
+        stage: "connect",
+        ..hit
+    }
 }
 
 /// `: two v=spf1 records at example.com` for a permerror or temperror.
@@ -587,8 +632,8 @@ fn print_text(e: &Explanation<'_>) {
     }
     for refusal in &e.refused_rcpts {
         println!(
-            "rcpt        {} refused at RCPT by {} -> {} {} {}",
-            refusal.rcpt, refusal.rule, refusal.code, refusal.enhanced, refusal.text
+            "rcpt        {} refused at RCPT ({}) -> {} {} {}",
+            refusal.rcpt, refusal.reason, refusal.code, refusal.enhanced, refusal.text
         );
     }
     if let Some(guard) = &e.own_domain_guard {

@@ -90,6 +90,23 @@ impl Snapshot {
     pub fn accepts_domain(&self, domain: &str) -> bool {
         self.domains.contains(domain)
     }
+
+    /// The recipient in the form we relay it, if it is in one of our domains: the one
+    /// recipient-domain rule, for RCPT and for `explain`. `<postmaster>` without a
+    /// domain must be accepted (RFC 5321 section 4.5.1); smtp-proto reports it as an
+    /// empty address. It goes to the postmaster of our first domain.
+    pub fn local_recipient(&self, address: &str) -> Option<String> {
+        if address.is_empty() || address.eq_ignore_ascii_case("postmaster") {
+            let domain = self.loaded.config.server.domains.first()?;
+            return Some(format!("postmaster@{domain}"));
+        }
+        let (local, domain) = address.rsplit_once('@')?;
+        if local.is_empty() {
+            return None;
+        }
+        let domain = idna::domain_to_ascii(domain.trim_end_matches('.')).ok()?;
+        self.accepts_domain(&domain).then(|| address.to_string())
+    }
 }
 
 /// Builds a snapshot. Returns every problem found, each with its file position.

@@ -1,23 +1,26 @@
 //! End of data: build the outgoing header fields and relay (only now is a backend
 //! connection taken); the backend's answer becomes the client's final reply.
 
-use super::assess::assess;
+use super::assess::EnvelopeChecks;
+use super::evaluate::{Evaluation, Input, Sources, Unchecked, evaluate};
+use super::policy::PolicyHit;
 use super::record::Outcome;
-use super::verdict::{self, Action, Verdict};
+use super::verdict::{Action, Verdict};
 use super::{Connection, Transaction, metrics};
-use crate::auth::MessageVerification;
-use crate::auth::reading;
 use crate::auth::results::{AuthReport, AuthResult};
+use crate::auth::{Authenticator, MessageVerification};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
 use crate::rewrite::arc::{NotSealed, Sealer, metrics as arc_metrics};
-use crate::rewrite::auth_results::{ResultsInput, results_value, unfolded};
+use crate::rewrite::auth_results::unfolded;
 use crate::rewrite::headers::{sanitize, write_folded};
 use crate::rewrite::received::{ReceivedFields, write_received};
-use crate::rewrite::section::{SectionError, read_section};
+use crate::rewrite::section::read_section;
 use crate::rewrite::strip::forged_results;
 use crate::smtp::reply::Reply;
 use crate::spool::MessageBytes;
 use mail_auth::AuthenticatedMessage;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
 use tokio::time::Instant;
 
 impl Connection {
@@ -30,84 +33,90 @@ impl Connection {
         tx.record.rcpts = tx.rcpts.clone();
 
         // The one reading of the header section every decision below is made on.
-        let section = match read_section(&message, self.snapshot.limits.header_section) {
-            Ok(section) => section,
-            Err(err) => {
+        let snapshot = self.snapshot.clone();
+        let section = read_section(&message, snapshot.limits.header_section);
+        let parsed = OnceLock::new();
+        let input = Input {
+            raw: &message,
+            section: section.as_ref(),
+            parsed: &parsed,
+        };
+        let (client_ip, trusted) = (self.client_ip, self.trusted);
+        let evaluation = evaluate(
+            &snapshot,
+            client_ip,
+            trusted,
+            input,
+            &mut Live {
+                conn: self,
+                tx: &mut tx,
+            },
+        )
+        .await;
+        match (&evaluation.report, evaluation.unchecked, &section) {
+            (Some(report), _, _) => record_checks(&mut tx, report, &evaluation.verdict),
+            (None, Some(Unchecked::Disabled), _) => {
+                tx.record.rule = evaluation.verdict.rule().map(|r| r.to_string());
+                tx.record.action = Some(evaluation.verdict.action().as_str());
+            }
+            (None, Some(Unchecked::HeaderSection), Err(err)) => {
+                tracing::info!(id = %tx.id, problem = err.label(), detail = %err, "header section refused");
+            }
+            (None, Some(Unchecked::ReadDifferently), _) => {
+                // Our reader refuses every case we know of where mail-auth's differs;
+                // reaching this is a case we did not know of. Refuse, never guess.
+                tracing::error!(
+                    id = %tx.id,
+                    "mail-auth read the header section differently from mxgate; refusing the message"
+                );
+            }
+            _ => {}
+        }
+        let Evaluation {
+            verdict,
+            report,
+            verification,
+            results,
+            ..
+        } = evaluation;
+        let (headers, redirect) = match &verdict {
+            Verdict::Refuse { reply, .. } => {
                 metrics::end_of_data(end_of_data.elapsed());
-                return self.refuse_header_section(tx, err).await;
+                return self.refuse_message(tx, reply.clone()).await;
             }
+            Verdict::Deliver {
+                headers, redirect, ..
+            } => (headers, redirect),
         };
-        let skip = forged_results(&section.fields, self.hostname());
+        // A section we could not read was refused above.
+        let skip = section
+            .as_ref()
+            .map(|section| forged_results(&section.fields, self.hostname()))
+            .unwrap_or_default();
         let mut prefix = Vec::with_capacity(4096);
-        let mut client_name = None;
-        let verdict = match self.auth.clone() {
-            None if self.trusted => Verdict::deliver("trusted network: no sender checks"),
-            None => {
-                let hit = self.policy_at_data(&mut tx, None);
-                let verdict = verdict::decide(&self.snapshot.dmarc, None, hit.as_ref());
-                tx.record.rule = verdict.rule.as_ref().map(|r| r.to_string());
-                tx.record.action = Some(verdict.action.as_str());
-                if verdict.reply.is_some() {
-                    metrics::end_of_data(end_of_data.elapsed());
-                    return self.refuse_with(tx, verdict).await;
-                }
-                verdict
+        let client_name = report
+            .as_ref()
+            .and_then(|r| r.iprev.confirmed.first().cloned());
+        if let Some(value) = &results {
+            if let (Some(sealer), Some(Some(parsed)), Some(verification)) =
+                (&snapshot.sealer, parsed.get(), &verification)
+            {
+                self.seal(
+                    sealer,
+                    &message,
+                    parsed,
+                    &skip,
+                    verification,
+                    value,
+                    &mut prefix,
+                );
             }
-            Some(auth) => {
-                let parsed = AuthenticatedMessage::parse(&message);
-                let from = reading::from_header(&section, &message);
-                if !reading::reads_alike(&section, &message, parsed.as_ref(), &from) {
-                    // Our reader refuses every case we know of where mail-auth's differs;
-                    // reaching this is a case we did not know of. Refuse, never guess.
-                    tracing::error!(
-                        id = %tx.id,
-                        "mail-auth read the header section differently from mxgate; refusing the message"
-                    );
-                    metrics::end_of_data(end_of_data.elapsed());
-                    let reply =
-                        Reply::header_section_malformed("it can be read in more than one way");
-                    return self.refuse_message(tx, reply).await;
-                }
-                let envelope = self.envelope_checks(&mut tx).await;
-                client_name = envelope.iprev.confirmed.first().cloned();
-                let budget = self.snapshot.auth_budget;
-                let (report, verification) =
-                    assess(&auth, parsed.as_ref(), from, envelope, budget).await;
-                let hit = self.policy_at_data(&mut tx, Some(&report));
-                let verdict = verdict::decide(&self.snapshot.dmarc, Some(&report), hit.as_ref());
-                record_checks(&mut tx, &report, &verdict);
-                if verdict.reply.is_some() {
-                    metrics::end_of_data(end_of_data.elapsed());
-                    return self.refuse_with(tx, verdict).await;
-                }
-                let value = results_value(&ResultsInput {
-                    authserv_id: self.hostname(),
-                    comments: self.snapshot.auth_comments,
-                    client_ip: self.client_ip,
-                    report: &report,
-                    dmarc_override: verdict.dmarc_override.as_ref(),
-                });
-                if let (Some(sealer), Some(parsed), Some(verification)) =
-                    (&self.snapshot.sealer, &parsed, &verification)
-                {
-                    self.seal(
-                        sealer,
-                        &message,
-                        parsed,
-                        &skip,
-                        verification,
-                        &value,
-                        &mut prefix,
-                    );
-                }
-                write_folded(&mut prefix, "Authentication-Results", &value);
-                verdict
-            }
-        };
-        for (name, value) in &verdict.headers {
+            write_folded(&mut prefix, "Authentication-Results", value);
+        }
+        for (name, value) in headers {
             write_folded(&mut prefix, name, &sanitize(value, 900));
         }
-        if verdict.redirect.is_some() {
+        if redirect.is_some() {
             write_folded(
                 &mut prefix,
                 "X-Mxgate-Quarantined-For",
@@ -134,11 +143,9 @@ impl Connection {
             original: &message,
             skip: &skip,
         };
-        let reply = self
-            .relay(&mut tx, verdict.redirect.as_deref(), &outbound)
-            .await;
+        let reply = self.relay(&mut tx, redirect.as_deref(), &outbound).await;
         metrics::end_of_data(end_of_data.elapsed());
-        let quarantined = verdict.action == Action::Quarantine;
+        let quarantined = verdict.action() == Action::Quarantine;
         tx.record.finish(
             Outcome::from_reply(&reply, quarantined),
             &reply,
@@ -243,23 +250,25 @@ impl Connection {
             }
         }
     }
+}
 
-    /// A header section we do not read (`rewrite::section`): `550 5.6.0` when it is
-    /// ambiguous, `552 5.3.4` over a limit.
-    async fn refuse_header_section(&mut self, tx: Transaction, err: SectionError) -> Reply {
-        tracing::info!(id = %tx.id, problem = err.label(), detail = %err, "header section refused");
-        let reply = if err.is_limit() {
-            Reply::header_section_too_large(&err.to_string())
-        } else {
-            Reply::header_section_malformed(&err.to_string())
-        };
-        self.refuse_message(tx, reply).await
+/// The SMTP path's sources for [`evaluate`]: the envelope checks started while the
+/// client talked, and the policy decided stage by stage.
+struct Live<'a> {
+    conn: &'a mut Connection,
+    tx: &'a mut Transaction,
+}
+
+impl Sources for Live<'_> {
+    fn envelope_checks(
+        &mut self,
+        _auth: &Arc<Authenticator>,
+    ) -> impl Future<Output = EnvelopeChecks> + Send {
+        self.conn.envelope_checks(self.tx)
     }
 
-    /// A verdict that refuses the message: record, reply.
-    async fn refuse_with(&mut self, tx: Transaction, verdict: Verdict) -> Reply {
-        let reply = verdict.reply.unwrap_or_else(Reply::local_error);
-        self.refuse_message(tx, reply).await
+    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> Option<PolicyHit> {
+        self.conn.policy_at_data(self.tx, report)
     }
 }
 
@@ -287,15 +296,15 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
         "dmarc",
         format!("{}({})", report.dmarc.result, report.dmarc.domain),
     ));
-    record.action = Some(verdict.action.as_str());
-    record.rule = verdict.rule.as_ref().map(|r| r.to_string());
+    record.action = Some(verdict.action().as_str());
+    record.rule = verdict.rule().map(|r| r.to_string());
     let guard_refused = own_domain_record(tx, verdict);
-    let label = match (report.dmarc.result, verdict.action) {
+    let label = match (report.dmarc.result, verdict.action()) {
         // The own-domain guard refused, not DMARC (counted as reason `own_domain`).
         _ if guard_refused => None,
         (AuthResult::Fail, Action::Reject) => Some("reject"),
         (AuthResult::Fail, Action::Quarantine) => Some("quarantine"),
-        (AuthResult::Fail, _) if verdict.dmarc_override.is_some() => Some("override"),
+        (AuthResult::Fail, _) if verdict.dmarc_override().is_some() => Some("override"),
         (AuthResult::Fail, _) => Some("none"),
         (AuthResult::TempError, Action::Tempfail) => Some("tempfail"),
         (AuthResult::TempError, _) => Some("none"),
@@ -306,11 +315,7 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
             .with_label_values(&[label])
             .inc();
     }
-    if let Some(sealer) = verdict
-        .dmarc_override
-        .as_ref()
-        .and_then(|n| n.sealer.as_deref())
-    {
+    if let Some(sealer) = verdict.dmarc_override().and_then(|n| n.sealer.as_deref()) {
         arc_metrics::override_applied(sealer);
     }
 }
@@ -318,7 +323,7 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
 /// The own-domain guard's decision in the transaction log, and a line of its own when
 /// it refuses. Returns whether it refused.
 fn own_domain_record(tx: &mut Transaction, verdict: &Verdict) -> bool {
-    let Some(note) = &verdict.own_domain else {
+    let Some(note) = verdict.own_domain() else {
         return false;
     };
     tx.record

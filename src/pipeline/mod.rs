@@ -7,6 +7,7 @@
 
 mod assess;
 mod deliver;
+pub mod evaluate;
 pub mod metrics;
 pub mod own_domain;
 mod pending;
@@ -17,6 +18,7 @@ mod stages;
 pub mod verdict;
 
 pub use assess::{EnvelopeChecks, assess};
+pub use evaluate::{Evaluation, evaluate};
 pub use record::{Outcome, TransactionRecord};
 pub use stages::MailParams;
 

@@ -14,7 +14,7 @@
 //! Pure: no I/O. The caller logs and counts what the guard decided.
 
 use super::policy::PolicyHit;
-use super::verdict::{Action, DmarcSettings, Verdict, trusted_sealer_override};
+use super::verdict::{DmarcSettings, Verdict, trusted_sealer_override};
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::policy::Action as PolicyAction;
 use crate::smtp::reply::Reply;
@@ -87,24 +87,23 @@ pub fn apply(
             reason,
         })
     };
-    if matches!(verdict.action, Action::Reject | Action::Tempfail) {
-        verdict.own_domain = note("not_applied", "the message is refused anyway".into());
+    if let Verdict::Refuse { why, .. } = &mut verdict {
+        why.own_domain = note("not_applied", "the message is refused anyway".into());
         return verdict;
     }
     if let Some(why) = proof(settings, report, policy, &domain) {
-        verdict.own_domain = note("pass", why);
+        verdict.why_mut().own_domain = note("pass", why);
         return verdict;
     }
-    let rule = verdict.rule.clone();
+    let rule = verdict.rule().cloned();
     let mut refused = if report.dmarc.result == AuthResult::TempError {
         let mut v = Verdict::refuse(
-            Action::Tempfail,
             Reply::dmarc_temperror(&domain),
             format!(
                 "own-domain guard: From {domain} is ours and DMARC could not be evaluated (DNS error)"
             ),
         );
-        v.own_domain = note("tempfail", "DMARC temperror".into());
+        v.why_mut().own_domain = note("tempfail", "DMARC temperror".into());
         v
     } else {
         let why = if report.from.domains.len() > 1 {
@@ -116,14 +115,13 @@ pub fn apply(
             )
         };
         let mut v = Verdict::refuse(
-            Action::Reject,
             Reply::own_domain_spoof(&domain),
             format!("own-domain guard: From {domain} is ours but {why}"),
         );
-        v.own_domain = note("refuse", why);
+        v.why_mut().own_domain = note("refuse", why);
         v
     };
-    refused.rule = rule;
+    refused.why_mut().rule = rule;
     refused
 }
 
@@ -178,6 +176,7 @@ mod tests {
     use super::*;
     use crate::auth::results::*;
     use crate::config::TempErrorAction;
+    use crate::pipeline::verdict::Action;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {
@@ -270,8 +269,8 @@ mod tests {
     #[test]
     fn a_spoof_under_p_none_is_refused() {
         let v = decide(&report("ceo@example.test", AuthResult::Fail), None);
-        assert_eq!(v.action, Action::Reject);
-        let reply = v.reply.unwrap();
+        assert_eq!(v.action(), Action::Reject);
+        let reply = v.reply().unwrap().clone();
         assert_eq!(
             (
                 reply.code(),
@@ -280,13 +279,13 @@ mod tests {
             ),
             (550, "5.7.1".into(), "own_domain")
         );
-        assert_eq!(v.own_domain.unwrap().decision, "refuse");
+        assert_eq!(v.own_domain().unwrap().decision, "refuse");
         // Subdomains count; no DMARC record at all is no proof either.
         let v = decide(&report("ceo@hr.example.test", AuthResult::None), None);
-        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.action(), Action::Reject);
         // Other domains are not the guard's business.
         let v = decide(&report("ceo@other.test", AuthResult::Fail), None);
-        assert_eq!((v.action, v.own_domain), (Action::Deliver, None));
+        assert_eq!((v.action(), v.own_domain()), (Action::Deliver, None));
     }
 
     #[test]
@@ -298,13 +297,13 @@ mod tests {
             Some(&report("ceo@example.test", AuthResult::Fail)),
             None,
         );
-        assert_eq!(v.action, Action::Deliver);
+        assert_eq!(v.action(), Action::Deliver);
     }
 
     #[test]
     fn proof_lets_own_domain_mail_through() {
         assert_eq!(
-            decide(&report("ceo@example.test", AuthResult::Pass), None).action,
+            decide(&report("ceo@example.test", AuthResult::Pass), None).action(),
             Action::Deliver
         );
         // No DMARC record, but DKIM by our domain passed.
@@ -318,15 +317,15 @@ mod tests {
             reason: None,
         });
         let v = decide(&r, None);
-        assert_eq!(v.action, Action::Deliver, "{}", v.reason);
+        assert_eq!(v.action(), Action::Deliver, "{}", v.reason());
         // ...but not when our published DMARC says the message fails.
         r.dmarc.result = AuthResult::Fail;
         r.dkim[0].domain = "attacker.test".into();
-        assert_eq!(decide(&r, None).action, Action::Reject);
+        assert_eq!(decide(&r, None).action(), Action::Reject);
         let r = report("ceo@example.test", AuthResult::Fail);
         let v = decide(&r, Some(&hit(PolicyAction::Accept, true)));
-        assert_eq!(v.action, Action::Deliver);
-        assert_eq!(v.own_domain.unwrap().decision, "pass");
+        assert_eq!(v.action(), Action::Deliver);
+        assert_eq!(v.own_domain().unwrap().decision, "pass");
     }
 
     #[test]
@@ -338,13 +337,13 @@ mod tests {
             PolicyAction::Tag("X-T".into(), "1".into()),
         ] {
             let v = decide(&r, Some(&hit(action.clone(), false)));
-            assert_eq!(v.action, Action::Reject, "{action:?}");
-            assert_eq!(v.rule.as_deref(), Some("r"));
+            assert_eq!(v.action(), Action::Reject, "{action:?}");
+            assert_eq!(v.rule().map(|r| &**r), Some("r"));
         }
         // A quarantine rule with evidence quarantines, it does not deliver outright:
         // only `accept` lifts the guard.
         let v = decide(&r, Some(&hit(PolicyAction::Quarantine(None), true)));
-        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.action(), Action::Reject);
     }
 
     #[test]
@@ -352,9 +351,9 @@ mod tests {
         let mut r = report("ceo@example.test", AuthResult::Pass);
         r.from.addresses.push("x@other.test".into());
         r.from.domains.push("other.test".into());
-        assert_eq!(decide(&r, None).action, Action::Reject);
+        assert_eq!(decide(&r, None).action(), Action::Reject);
         assert_eq!(
-            decide(&r, Some(&hit(PolicyAction::Accept, true))).action,
+            decide(&r, Some(&hit(PolicyAction::Accept, true))).action(),
             Action::Deliver
         );
     }
@@ -368,7 +367,10 @@ mod tests {
             Some(&report("ceo@example.test", AuthResult::TempError)),
             None,
         );
-        assert_eq!((v.action, v.reply.unwrap().code()), (Action::Tempfail, 451));
+        assert_eq!(
+            (v.action(), v.reply().unwrap().clone().code()),
+            (Action::Tempfail, 451)
+        );
     }
 
     #[test]
@@ -378,8 +380,8 @@ mod tests {
         r.arc.sealer = Some("edge.test".into());
         r.arc.sealer_results =
             Some("i=1; mx.edge.test; dmarc=pass header.from=example.test".into());
-        assert_eq!(decide(&r, None).action, Action::Deliver);
+        assert_eq!(decide(&r, None).action(), Action::Deliver);
         r.arc.sealer = Some("attacker.test".into());
-        assert_eq!(decide(&r, None).action, Action::Reject);
+        assert_eq!(decide(&r, None).action(), Action::Reject);
     }
 }

@@ -3,6 +3,7 @@
 //! bypass the other sender checks.
 
 use super::{Connection, Pending, Transaction};
+use crate::auth::Authenticator;
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::policy::{Action, Facts, Policy, Rule, evaluate, metrics};
 use crate::smtp::reply::Reply;
@@ -50,15 +51,7 @@ impl Connection {
         let helo = self.helo.clone().unwrap_or_default();
         let mail_from = mail_from.to_string();
         self.spf_records = Some(Pending::spawn(async move {
-            let mut results = HashMap::with_capacity(records.len());
-            for record in records {
-                let authorised = auth
-                    .spf_record_authorizes(ip, &record, &helo, &mail_from)
-                    .await
-                    == AuthResult::Pass;
-                results.insert(record, authorised);
-            }
-            results
+            spf_record_results(&auth, ip, &records, &helo, &mail_from).await
         }));
     }
 
@@ -67,10 +60,7 @@ impl Connection {
         let Some(policy) = self.policy() else {
             return Ok(());
         };
-        let facts = Facts {
-            client_ip: Some(self.client_ip),
-            ..Facts::default()
-        };
+        let facts = connect_facts(self.client_ip);
         let mut seen = std::mem::take(&mut self.shadow_seen);
         let decided = decide(policy.disposition_rules(), &facts, &mut seen);
         self.shadow_seen = seen;
@@ -343,6 +333,35 @@ pub fn full_facts(
         dmarc: report.map_or(AuthResult::None, |r| r.dmarc.result),
         arc: report.map_or(AuthResult::None, |r| r.arc.result),
     }
+}
+
+/// What is known at connect, before waiting for DNS: the client IP.
+pub fn connect_facts(client_ip: std::net::IpAddr) -> Facts<'static> {
+    Facts {
+        client_ip: Some(client_ip),
+        ..Facts::default()
+    }
+}
+
+/// Whether each SPF record the rules refer to authorises the client, with the same
+/// identities as the MAIL FROM SPF check: for the SMTP path (started at MAIL) and
+/// `explain` alike.
+pub async fn spf_record_results(
+    auth: &Authenticator,
+    ip: std::net::IpAddr,
+    records: &[String],
+    helo: &str,
+    mail_from: &str,
+) -> HashMap<String, bool> {
+    let mut results = HashMap::with_capacity(records.len());
+    for record in records {
+        let authorised = auth
+            .spf_record_authorizes(ip, record, helo, mail_from)
+            .await
+            == AuthResult::Pass;
+        results.insert(record.clone(), authorised);
+    }
+    results
 }
 
 /// Evaluates `rules`, counting shadow matches once per transaction; the caller counts

@@ -113,7 +113,7 @@ impl Connection {
         if tx.rcpts.len() >= self.snapshot.limits.max_recipients {
             return Reply::too_many_recipients();
         }
-        let Some(address) = self.local_recipient(&rcpt.address) else {
+        let Some(address) = self.snapshot.local_recipient(&rcpt.address) else {
             tx.record.rejected_rcpts += 1;
             return Reply::relay_denied(&rcpt.address);
         };
@@ -165,24 +165,6 @@ impl Connection {
         let outcome = crate::pipeline::Outcome::from_reply(&reply, false);
         tx.record.finish(outcome, &reply, tx.started.elapsed());
         reply
-    }
-
-    /// The recipient in the form we relay it, if it is in one of our domains.
-    /// `<postmaster>` without a domain must be accepted (RFC 5321 section 4.5.1);
-    /// smtp-proto reports it as an empty address.
-    fn local_recipient(&self, address: &str) -> Option<String> {
-        if address.is_empty() || address.eq_ignore_ascii_case("postmaster") {
-            let domain = self.snapshot.loaded.config.server.domains.first()?;
-            return Some(format!("postmaster@{domain}"));
-        }
-        let (local, domain) = address.rsplit_once('@')?;
-        if local.is_empty() {
-            return None;
-        }
-        let domain = idna::domain_to_ascii(domain.trim_end_matches('.')).ok()?;
-        self.snapshot
-            .accepts_domain(&domain)
-            .then(|| address.to_string())
     }
 }
 

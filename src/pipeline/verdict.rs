@@ -30,50 +30,150 @@ impl Action {
     }
 }
 
+/// What happens to a message. A refusal carries its reply; delivered mail gets the
+/// backend's reply, so there is none here.
 #[derive(Clone, Debug)]
-pub struct Verdict {
-    pub action: Action,
-    /// The reply for `Reject` and `Tempfail`; delivered mail gets the backend's reply.
-    pub reply: Option<Reply>,
-    /// Header fields to add (quarantine marker, policy tags).
-    pub headers: Vec<(String, String)>,
+pub enum Verdict {
+    Deliver {
+        /// Marked with the quarantine header (and maybe sent to `redirect`).
+        quarantine: bool,
+        /// Header fields to add (quarantine marker, policy tags).
+        headers: Vec<(String, String)>,
+        /// Quarantine to this address instead of the recipients.
+        redirect: Option<String>,
+        /// Set when a DMARC failure was not enforced.
+        dmarc_override: Option<OverrideNote>,
+        why: Why,
+    },
+    /// Refused with `reply`: a 5xx is a reject, a 4xx a tempfail (the policy compiler
+    /// and the reply constructors keep each action in its class).
+    Refuse { reply: Reply, why: Why },
+}
+
+/// Why a verdict was reached: for logs, the transaction record and `explain`.
+#[derive(Clone, Debug, Default)]
+pub struct Why {
     /// One line for logs and `explain`.
     pub reason: String,
-    /// Set when a DMARC failure was not enforced.
-    pub dmarc_override: Option<OverrideNote>,
     /// The policy rule that decided, if any.
     pub rule: Option<Arc<str>>,
-    /// Quarantine to this address instead of the recipients.
-    pub redirect: Option<String>,
     /// What the own-domain guard decided, when From is one of our domains.
     pub own_domain: Option<super::own_domain::GuardNote>,
 }
 
 impl Verdict {
     pub fn deliver(reason: impl Into<String>) -> Self {
-        Verdict {
-            action: Action::Deliver,
-            reply: None,
+        Verdict::Deliver {
+            quarantine: false,
             headers: Vec::new(),
-            reason: reason.into(),
-            dmarc_override: None,
-            rule: None,
             redirect: None,
-            own_domain: None,
+            dmarc_override: None,
+            why: Why {
+                reason: reason.into(),
+                ..Why::default()
+            },
         }
     }
 
-    pub fn refuse(action: Action, reply: Reply, reason: impl Into<String>) -> Self {
-        Verdict {
-            action,
-            reply: Some(reply),
-            headers: Vec::new(),
-            reason: reason.into(),
+    /// Delivered with the quarantine header, to `redirect` if set.
+    pub fn quarantine(
+        reason: impl Into<String>,
+        header: (String, String),
+        redirect: Option<String>,
+    ) -> Self {
+        Verdict::Deliver {
+            quarantine: true,
+            headers: vec![header],
+            redirect,
             dmarc_override: None,
-            rule: None,
-            redirect: None,
-            own_domain: None,
+            why: Why {
+                reason: reason.into(),
+                ..Why::default()
+            },
         }
+    }
+
+    pub fn refuse(reply: Reply, reason: impl Into<String>) -> Self {
+        Verdict::Refuse {
+            reply,
+            why: Why {
+                reason: reason.into(),
+                ..Why::default()
+            },
+        }
+    }
+
+    pub fn action(&self) -> Action {
+        match self {
+            Verdict::Deliver {
+                quarantine: false, ..
+            } => Action::Deliver,
+            Verdict::Deliver {
+                quarantine: true, ..
+            } => Action::Quarantine,
+            Verdict::Refuse { reply, .. } if reply.is_permanent() => Action::Reject,
+            Verdict::Refuse { .. } => Action::Tempfail,
+        }
+    }
+
+    /// The refusal's reply; `None` for a message to deliver.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Verdict::Refuse { reply, .. } => Some(reply),
+            Verdict::Deliver { .. } => None,
+        }
+    }
+
+    pub fn why(&self) -> &Why {
+        match self {
+            Verdict::Deliver { why, .. } | Verdict::Refuse { why, .. } => why,
+        }
+    }
+
+    pub fn why_mut(&mut self) -> &mut Why {
+        match self {
+            Verdict::Deliver { why, .. } | Verdict::Refuse { why, .. } => why,
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.why().reason
+    }
+
+    pub fn rule(&self) -> Option<&Arc<str>> {
+        self.why().rule.as_ref()
+    }
+
+    pub fn own_domain(&self) -> Option<&super::own_domain::GuardNote> {
+        self.why().own_domain.as_ref()
+    }
+
+    pub fn dmarc_override(&self) -> Option<&OverrideNote> {
+        match self {
+            Verdict::Deliver { dmarc_override, .. } => dmarc_override.as_ref(),
+            Verdict::Refuse { .. } => None,
+        }
+    }
+
+    pub fn headers(&self) -> &[(String, String)] {
+        match self {
+            Verdict::Deliver { headers, .. } => headers,
+            Verdict::Refuse { .. } => &[],
+        }
+    }
+
+    pub fn redirect(&self) -> Option<&str> {
+        match self {
+            Verdict::Deliver { redirect, .. } => redirect.as_deref(),
+            Verdict::Refuse { .. } => None,
+        }
+    }
+
+    fn with_override(mut self, note: OverrideNote) -> Self {
+        if let Verdict::Deliver { dmarc_override, .. } = &mut self {
+            *dmarc_override = Some(note);
+        }
+        self
     }
 }
 
@@ -117,38 +217,33 @@ fn decide_policy_and_dmarc(
     };
     let rule = format!("policy rule `{}`", hit.rule);
     let mut verdict = match &hit.action {
-        PolicyAction::Reject(reply) => {
-            Verdict::refuse(Action::Reject, reply.clone(), format!("{rule} rejects"))
-        }
-        PolicyAction::Tempfail(reply) => {
-            Verdict::refuse(Action::Tempfail, reply.clone(), format!("{rule} defers"))
-        }
+        PolicyAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
+        PolicyAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
         PolicyAction::Accept => {
-            let mut verdict = Verdict::deliver(format!("{rule} accepts"));
+            let verdict = Verdict::deliver(format!("{rule} accepts"));
             if report.is_some_and(|r| r.dmarc.result == AuthResult::Fail) {
-                verdict.dmarc_override = Some(OverrideNote {
+                verdict.with_override(OverrideNote {
                     reason: rule.clone(),
                     kind: "local_policy",
                     sealer: None,
-                });
+                })
+            } else {
+                verdict
             }
-            verdict
         }
-        PolicyAction::Quarantine(to) => {
-            let mut verdict = Verdict::deliver(format!("{rule} quarantines"));
-            verdict.action = Action::Quarantine;
-            verdict.headers.push(settings.quarantine_header.clone());
-            verdict.redirect = to.clone();
-            verdict
-        }
+        PolicyAction::Quarantine(to) => Verdict::quarantine(
+            format!("{rule} quarantines"),
+            settings.quarantine_header.clone(),
+            to.clone(),
+        ),
         PolicyAction::Tag(name, value) => {
             let mut verdict = match report {
                 Some(report) => decide_dmarc(settings, report),
                 None => Verdict::deliver("no sender checks ran"),
             };
-            if verdict.reply.is_none() {
-                verdict.headers.push((name.clone(), value.clone()));
-                verdict.reason = format!("{}; {rule} tags", verdict.reason);
+            if let Verdict::Deliver { headers, why, .. } = &mut verdict {
+                headers.push((name.clone(), value.clone()));
+                why.reason = format!("{}; {rule} tags", why.reason);
             }
             verdict
         }
@@ -158,7 +253,7 @@ fn decide_policy_and_dmarc(
             None => Verdict::deliver("no sender checks ran"),
         },
     };
-    verdict.rule = Some(hit.rule.clone());
+    verdict.why_mut().rule = Some(hit.rule.clone());
     verdict
 }
 
@@ -168,7 +263,6 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
         && let Some(problem) = report.from.problem()
     {
         return Verdict::refuse(
-            Action::Reject,
             Reply::from_header_invalid(problem),
             format!("From header field: {problem}"),
         );
@@ -177,7 +271,6 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
     match dmarc.result {
         AuthResult::TempError => match settings.on_temperror {
             TempErrorAction::Tempfail => Verdict::refuse(
-                Action::Tempfail,
                 Reply::dmarc_temperror(&dmarc.domain),
                 format!("DMARC temperror for {}", dmarc.domain),
             ),
@@ -197,28 +290,22 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
             if dmarc.applied_policy != DmarcPolicy::None
                 && let Some(note) = trusted_sealer_override(settings, report)
             {
-                let mut verdict = Verdict::deliver(format!(
+                return Verdict::deliver(format!(
                     "DMARC failed for {} ({failure}) but {}",
                     dmarc.domain, note.reason
-                ));
-                verdict.dmarc_override = Some(note);
-                return verdict;
+                ))
+                .with_override(note);
             }
             match dmarc.applied_policy {
                 DmarcPolicy::Reject => Verdict::refuse(
-                    Action::Reject,
                     Reply::dmarc_reject(&dmarc.domain, failure),
                     format!("DMARC p=reject failed for {} ({failure})", dmarc.domain),
                 ),
-                DmarcPolicy::Quarantine => {
-                    let mut verdict = Verdict::deliver(format!(
-                        "DMARC p=quarantine failed for {} ({failure})",
-                        dmarc.domain
-                    ));
-                    verdict.action = Action::Quarantine;
-                    verdict.headers.push(settings.quarantine_header.clone());
-                    verdict
-                }
+                DmarcPolicy::Quarantine => Verdict::quarantine(
+                    format!("DMARC p=quarantine failed for {} ({failure})", dmarc.domain),
+                    settings.quarantine_header.clone(),
+                    None,
+                ),
                 DmarcPolicy::None => Verdict::deliver(format!(
                     "DMARC failed for {} ({failure}); policy is none",
                     dmarc.domain
@@ -378,8 +465,8 @@ mod tests {
             Some(&report(AuthResult::Fail, DmarcPolicy::Reject)),
             None,
         );
-        assert_eq!(v.action, Action::Reject);
-        let reply = v.reply.unwrap();
+        assert_eq!(v.action(), Action::Reject);
+        let reply = v.reply().unwrap().clone();
         assert_eq!(
             (reply.code(), reply.status().unwrap().to_string()),
             (550, "5.7.1".into())
@@ -390,9 +477,9 @@ mod tests {
             Some(&report(AuthResult::Fail, DmarcPolicy::Quarantine)),
             None,
         );
-        assert_eq!(v.action, Action::Quarantine);
+        assert_eq!(v.action(), Action::Quarantine);
         assert_eq!(
-            v.headers,
+            v.headers(),
             vec![("X-Spam-Flag".to_string(), "YES".to_string())]
         );
         let v = decide(
@@ -400,13 +487,13 @@ mod tests {
             Some(&report(AuthResult::Fail, DmarcPolicy::None)),
             None,
         );
-        assert_eq!(v.action, Action::Deliver);
+        assert_eq!(v.action(), Action::Deliver);
         let v = decide(
             &settings(),
             Some(&report(AuthResult::Pass, DmarcPolicy::Reject)),
             None,
         );
-        assert_eq!(v.action, Action::Deliver);
+        assert_eq!(v.action(), Action::Deliver);
     }
 
     #[test]
@@ -416,8 +503,8 @@ mod tests {
             Some(&report(AuthResult::TempError, DmarcPolicy::None)),
             None,
         );
-        assert_eq!(v.action, Action::Tempfail);
-        assert_eq!(v.reply.unwrap().code(), 451);
+        assert_eq!(v.action(), Action::Tempfail);
+        assert_eq!(v.reply().unwrap().clone().code(), 451);
         let mut accepting = settings();
         accepting.on_temperror = TempErrorAction::Accept;
         assert_eq!(
@@ -426,7 +513,7 @@ mod tests {
                 Some(&report(AuthResult::TempError, DmarcPolicy::None)),
                 None
             )
-            .action,
+            .action(),
             Action::Deliver
         );
     }
@@ -441,7 +528,7 @@ mod tests {
                 Some(&report(AuthResult::Fail, DmarcPolicy::Reject)),
                 None
             )
-            .action,
+            .action(),
             Action::Deliver
         );
     }
@@ -451,12 +538,12 @@ mod tests {
         let mut r = report(AuthResult::None, DmarcPolicy::None);
         r.from.fields = 2;
         let v = decide(&settings(), Some(&r), None);
-        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.action(), Action::Reject);
         r.from.fields = 0;
-        assert_eq!(decide(&settings(), Some(&r), None).action, Action::Reject);
+        assert_eq!(decide(&settings(), Some(&r), None).action(), Action::Reject);
         r.from.fields = 1;
         r.from.domains.clear();
-        assert_eq!(decide(&settings(), Some(&r), None).action, Action::Reject);
+        assert_eq!(decide(&settings(), Some(&r), None).action(), Action::Reject);
     }
 
     #[test]
@@ -466,11 +553,11 @@ mod tests {
         r.from.domains = (0..10).map(|i| format!("d{i}.test")).collect();
         let mut lenient = settings();
         lenient.reject_invalid_from = false;
-        assert_eq!(decide(&lenient, Some(&r), None).action, Action::Deliver);
+        assert_eq!(decide(&lenient, Some(&r), None).action(), Action::Deliver);
         r.from.domains.push("d10.test".into());
         let v = decide(&lenient, Some(&r), None);
-        assert_eq!(v.action, Action::Reject);
-        assert_eq!(v.reply.unwrap().code(), 550);
+        assert_eq!(v.action(), Action::Reject);
+        assert_eq!(v.reply().unwrap().clone().code(), 550);
     }
 }
 
@@ -544,8 +631,8 @@ mod override_tests {
             Some(&failing("edge.example", AuthResult::Pass, GOOD_AAR)),
             None,
         );
-        assert_eq!(verdict.action, Action::Deliver);
-        let note = verdict.dmarc_override.unwrap();
+        assert_eq!(verdict.action(), Action::Deliver);
+        let note = verdict.dmarc_override().unwrap();
         assert_eq!(note.sealer.as_deref(), Some("edge.example"));
         assert!(note.reason.contains("dmarc=pass"), "{}", note.reason);
     }
@@ -559,7 +646,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Deliver
         );
     }
@@ -577,7 +664,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None,
             );
-            assert_eq!(verdict.action, Action::Reject, "{aar}");
+            assert_eq!(verdict.action(), Action::Reject, "{aar}");
         }
     }
 
@@ -590,7 +677,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Fail, GOOD_AAR)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
         // A sealer nobody trusts (e.g. the attacker's own seal).
@@ -600,7 +687,7 @@ mod override_tests {
                 Some(&failing("attacker.test", AuthResult::Pass, GOOD_AAR)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
         // The trusted sealer did not see a pass either.
@@ -611,7 +698,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
         // A pass recorded for another From domain.
@@ -622,7 +709,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
         // A dmarc=pass that does not say for which From domain.
@@ -633,7 +720,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
         // A pass for a parent domain or a look-alike is not a pass for ours.
@@ -650,7 +737,7 @@ mod override_tests {
                     Some(&failing("edge.example", AuthResult::Pass, aar)),
                     None
                 )
-                .action,
+                .action(),
                 Action::Reject,
                 "{aar}"
             );
@@ -663,7 +750,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Deliver
         );
         // A pass hidden in a comment.
@@ -674,7 +761,7 @@ mod override_tests {
                 Some(&failing("edge.example", AuthResult::Pass, aar)),
                 None
             )
-            .action,
+            .action(),
             Action::Reject
         );
     }
@@ -754,9 +841,9 @@ mod policy_tests {
     #[test]
     fn accept_overrides_a_dmarc_failure_and_says_so() {
         let v = decide(&settings(), Some(&failing()), Some(&hit(Rule::Accept)));
-        assert_eq!(v.action, Action::Deliver);
-        assert_eq!(v.dmarc_override.unwrap().reason, "policy rule `r`");
-        assert_eq!(v.rule.as_deref(), Some("r"));
+        assert_eq!(v.action(), Action::Deliver);
+        assert_eq!(v.dmarc_override().unwrap().reason, "policy rule `r`");
+        assert_eq!(v.rule().map(|r| &**r), Some("r"));
     }
 
     #[test]
@@ -766,7 +853,7 @@ mod policy_tests {
             Some(&failing()),
             Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
         );
-        assert_eq!(v.action, Action::Reject, "a tag does not allowlist");
+        assert_eq!(v.action(), Action::Reject, "a tag does not allowlist");
         let mut passing = failing();
         passing.dmarc.result = AuthResult::Pass;
         let v = decide(
@@ -774,7 +861,7 @@ mod policy_tests {
             Some(&passing),
             Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
         );
-        assert_eq!(v.headers, vec![("X-T".to_string(), "1".to_string())]);
+        assert_eq!(v.headers(), [("X-T".to_string(), "1".to_string())]);
     }
 
     #[test]
@@ -784,14 +871,17 @@ mod policy_tests {
             Some(&failing()),
             Some(&hit(Rule::Quarantine(Some("q@example.test".into())))),
         );
-        assert_eq!(v.action, Action::Quarantine);
-        assert_eq!(v.redirect.as_deref(), Some("q@example.test"));
-        assert_eq!(v.headers[0].0, "X-Spam-Flag");
+        assert_eq!(v.action(), Action::Quarantine);
+        assert_eq!(v.redirect(), Some("q@example.test"));
+        assert_eq!(v.headers()[0].0, "X-Spam-Flag");
         let v = decide(
             &settings(),
             None,
             Some(&hit(Rule::Tempfail(Reply::policy_tempfail_default("r")))),
         );
-        assert_eq!((v.action, v.reply.unwrap().code()), (Action::Tempfail, 451));
+        assert_eq!(
+            (v.action(), v.reply().unwrap().clone().code()),
+            (Action::Tempfail, 451)
+        );
     }
 }
