@@ -16,33 +16,33 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub server: Server,
+    pub server: ServerConfig,
     #[serde(default)]
-    pub tls: Option<Tls>,
+    pub tls: Option<TlsConfig>,
     pub backend: Vec<BackendSpec>,
     #[serde(default)]
-    pub relay: Relay,
+    pub relay: RelayConfig,
     #[serde(default)]
-    pub dns: Dns,
+    pub dns: DnsConfig,
     #[serde(default)]
-    pub auth: Auth,
+    pub auth: AuthConfig,
     #[serde(default)]
-    pub dmarc: Dmarc,
+    pub dmarc: DmarcConfig,
     #[serde(default)]
-    pub arc: Option<Arc>,
+    pub arc: Option<ArcConfig>,
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: PolicyConfig,
     #[serde(default)]
-    pub metrics: Option<Metrics>,
+    pub metrics: Option<MetricsConfig>,
     #[serde(default)]
-    pub log: Log,
+    pub log: LogConfig,
     #[serde(default)]
-    pub limits: ClientLimits,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Server {
+pub struct ServerConfig {
     /// Our name: greeting, Received, authserv-id of Authentication-Results.
     pub hostname: DomainName,
     pub listen: Vec<SocketAddr>,
@@ -160,7 +160,7 @@ pub enum BareLineEndings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
+pub struct TlsConfig {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
     /// `true`: MAIL before STARTTLS gets `530 5.7.0`.
@@ -242,7 +242,7 @@ impl fmt::Display for BackendSpec {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Relay {
+pub struct RelayConfig {
     /// STARTTLS to the backend: `off`, `opportunistic` (if offered) or `required`.
     pub tls: RelayTls,
     /// Verify the backend's certificate (against `ca_certificates`, else public roots).
@@ -270,9 +270,9 @@ pub struct Relay {
     pub recipient_cache: RelayRecipientCache,
 }
 
-impl Default for Relay {
+impl Default for RelayConfig {
     fn default() -> Self {
-        Relay {
+        RelayConfig {
             tls: RelayTls::Opportunistic,
             verify_certificate: false,
             ca_certificates: None,
@@ -357,7 +357,7 @@ impl Default for RelayRecipientCache {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dns {
+pub struct DnsConfig {
     /// `ip:port` list, UDP with TCP fallback; absent = the system's resolv.conf.
     pub nameservers: Option<Vec<SocketAddr>>,
     #[serde(with = "humantime_serde")]
@@ -366,9 +366,9 @@ pub struct Dns {
     pub cache_entries: u64,
 }
 
-impl Default for Dns {
+impl Default for DnsConfig {
     fn default() -> Self {
-        Dns {
+        DnsConfig {
             nameservers: None,
             timeout: Duration::from_secs(5),
             attempts: 2,
@@ -379,7 +379,7 @@ impl Default for Dns {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Auth {
+pub struct AuthConfig {
     /// Run SPF, DKIM, DMARC, ARC and iprev on mail from untrusted clients.
     pub enabled: bool,
     /// Write explanatory comments in Authentication-Results. Set `false` for Exchange
@@ -390,9 +390,9 @@ pub struct Auth {
     pub timeouts: AuthTimeouts,
 }
 
-impl Default for Auth {
+impl Default for AuthConfig {
     fn default() -> Self {
-        Auth {
+        AuthConfig {
             enabled: true,
             comments: true,
             max_dkim_signatures: 10,
@@ -424,7 +424,7 @@ impl Default for AuthTimeouts {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dmarc {
+pub struct DmarcConfig {
     /// Apply the sender's published policy (reject / quarantine).
     pub enforce: bool,
     /// Header added to quarantined mail, `Name: value`.
@@ -440,9 +440,9 @@ pub struct Dmarc {
     pub protect_own_domains: bool,
 }
 
-impl Default for Dmarc {
+impl Default for DmarcConfig {
     fn default() -> Self {
-        Dmarc {
+        DmarcConfig {
             enforce: true,
             quarantine_header: "X-Spam-Flag: YES".into(),
             on_temperror: TempErrorAction::Tempfail,
@@ -461,7 +461,7 @@ pub enum TempErrorAction {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Arc {
+pub struct ArcConfig {
     /// Seal relayed messages; default: on when a key is configured.
     #[serde(default)]
     pub seal: Option<bool>,
@@ -487,7 +487,7 @@ pub struct ArcKey {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Policy {
+pub struct PolicyConfig {
     /// Glob patterns of policy files, relative to the config file.
     pub files: Vec<String>,
     /// How often config and policy files are checked for changes (SIGHUP reloads at once).
@@ -497,7 +497,7 @@ pub struct Policy {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Metrics {
+pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
@@ -505,7 +505,7 @@ pub struct Metrics {
 /// us spend. 0 turns a rate or budget off.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClientLimits {
+pub struct LimitsConfig {
     /// IPv6 clients are counted by this prefix (one host can hold a whole /64).
     pub ipv6_prefix_length: u8,
     /// New connections per client per minute; over it `421 4.7.0` at connect.
@@ -539,9 +539,9 @@ pub struct ClientLimits {
     pub store_connection_ttl: Duration,
 }
 
-impl Default for ClientLimits {
+impl Default for LimitsConfig {
     fn default() -> Self {
-        ClientLimits {
+        LimitsConfig {
             ipv6_prefix_length: 64,
             connections_per_minute: 600,
             messages_per_minute: 1200,
@@ -559,15 +559,15 @@ impl Default for ClientLimits {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Log {
+pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `mxgate=debug`.
     pub level: String,
 }
 
-impl Default for Log {
+impl Default for LogConfig {
     fn default() -> Self {
-        Log {
+        LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
         }
