@@ -16,26 +16,38 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The SMTP listener: names, addresses, sizes, connection limits, timeouts.
     pub server: ServerConfig,
+    /// STARTTLS for clients; absent: no STARTTLS offered.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Mailbox servers accepted mail is relayed to (at least one).
     pub backend: Vec<BackendSpec>,
+    /// How we talk to the backends.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// The resolver used by the sender checks.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Sender checks (SPF, DKIM, DMARC, ARC, iprev).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// What DMARC results do to a message.
     #[serde(default)]
     pub dmarc: DmarcConfig,
+    /// ARC sealing and trusted sealers; absent: no sealing.
     #[serde(default)]
     pub arc: Option<ArcConfig>,
+    /// Policy rule files and how often they are reloaded.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Prometheus endpoint; absent: none.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Log format and filter.
     #[serde(default)]
     pub log: LogConfig,
+    /// Per-client rates and budgets.
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -45,31 +57,39 @@ pub struct Config {
 pub struct ServerConfig {
     /// Our name: greeting, Received, authserv-id of Authentication-Results.
     pub hostname: DomainName,
+    /// Addresses the SMTP listener binds (at least one).
     pub listen: Vec<SocketAddr>,
     /// Recipient domains we accept mail for; nothing else (no open relay).
     pub domains: Vec<DomainName>,
+    /// Largest message in bytes (SIZE); default 25 MiB.
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: u64,
+    /// RCPT commands per transaction; default 100.
     #[serde(default = "defaults::max_recipients")]
     pub max_recipients: usize,
     /// Clients relayed without sender checks. Absent or `[]`: trust nobody.
     #[serde(default)]
     pub trusted_networks: Vec<Network>,
+    /// Open client connections in all; default 1000.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Open connections per client address; default 20.
     #[serde(default = "defaults::max_connections_per_ip")]
     pub max_connections_per_ip: usize,
     /// Refusals a client may cause before it gets 421 and is disconnected (see
     /// `Reply::counts_as_client_error`).
     #[serde(default = "defaults::max_errors")]
     pub max_errors: u32,
+    /// Bare CR/LF and NUL in messages: `normalize` (default) or `reject`.
     #[serde(default)]
     pub bare_line_endings: BareLineEndings,
     /// Messages larger than this are spooled to a temporary file instead of memory.
     #[serde(default = "defaults::spool_threshold")]
     pub spool_threshold: usize,
+    /// Where large messages are spooled; default: the system temporary directory.
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
+    /// Client-side deadlines (RFC 5321 section 4.5.3.2).
     #[serde(default)]
     pub timeouts: ServerTimeouts,
     /// Bytes of the header section (up to and including the empty line); more: `552 5.3.4`.
@@ -102,6 +122,7 @@ pub enum LongLines {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyProtocol {
+    /// Load balancer networks whose connections must start with a PROXY header.
     pub trusted_networks: Vec<Network>,
     /// How long a trusted peer has to send the whole header.
     #[serde(default = "defaults::proxy_timeout", with = "humantime_serde")]
@@ -161,7 +182,9 @@ pub enum BareLineEndings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM certificate chain, relative to the config file.
     pub certificate: PathBuf,
+    /// PEM private key for `certificate`.
     pub private_key: PathBuf,
     /// `true`: MAIL before STARTTLS gets `530 5.7.0`.
     #[serde(default)]
@@ -247,12 +270,14 @@ pub struct RelayConfig {
     pub tls: RelayTls,
     /// Verify the backend's certificate (against `ca_certificates`, else public roots).
     pub verify_certificate: bool,
+    /// PEM bundle to verify backends against; default: public roots.
     pub ca_certificates: Option<PathBuf>,
     /// Name to verify and send as SNI; default: the backend's host.
     pub server_name: Option<String>,
     /// Client certificate presented to the backend (Exchange Online connectors match
     /// gateways by certificate subject).
     pub client_certificate: Option<PathBuf>,
+    /// PEM private key for `client_certificate`.
     pub client_key: Option<PathBuf>,
     /// Name we send in EHLO/LHLO to the backend; default `server.hostname`.
     pub helo: Option<DomainName>,
@@ -264,6 +289,7 @@ pub struct RelayConfig {
     /// Idle pooled connections older than this are closed rather than reused.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Deadlines for each step of a relay transaction.
     pub timeouts: RelayTimeouts,
     /// Backend answers to recipient probes, kept so that a recipient is not probed for
     /// every message.
@@ -301,18 +327,25 @@ pub enum RelayTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayTimeouts {
+    /// Opening the TCP connection; default 30s.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
+    /// The backend's greeting, and the TLS handshake after STARTTLS; default 5m.
     #[serde(with = "humantime_serde")]
     pub greeting: Duration,
+    /// Replies to EHLO/LHLO and MAIL; default 5m.
     #[serde(with = "humantime_serde")]
     pub mail: Duration,
+    /// Reply to each RCPT; default 5m.
     #[serde(with = "humantime_serde")]
     pub rcpt: Duration,
+    /// Reply to DATA; default 2m.
     #[serde(with = "humantime_serde")]
     pub data_init: Duration,
+    /// Writing each block of message content; default 3m.
     #[serde(with = "humantime_serde")]
     pub data_block: Duration,
+    /// Reply after the final dot; default 10m.
     #[serde(with = "humantime_serde")]
     pub data_done: Duration,
 }
@@ -342,6 +375,7 @@ pub struct RelayRecipientCache {
     /// `0s` keeps no rejections.
     #[serde(with = "humantime_serde")]
     pub ttl_reject: Duration,
+    /// Answers kept at most (at most 10,000,000); default 100,000.
     pub max_entries: u64,
 }
 
@@ -360,9 +394,12 @@ impl Default for RelayRecipientCache {
 pub struct DnsConfig {
     /// `ip:port` list, UDP with TCP fallback; absent = the system's resolv.conf.
     pub nameservers: Option<Vec<SocketAddr>>,
+    /// One DNS query; default 5s.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Tries per query; default 2.
     pub attempts: usize,
+    /// DNS answers cached; default 50,000.
     pub cache_entries: u64,
 }
 
@@ -387,6 +424,7 @@ pub struct AuthConfig {
     pub comments: bool,
     /// DKIM-Signature fields verified per message (the first ones); the rest are ignored.
     pub max_dkim_signatures: usize,
+    /// Deadlines for the sender checks.
     pub timeouts: AuthTimeouts,
 }
 
@@ -467,7 +505,9 @@ pub struct ArcConfig {
     pub seal: Option<bool>,
     /// `d=` of our seals: what downstream admins list as a trusted sealer.
     pub domain: Option<DomainName>,
+    /// `s=` of our seals: where the public key is published under `domain`.
     pub selector: Option<String>,
+    /// PEM key used to seal (RSA or Ed25519).
     pub private_key: Option<PathBuf>,
     /// Further keys (rotation): `mxgate check` verifies each is published; sealing uses
     /// `selector` / `private_key`.
@@ -481,7 +521,9 @@ pub struct ArcConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArcKey {
+    /// Selector this key is published under.
     pub selector: String,
+    /// PEM private key.
     pub private_key: PathBuf,
 }
 
@@ -498,6 +540,7 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
 }
 
@@ -560,6 +603,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `text` (default) or `json` lines on stderr.
     pub format: LogFormat,
     /// A tracing filter such as `info` or `mxgate=debug`.
     pub level: String,
