@@ -239,7 +239,7 @@ mod tests {
         PolicyHit {
             rule: "r".into(),
             action,
-            stage: "data",
+            stage: crate::policy::Stage::Data,
             evidence,
         }
     }
