@@ -10,6 +10,7 @@ use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
 use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
 use crate::pipeline::verdict::{Action, Verdict};
 use crate::pipeline::{EnvelopeChecks, Evaluation};
+use crate::policy::RuleAction;
 use crate::rewrite::auth_results::unfolded;
 use crate::smtp::data::BdatReader;
 use crate::smtp::reply::Reply;
@@ -139,9 +140,7 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
             let evaluation =
                 crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts.at_rcpt(rcpt));
             let rule = evaluation.decision?;
-            let (crate::policy::Action::Reject(reply) | crate::policy::Action::Tempfail(reply)) =
-                &rule.action
-            else {
+            let (RuleAction::Reject(reply) | RuleAction::Tempfail(reply)) = &rule.action else {
                 return None;
             };
             let mut refusal = RcptRefusal::new(rcpt, reply, format!("policy rule `{}`", rule.name));
@@ -502,15 +501,14 @@ impl Sources for Offline<'_> {
 /// live: in place of the greeting (`policy_at_connect`), where only 554 and 421 may
 /// stand (RFC 5321 section 3.1).
 fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
-    use crate::policy::Action as Rule;
     let facts = crate::pipeline::policy::connect_facts(ip);
     let decided = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts).decision;
     if decided.is_none_or(|rule| rule.name != hit.rule) {
         return hit;
     }
     let action = match &hit.action {
-        Rule::Reject(reply) => Rule::Reject(reply.as_greeting()),
-        Rule::Tempfail(reply) => Rule::Tempfail(reply.as_greeting()),
+        RuleAction::Reject(reply) => RuleAction::Reject(reply.as_greeting()),
+        RuleAction::Tempfail(reply) => RuleAction::Tempfail(reply.as_greeting()),
         _ => return hit,
     };
     PolicyHit {

@@ -4,7 +4,7 @@
 use super::policy::PolicyHit;
 use crate::auth::results::{AuthReport, AuthResult, DmarcPolicy};
 use crate::config::TempErrorAction;
-use crate::policy::Action as PolicyAction;
+use crate::policy::RuleAction;
 use crate::rewrite::auth_results::OverrideNote;
 use crate::smtp::reply::Reply;
 use serde::Serialize;
@@ -217,9 +217,9 @@ fn decide_policy_and_dmarc(
     };
     let rule = format!("policy rule `{}`", hit.rule);
     let mut verdict = match &hit.action {
-        PolicyAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
-        PolicyAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
-        PolicyAction::Accept => {
+        RuleAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
+        RuleAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
+        RuleAction::Accept => {
             let verdict = Verdict::deliver(format!("{rule} accepts"));
             if report.is_some_and(|r| r.dmarc.result == AuthResult::Fail) {
                 verdict.with_override(OverrideNote {
@@ -231,12 +231,12 @@ fn decide_policy_and_dmarc(
                 verdict
             }
         }
-        PolicyAction::Quarantine(to) => Verdict::quarantine(
+        RuleAction::Quarantine(to) => Verdict::quarantine(
             format!("{rule} quarantines"),
             settings.quarantine_header.clone(),
             to.clone(),
         ),
-        PolicyAction::Tag(name, value) => {
+        RuleAction::Tag(name, value) => {
             let mut verdict = match report {
                 Some(report) => decide_dmarc(settings, report),
                 None => Verdict::deliver("no sender checks ran"),
@@ -248,7 +248,7 @@ fn decide_policy_and_dmarc(
             verdict
         }
         // TLS rules never reach here: they are decided at MAIL.
-        PolicyAction::RequireTls | PolicyAction::AllowPlaintext => match report {
+        RuleAction::RequireTls | RuleAction::AllowPlaintext => match report {
             Some(report) => decide_dmarc(settings, report),
             None => Verdict::deliver("no sender checks ran"),
         },
@@ -771,7 +771,6 @@ mod override_tests {
 mod policy_tests {
     use super::*;
     use crate::auth::results::*;
-    use crate::policy::Action as Rule;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {
@@ -829,7 +828,7 @@ mod policy_tests {
         }
     }
 
-    fn hit(action: Rule) -> PolicyHit {
+    fn hit(action: RuleAction) -> PolicyHit {
         PolicyHit {
             rule: "r".into(),
             action,
@@ -840,7 +839,11 @@ mod policy_tests {
 
     #[test]
     fn accept_overrides_a_dmarc_failure_and_says_so() {
-        let v = decide(&settings(), Some(&failing()), Some(&hit(Rule::Accept)));
+        let v = decide(
+            &settings(),
+            Some(&failing()),
+            Some(&hit(RuleAction::Accept)),
+        );
         assert_eq!(v.action(), Action::Deliver);
         assert_eq!(v.dmarc_override().unwrap().reason, "policy rule `r`");
         assert_eq!(v.rule().map(|r| &**r), Some("r"));
@@ -851,7 +854,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&failing()),
-            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+            Some(&hit(RuleAction::Tag("X-T".into(), "1".into()))),
         );
         assert_eq!(v.action(), Action::Reject, "a tag does not allowlist");
         let mut passing = failing();
@@ -859,7 +862,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&passing),
-            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+            Some(&hit(RuleAction::Tag("X-T".into(), "1".into()))),
         );
         assert_eq!(v.headers(), [("X-T".to_string(), "1".to_string())]);
     }
@@ -869,7 +872,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&failing()),
-            Some(&hit(Rule::Quarantine(Some("q@example.test".into())))),
+            Some(&hit(RuleAction::Quarantine(Some("q@example.test".into())))),
         );
         assert_eq!(v.action(), Action::Quarantine);
         assert_eq!(v.redirect(), Some("q@example.test"));
@@ -877,7 +880,9 @@ mod policy_tests {
         let v = decide(
             &settings(),
             None,
-            Some(&hit(Rule::Tempfail(Reply::policy_tempfail_default("r")))),
+            Some(&hit(RuleAction::Tempfail(Reply::policy_tempfail_default(
+                "r",
+            )))),
         );
         assert_eq!(
             (v.action(), v.reply().unwrap().clone().code()),

@@ -191,9 +191,9 @@ impl Condition {
     /// every recipient matches, so one mailbox that takes everything (abuse@) cannot
     /// lift the checks for the others; a restriction (tag, quarantine, reject) holds
     /// when any does, so adding a recipient cannot dodge it.
-    pub fn test_for(&self, facts: &Facts<'_>, action: &Action) -> Option<bool> {
+    pub fn test_for(&self, facts: &Facts<'_>, action: &RuleAction) -> Option<bool> {
         match (self, action) {
-            (Condition::Rcpt(patterns), Action::Accept) => any(facts.rcpts, |rcpts| {
+            (Condition::Rcpt(patterns), RuleAction::Accept) => any(facts.rcpts, |rcpts| {
                 !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
             }),
             _ => self.test(facts),
@@ -291,7 +291,7 @@ impl fmt::Display for Condition {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum RuleAction {
     /// Deliver; a DMARC failure is not enforced.
     Accept,
     /// Add a header field; otherwise as if no rule matched.
@@ -306,23 +306,23 @@ pub enum Action {
     AllowPlaintext,
 }
 
-impl Action {
+impl RuleAction {
     pub fn name(&self) -> &'static str {
         match self {
-            Action::Accept => "accept",
-            Action::Tag(..) => "tag",
-            Action::Quarantine(_) => "quarantine",
-            Action::Reject(_) => "reject",
-            Action::Tempfail(_) => "tempfail",
-            Action::RequireTls => "require_tls",
-            Action::AllowPlaintext => "allow_plaintext",
+            RuleAction::Accept => "accept",
+            RuleAction::Tag(..) => "tag",
+            RuleAction::Quarantine(_) => "quarantine",
+            RuleAction::Reject(_) => "reject",
+            RuleAction::Tempfail(_) => "tempfail",
+            RuleAction::RequireTls => "require_tls",
+            RuleAction::AllowPlaintext => "allow_plaintext",
         }
     }
 
     /// TLS rules decide only whether TLS is required; they are evaluated on their own
     /// (first matching TLS rule wins), apart from the rules that decide the message.
     pub fn is_tls_rule(&self) -> bool {
-        matches!(self, Action::RequireTls | Action::AllowPlaintext)
+        matches!(self, RuleAction::RequireTls | RuleAction::AllowPlaintext)
     }
 }
 
@@ -335,7 +335,7 @@ pub struct Rule {
     /// Position in its file's `rules:` list (to point diagnostics at it).
     pub index: usize,
     pub conditions: Vec<Condition>,
-    pub action: Action,
+    pub action: RuleAction,
     pub shadow: bool,
     /// The rule as written, normalised: a reload compares these to report changes.
     pub fingerprint: String,
@@ -402,7 +402,7 @@ pub fn evaluate<'p>(
 mod tests {
     use super::*;
 
-    fn rule(name: &str, conditions: Vec<Condition>, action: Action) -> Rule {
+    fn rule(name: &str, conditions: Vec<Condition>, action: RuleAction) -> Rule {
         Rule {
             name: name.into(),
             origin: String::new(),
@@ -576,7 +576,7 @@ mod tests {
             ..Facts::default()
         };
         assert_eq!(
-            abuse.test_for(&both, &Action::Accept),
+            abuse.test_for(&both, &RuleAction::Accept),
             Some(false),
             "an accept for one recipient must not decide for the others"
         );
@@ -586,12 +586,12 @@ mod tests {
                     rcpts: Some(&two_rcpts[..1]),
                     ..Facts::default()
                 },
-                &Action::Accept
+                &RuleAction::Accept
             ),
             Some(true)
         );
         assert_eq!(
-            abuse.test_for(&both, &Action::Quarantine(None)),
+            abuse.test_for(&both, &RuleAction::Quarantine(None)),
             Some(true),
             "another recipient must not dodge a restriction"
         );
@@ -612,12 +612,12 @@ mod tests {
             rule(
                 "late",
                 vec![Condition::Dmarc(vec![AuthResult::Pass])],
-                Action::Accept,
+                RuleAction::Accept,
             ),
             rule(
                 "early",
                 vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-                Action::Reject(Reply::policy_reject_default("early")),
+                RuleAction::Reject(Reply::policy_reject_default("early")),
             ),
         ];
         let at_connect = Facts {
@@ -645,12 +645,12 @@ mod tests {
                     Condition::ClientIp(vec![net("10.0.0.0/8")]),
                     Condition::Dmarc(vec![AuthResult::Pass]),
                 ],
-                Action::Accept,
+                RuleAction::Accept,
             ),
             rule(
                 "early",
                 vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-                Action::Tempfail(Reply::policy_tempfail_default("early")),
+                RuleAction::Tempfail(Reply::policy_tempfail_default("early")),
             ),
         ];
         assert_eq!(
@@ -668,7 +668,7 @@ mod tests {
         let mut shadow = rule(
             "try-block",
             vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-            Action::Reject(Reply::policy_reject_default("x")),
+            RuleAction::Reject(Reply::policy_reject_default("x")),
         );
         shadow.shadow = true;
         let rules = vec![
@@ -676,7 +676,7 @@ mod tests {
             rule(
                 "all",
                 vec![Condition::ClientIp(vec![net("0.0.0.0/0")])],
-                Action::Accept,
+                RuleAction::Accept,
             ),
         ];
         let facts = Facts {
