@@ -7,7 +7,7 @@ use crate::auth::Authenticator;
 use crate::auth::results::AuthReport;
 use crate::config;
 use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
-use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
+use crate::pipeline::rules::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
 use crate::pipeline::verdict::{Action, Verdict};
 use crate::pipeline::{EnvelopeChecks, Evaluation};
 use crate::policy::RuleAction;
@@ -145,7 +145,7 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
             };
             let mut refusal = RcptRefusal::new(rcpt, reply, format!("policy rule `{}`", rule.name));
             refusal.rule = Some(rule.name.to_string());
-            refusal.hit = Some(crate::pipeline::policy::hit(
+            refusal.hit = Some(crate::pipeline::rules::hit(
                 rule,
                 &rule.action,
                 crate::policy::Stage::Rcpt,
@@ -193,7 +193,7 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
     let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
     let hit = evaluation
         .decision
-        .map(|rule| crate::pipeline::policy::hit(rule, &rule.action, crate::policy::Stage::Data));
+        .map(|rule| crate::pipeline::rules::hit(rule, &rule.action, crate::policy::Stage::Data));
     let trace = snapshot
         .policy
         .rules
@@ -501,7 +501,7 @@ impl Sources for Offline<'_> {
 /// live: in place of the greeting (`policy_at_connect`), where only 554 and 421 may
 /// stand (RFC 5321 section 3.1).
 fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
-    let facts = crate::pipeline::policy::connect_facts(ip);
+    let facts = crate::pipeline::rules::connect_facts(ip);
     let decided = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts).decision;
     if decided.is_none_or(|rule| rule.name != hit.rule) {
         return hit;

@@ -3,8 +3,8 @@
 
 use super::assess::EnvelopeChecks;
 use super::evaluate::{Evaluation, Input, Sources, Unchecked, evaluate};
-use super::policy::PolicyHit;
 use super::record::Outcome;
+use super::rules::PolicyHit;
 use super::verdict::{Action, Verdict};
 use super::{Connection, Transaction, metrics};
 use crate::auth::results::{AuthReport, AuthResult};

@@ -9,7 +9,7 @@
 //! after the verdict (seal, rewrite, relay, records) is the caller's.
 
 use super::assess::{EnvelopeChecks, assess};
-use super::policy::PolicyHit;
+use super::rules::PolicyHit;
 use super::verdict::{self, Verdict};
 use crate::auth::reading;
 use crate::auth::results::AuthReport;

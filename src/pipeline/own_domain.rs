@@ -13,7 +13,7 @@
 //!
 //! Pure: no I/O. The caller logs and counts what the guard decided.
 
-use super::policy::PolicyHit;
+use super::rules::PolicyHit;
 use super::verdict::{DmarcSettings, Verdict, trusted_sealer_override};
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::policy::RuleAction;

@@ -1,7 +1,7 @@
 //! The decision for a message, from the checks' results and the configuration: deliver,
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
-use super::policy::PolicyHit;
+use super::rules::PolicyHit;
 use crate::auth::results::{AuthReport, AuthResult, DmarcPolicy};
 use crate::config::TempErrorAction;
 use crate::policy::RuleAction;

@@ -1,6 +1,6 @@
-//! The sender policy at each stage: which facts are known, which rule (if any) decides,
-//! and what a decision does at that stage. Trusted networks bypass the policy, as they
-//! bypass the other sender checks.
+//! The sender policy's rules applied at each stage: which facts are known, which rule
+//! (if any) decides, and what a decision does at that stage. Trusted networks bypass
+//! the policy, as they bypass the other sender checks.
 
 use super::{Connection, Pending, Transaction};
 use crate::auth::Authenticator;
