@@ -36,7 +36,7 @@ pub struct Request {
 #[derive(Serialize)]
 struct Explanation<'a> {
     client: Client<'a>,
-    envelope: Envelope<'a>,
+    envelope: EnvelopeView<'a>,
     /// The checks' results; when none ran, the same fields say `none` and why, so
     /// scripts can read `spf`, `dkim`, `dmarc`, ... whatever the client was.
     #[serde(flatten)]
@@ -228,7 +228,7 @@ struct Client<'a> {
 }
 
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct EnvelopeView<'a> {
     mail_from: &'a str,
     rcpt: &'a [String],
 }
@@ -402,7 +402,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             helo: &request.helo,
             trusted,
         },
-        envelope: Envelope {
+        envelope: EnvelopeView {
             mail_from: &request.mail_from,
             rcpt: &request.rcpts,
         },
