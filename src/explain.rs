@@ -4,8 +4,8 @@
 //! now instead of while a client talks, and every policy rule traced.
 
 use crate::auth::Authenticator;
-use crate::auth::results::AuthReport;
 use crate::config;
+use crate::findings::AuthReport;
 use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
 use crate::pipeline::rules::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
 use crate::pipeline::verdict::{Action, Verdict};
@@ -519,7 +519,7 @@ fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
 }
 
 /// `: two v=spf1 records at example.com` for a permerror or temperror.
-fn spf_reason(check: &crate::auth::results::SpfCheck) -> String {
+fn spf_reason(check: &crate::findings::SpfCheck) -> String {
     check
         .reason
         .as_deref()

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod dnscheck;
 pub mod explain;
+pub mod findings;
 pub mod hostcheck;
 pub mod keygen;
 pub mod limits;

@@ -23,7 +23,7 @@ pub use record::{Outcome, TransactionRecord};
 pub use stages::MailParams;
 
 use crate::auth::Authenticator;
-use crate::auth::results::{IprevCheck, SpfCheck};
+use crate::findings::{IprevCheck, SpfCheck};
 use crate::limits::ClientBudget;
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;

@@ -15,7 +15,7 @@
 
 use super::rules::PolicyHit;
 use super::verdict::{DmarcSettings, Verdict, trusted_sealer_override};
-use crate::auth::results::{AuthReport, AuthResult};
+use crate::findings::{AuthReport, AuthResult};
 use crate::policy::RuleAction;
 use crate::smtp::reply::Reply;
 use serde::Serialize;
@@ -174,8 +174,8 @@ fn proof(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::results::*;
     use crate::config::TempErrorAction;
+    use crate::findings::*;
     use crate::pipeline::verdict::Action;
 
     fn settings() -> DmarcSettings {

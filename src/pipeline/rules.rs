@@ -4,7 +4,7 @@
 
 use super::{Connection, Pending, Transaction};
 use crate::auth::Authenticator;
-use crate::auth::results::{AuthReport, AuthResult};
+use crate::findings::{AuthReport, AuthResult};
 use crate::policy::{Facts, Policy, Rule, RuleAction, Stage, evaluate, metrics};
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;

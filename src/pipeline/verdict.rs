@@ -2,8 +2,8 @@
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
 use super::rules::PolicyHit;
-use crate::auth::results::{AuthReport, AuthResult, DmarcPolicy};
 use crate::config::TempErrorAction;
+use crate::findings::{AuthReport, AuthResult, DmarcPolicy};
 use crate::policy::RuleAction;
 use crate::rewrite::auth_results::OverrideNote;
 use crate::smtp::reply::Reply;
@@ -400,7 +400,7 @@ fn aligned(identifier: &str, from: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {
@@ -564,7 +564,7 @@ mod tests {
 #[cfg(test)]
 mod override_tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn failing(sealer: &str, arc: AuthResult, aar: &str) -> AuthReport {
         let spf = SpfCheck {
@@ -770,7 +770,7 @@ mod override_tests {
 #[cfg(test)]
 mod policy_tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {

@@ -4,8 +4,8 @@
 use super::Policy;
 use super::model::{RawAction, RawFile, RawMatch, RawMode, RawReply, RawRule};
 use super::rules::{AddressPattern, Condition, NamePattern, Rule, RuleAction};
-use crate::auth::results::AuthResult;
 use crate::config::{Diagnostic, DomainName, LoadedConfig, Network, SourceFile, YamlPath};
+use crate::findings::AuthResult;
 use crate::smtp::reply::{Reply, Status};
 use std::collections::HashMap;
 use std::path::PathBuf;

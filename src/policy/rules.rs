@@ -1,8 +1,8 @@
 //! Compiled rules: conditions over facts, and what a match does. Pure data and pure
 //! evaluation; facts that need DNS are gathered by the pipeline before evaluating.
 
-use crate::auth::results::AuthResult;
 use crate::config::Network;
+use crate::findings::AuthResult;
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;
 use std::fmt;
