@@ -6,11 +6,13 @@
 pub mod diagnostics;
 pub mod locate;
 pub mod model;
+mod store_url;
 mod validate;
 
 pub use diagnostics::{Diagnostic, Severity, SourceFile};
 pub use locate::YamlPath;
 pub use model::*;
+pub use store_url::StoreUrl;
 
 use std::path::{Path, PathBuf};
 
