@@ -43,5 +43,4 @@ pub fn metrics_init() {
     relay::metrics::init();
     server::reload::init();
     limits::metrics::init();
-    server::proxy::init();
 }
