@@ -41,6 +41,6 @@ pub fn metrics_init() {
     policy::metrics::init();
     pipeline::metrics::init();
     relay::metrics::init();
-    server::reload::init();
+    server::metrics::init();
     limits::metrics::init();
 }

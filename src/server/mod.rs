@@ -3,5 +3,6 @@
 //! the session that listens to it.)
 
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
