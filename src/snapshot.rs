@@ -7,10 +7,9 @@
 
 use crate::auth::Authenticator;
 use crate::config::{
-    BackendSpec, BareLineEndings, Diagnostic, LoadedConfig, Network, RelayTls, ServerTimeouts,
-    YamlPath,
+    BackendSpec, BareLineEndings, Diagnostic, DmarcSettings, LoadedConfig, Network, RelayTls,
+    ServerTimeouts, YamlPath,
 };
-use crate::pipeline::verdict::DmarcSettings;
 use crate::policy::Policy;
 use crate::relay::{Relay, RelaySettings};
 use crate::rewrite::arc::{Sealer, SigningKeyPair};

@@ -14,7 +14,8 @@
 //! Pure: no I/O. The caller logs and counts what the guard decided.
 
 use super::rules::PolicyHit;
-use super::verdict::{DmarcSettings, Verdict, trusted_sealer_override};
+use super::verdict::{Verdict, trusted_sealer_override};
+use crate::config::DmarcSettings;
 use crate::findings::{AuthReport, AuthResult};
 use crate::policy::RuleAction;
 use crate::smtp::reply::Reply;

@@ -2,7 +2,7 @@
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
 use super::rules::PolicyHit;
-use crate::config::TempErrorAction;
+use crate::config::{DmarcSettings, TempErrorAction};
 use crate::findings::{AuthReport, AuthResult, DmarcPolicy};
 use crate::policy::RuleAction;
 use crate::rewrite::auth_results::OverrideNote;
@@ -175,21 +175,6 @@ impl Verdict {
         }
         self
     }
-}
-
-/// DMARC enforcement settings (`dmarc:` in the config, and `arc.trusted_sealers`).
-#[derive(Clone, Debug)]
-pub struct DmarcSettings {
-    pub enforce: bool,
-    pub quarantine_header: (String, String),
-    pub on_temperror: TempErrorAction,
-    pub reject_invalid_from: bool,
-    /// ARC sealers whose verdict we honour when DMARC fails here (lowercase domains).
-    pub trusted_sealers: Vec<String>,
-    /// `dmarc.protect_own_domains`: the own-domain guard (`own_domain.rs`).
-    pub protect_own_domains: bool,
-    /// `server.domains`, lowercase: the domains the guard protects (and those below).
-    pub own_domains: Vec<String>,
 }
 
 /// Decides what happens to a message: a policy rule's decision first, then DMARC on
