@@ -135,7 +135,11 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
     let slots = Arc::new(ConnectionSlots::default());
     let (limiter, store_keeper) = {
         let snapshot = snapshots.load();
-        Limiter::start(&snapshot.client_limits, &snapshot.loaded.config.limits).await
+        Limiter::start(
+            &snapshot.connections.per_client,
+            &snapshot.loaded.config.limits,
+        )
+        .await
     };
     let bound = Arc::new(AtomicBool::new(true));
     let mut smtp = Vec::with_capacity(listeners.len());
