@@ -315,7 +315,7 @@ async fn probe_backends(snapshots: Arc<ArcSwap<Snapshot>>) {
 async fn warn_about_published_keys(snapshots: Arc<ArcSwap<Snapshot>>) {
     let snapshot = snapshots.load_full();
     if let (Some(auth), Some(_)) = (&snapshot.auth, &snapshot.sealer) {
-        for warning in crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await {
+        for warning in crate::cmd::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await {
             tracing::warn!("{warning}");
         }
     }
