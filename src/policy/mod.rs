@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod rules;
 
-pub use rules::{Evaluation, Facts, Rule, RuleAction, Stage, evaluate};
+pub use rules::{Facts, Rule, RuleAction, RuleMatch, Stage, evaluate};
 use std::path::PathBuf;
 
 #[derive(Debug, Default)]

@@ -361,9 +361,10 @@ impl Rule {
     }
 }
 
-/// The result of evaluating the rules of one kind against the facts of a stage.
+/// Which rules of one kind match the facts of a stage: the policy's part of a message's
+/// evaluation.
 #[derive(Debug, Default)]
-pub struct Evaluation<'p> {
+pub struct RuleMatch<'p> {
     /// The first rule (in order) that matched, if every rule before it is known not to.
     pub decision: Option<&'p Rule>,
     /// An earlier rule could still match once more facts are known: decide later.
@@ -375,27 +376,24 @@ pub struct Evaluation<'p> {
 /// First match wins, in order. A rule whose facts are not all known yet stops the
 /// evaluation (unless a known condition already rules it out), because it could still
 /// match and it comes first. Shadow rules never stop anything.
-pub fn evaluate<'p>(
-    rules: impl IntoIterator<Item = &'p Rule>,
-    facts: &Facts<'_>,
-) -> Evaluation<'p> {
-    let mut evaluation = Evaluation::default();
+pub fn evaluate<'p>(rules: impl IntoIterator<Item = &'p Rule>, facts: &Facts<'_>) -> RuleMatch<'p> {
+    let mut found = RuleMatch::default();
     for rule in rules {
         match rule.test(facts) {
             Some(false) => {}
-            Some(true) if rule.shadow => evaluation.shadow.push(rule),
+            Some(true) if rule.shadow => found.shadow.push(rule),
             None if rule.shadow => {}
             Some(true) => {
-                evaluation.decision = Some(rule);
-                return evaluation;
+                found.decision = Some(rule);
+                return found;
             }
             None => {
-                evaluation.undecided = true;
-                return evaluation;
+                found.undecided = true;
+                return found;
             }
         }
     }
-    evaluation
+    found
 }
 
 #[cfg(test)]
