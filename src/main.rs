@@ -4,5 +4,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    std::process::exit(mxgate::cli::main());
+    std::process::exit(mxgate::cmd::main());
 }

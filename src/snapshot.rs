@@ -7,10 +7,9 @@
 
 use crate::auth::Authenticator;
 use crate::config::{
-    BackendSpec, BareLineEndings, Diagnostic, LoadedConfig, Network, RelayTls, ServerTimeouts,
-    YamlPath,
+    BackendSpec, BareLineEndings, Diagnostic, DmarcSettings, LoadedConfig, Network, ProxyProtocol,
+    RelayTls, ServerTimeouts, YamlPath,
 };
-use crate::pipeline::verdict::DmarcSettings;
 use crate::policy::Policy;
 use crate::relay::{Relay, RelaySettings};
 use crate::rewrite::arc::{Sealer, SigningKeyPair};
@@ -27,8 +26,10 @@ pub struct Snapshot {
     pub domains: HashSet<String>,
     pub trusted_networks: Vec<Network>,
     pub limits: Limits,
-    /// Per-client budgets (`limits:`).
-    pub client_limits: crate::limits::Settings,
+    /// What a new connection is admitted against.
+    pub connections: ConnectionLimits,
+    /// The balancers whose PROXY header is read before the session (`server.proxy_protocol`).
+    pub proxy_protocol: Option<ProxyProtocol>,
     pub tls: Option<ServerTls>,
     pub relay: Relay,
     /// Sender checks; `None` when `auth.enabled` is false.
@@ -44,6 +45,12 @@ pub struct Snapshot {
     pub policy: Arc<Policy>,
     /// Every file the snapshot was built from; a change to any of them triggers a reload.
     pub watched_files: Vec<PathBuf>,
+}
+
+/// `server.max_connections` in total and the per-client budgets of `limits:`.
+pub struct ConnectionLimits {
+    pub max_total: usize,
+    pub per_client: crate::limits::Settings,
 }
 
 pub struct Limits {
@@ -224,7 +231,11 @@ pub fn compile(
             },
             long_lines: config.server.long_lines,
         },
-        client_limits: crate::limits::Settings::from_config(config),
+        connections: ConnectionLimits {
+            max_total: config.server.max_connections.get(),
+            per_client: crate::limits::Settings::from_config(config),
+        },
+        proxy_protocol: config.server.proxy_protocol.clone(),
         tls: server_tls,
         relay,
         auth,

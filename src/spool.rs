@@ -9,11 +9,21 @@
 //! The size limit is enforced here: past `limit` the spool stops storing and remembers
 //! that it overflowed; the session reads the rest of the data and answers 552.
 
-use crate::smtp::data::ContentSink;
 use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Deref;
 use std::path::PathBuf;
+
+/// Where decoded message content goes (the spool, or a `Vec` in tests).
+pub trait ContentSink {
+    fn write(&mut self, bytes: &[u8]);
+}
+
+impl ContentSink for Vec<u8> {
+    fn write(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
 
 #[derive(Debug)]
 pub struct Spool {

@@ -10,8 +10,8 @@
 //!   each domain is evaluated and the strictest failing policy wins, where mail-auth
 //!   would exempt the message.
 
-use super::results::{AuthResult, DmarcCheck, DmarcPolicy, FromHeader, SpfCheck};
 use super::{Authenticator, spf_output};
+use crate::findings::{AuthResult, DmarcCheck, DmarcPolicy, FromHeader, SpfCheck};
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::{AuthenticatedMessage, DkimOutput, DmarcOutput, DmarcResult, ResolverCache, Txt};
@@ -31,7 +31,7 @@ pub(super) async fn evaluate(
         check.reason = Some(format!(
             "{} From domains, more than {}: not evaluated",
             from.domains.len(),
-            super::results::MAX_AUTHOR_DOMAINS
+            crate::findings::MAX_AUTHOR_DOMAINS
         ));
         return check;
     }

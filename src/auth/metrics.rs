@@ -1,6 +1,6 @@
 //! Authentication metrics: results by check and result word, and check latency.
 
-use super::results::AuthResult;
+use crate::findings::AuthResult;
 use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
 use prometheus::{HistogramVec, IntCounterVec};
 use std::sync::LazyLock;
@@ -76,7 +76,7 @@ pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
 
 /// An SPF check's result, and its error reason when it has one (counted and logged,
 /// so an admin can tell the sender what to fix).
-pub fn spf_check(name: &str, check: &super::results::SpfCheck, elapsed: Duration) {
+pub fn spf_check(name: &str, check: &crate::findings::SpfCheck, elapsed: Duration) {
     self::check(name, check.result, elapsed);
     if let Some(kind) = check.reason_kind {
         SPF_ERRORS.with_label_values(&[name, kind]).inc();

@@ -1,7 +1,7 @@
 //! Sender authentication: iprev, DKIM, ARC and DMARC by mail-auth, SPF (HELO and MAIL
 //! FROM) by our own RFC 7208 evaluator ([`spf`]), all over the shared DNS cache; what
 //! mail-auth reads leniently is checked strictly before its pass is trusted
-//! ([`strict`]). Checks return data ([`results`]); they decide nothing. The verdict is
+//! ([`strict`]). Checks return data ([`crate::findings`]); they decide nothing. The verdict is
 //! made in `pipeline`.
 
 mod bounded;
@@ -10,18 +10,23 @@ pub mod dns;
 pub mod metrics;
 pub mod reading;
 pub mod resinfo;
-pub mod results;
 pub mod spf;
+
+/// The findings lived here before they moved below `rewrite`; the old path still names
+/// them for the tests and the bench.
+pub use crate::findings as results;
 mod strict;
 
 pub use bounded::Budget;
 
+use crate::findings::{
+    ArcCheck, AuthResult, DkimCheck, DmarcCheck, FromHeader, IprevCheck, SpfCheck,
+};
 use dns::DnsCaches;
 use mail_auth::{
     ArcOutput, AuthenticatedMessage, DkimOutput, DkimResult, IprevResult, MessageAuthenticator,
     SpfOutput, SpfResult,
 };
-use results::{ArcCheck, AuthResult, DkimCheck, DmarcCheck, FromHeader, IprevCheck, SpfCheck};
 use std::net::IpAddr;
 use std::time::Instant;
 

@@ -7,7 +7,7 @@
 //! same From addresses. A message where they differ anyway is refused, never judged by
 //! one reading and relayed by another.
 
-use super::results::FromHeader;
+use crate::findings::FromHeader;
 use crate::rewrite::section::HeaderSection;
 use mail_auth::AuthenticatedMessage;
 use mail_parser::{Address, HeaderValue};

@@ -4,15 +4,19 @@
 //! The runtime never sees YAML. This module reads files but opens no sockets.
 
 pub mod diagnostics;
+mod dmarc_settings;
 pub mod locate;
 pub mod model;
 #[cfg(test)]
 mod readme_keys;
+mod store_url;
 mod validate;
 
 pub use diagnostics::{Diagnostic, Severity, SourceFile};
+pub use dmarc_settings::DmarcSettings;
 pub use locate::YamlPath;
 pub use model::*;
+pub use store_url::StoreUrl;
 
 use std::path::{Path, PathBuf};
 

@@ -209,7 +209,7 @@ fn check_limits(loaded: &LoadedConfig, limits: &YamlPath, out: &mut Vec<Diagnost
             "limits.ipv6_prefix_length must be between 1 and 128",
         ));
     }
-    if let Err(err) = crate::limits::StoreUrl::parse(&config.limits.store) {
+    if let Err(err) = super::StoreUrl::parse(&config.limits.store) {
         out.push(loaded.error(&limits.key("store"), format!("limits.store: {err}")));
     }
     let store_timeout = config.limits.store_timeout;

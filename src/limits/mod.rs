@@ -26,10 +26,9 @@ mod store;
 
 pub use data_rate::DataMeter;
 pub use key::ClientKey;
-pub use redis::StoreUrl;
 pub use store::{ConnectionGuard, Exceeded, Rate, Refused, Store};
 
-use crate::config::{Config, LimitsConfig};
+use crate::config::{Config, LimitsConfig, StoreUrl};
 use crate::smtp::metrics as smtp_metrics;
 use crate::smtp::reply::Reply;
 use std::net::IpAddr;

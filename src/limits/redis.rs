@@ -22,6 +22,7 @@ use super::key::ClientKey;
 use super::memory::{MemoryGuard, MemoryStore};
 use super::metrics;
 use super::store::{Exceeded, Rate, Refused};
+use crate::config::StoreUrl;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use std::collections::HashMap;
@@ -34,47 +35,6 @@ use tokio::sync::{Notify, mpsc};
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Leases renewed by one script call at most.
 const RENEW_BATCH: usize = 500;
-
-/// `limits.store`, parsed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreUrl {
-    Memory,
-    Redis(String),
-}
-
-impl StoreUrl {
-    /// The error never repeats the URL, which may hold a password.
-    pub fn parse(text: &str) -> Result<StoreUrl, String> {
-        if text == "memory" {
-            return Ok(StoreUrl::Memory);
-        }
-        const EXPECTED: &str =
-            "expected `memory`, `redis://[:password@]host[:port][/db]` or `rediss://…` (TLS)";
-        let scheme = text.split_once("://").map(|(scheme, _)| scheme);
-        if !matches!(scheme, Some("redis" | "rediss")) {
-            return Err(format!("unknown store; {EXPECTED}"));
-        }
-        Client::open(text).map_err(|_| format!("not a valid Redis URL; {EXPECTED}"))?;
-        Ok(StoreUrl::Redis(text.to_string()))
-    }
-
-    /// Scheme, host, port and database: what a log line may say.
-    pub fn redacted(&self) -> String {
-        match self {
-            StoreUrl::Memory => "memory".into(),
-            StoreUrl::Redis(url) => redact(url),
-        }
-    }
-}
-
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "redis".into();
-    };
-    let rest = rest.split(['?', '#']).next().unwrap_or_default();
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    format!("{scheme}://{rest}")
-}
 
 /// The settings of the shared store (read at start-up).
 #[derive(Clone, Debug)]
@@ -248,7 +208,7 @@ impl RedisStore {
         let (releases, released) = mpsc::unbounded_channel();
         let store = Arc::new(RedisStore {
             client,
-            name: redact(&settings.url),
+            name: StoreUrl::Redis(settings.url.clone()).redacted(),
             settings,
             connection: Mutex::new(None),
             connections_made: AtomicU64::new(0),
@@ -529,39 +489,4 @@ fn instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{random}", host.trim(), std::process::id())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_urls_are_checked_and_never_echoed() {
-        assert_eq!(StoreUrl::parse("memory"), Ok(StoreUrl::Memory));
-        for ok in [
-            "redis://127.0.0.1:6379/0",
-            "redis://:secret@redis.example.net",
-            "rediss://user:secret@redis.example.net:6380/2",
-        ] {
-            assert!(
-                matches!(StoreUrl::parse(ok), Ok(StoreUrl::Redis(_))),
-                "{ok}"
-            );
-        }
-        for bad in [
-            "",
-            "Memory",
-            "http://secret@host",
-            "redis://:secret@host:notaport",
-        ] {
-            let err = StoreUrl::parse(bad).unwrap_err();
-            assert!(!err.contains("secret"), "{err}");
-        }
-        let url = StoreUrl::parse("rediss://user:secret@redis.example.net:6380/2?x=y").unwrap();
-        assert_eq!(url.redacted(), "rediss://redis.example.net:6380/2");
-        assert_eq!(
-            StoreUrl::parse("redis://:p@ss@h:1/0").unwrap().redacted(),
-            "redis://h:1/0"
-        );
-    }
 }

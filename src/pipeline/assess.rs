@@ -3,10 +3,10 @@
 //! `mxgate explain`, so both judge a message the same way.
 
 use super::{Connection, Transaction};
-use crate::auth::results::{
+use crate::auth::{Authenticator, Budget, MessageVerification};
+use crate::findings::{
     ArcCheck, AuthReport, AuthResult, DmarcCheck, DmarcPolicy, FromHeader, IprevCheck, SpfCheck,
 };
-use crate::auth::{Authenticator, Budget, MessageVerification};
 use mail_auth::AuthenticatedMessage;
 
 /// Results of the checks made before the message arrived.

@@ -3,12 +3,12 @@
 
 use super::assess::EnvelopeChecks;
 use super::evaluate::{Evaluation, Input, Sources, Unchecked, evaluate};
-use super::policy::PolicyHit;
 use super::record::Outcome;
+use super::rules::PolicyHit;
 use super::verdict::{Action, Verdict};
 use super::{Connection, Transaction, metrics};
-use crate::auth::results::{AuthReport, AuthResult};
 use crate::auth::{Authenticator, MessageVerification};
+use crate::findings::{AuthReport, AuthResult};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
 use crate::rewrite::arc::{NotSealed, SealOutcome, Sealer};
 use crate::rewrite::auth_results::unfolded;

@@ -9,11 +9,11 @@
 //! after the verdict (seal, rewrite, relay, records) is the caller's.
 
 use super::assess::{EnvelopeChecks, assess};
-use super::policy::PolicyHit;
+use super::rules::PolicyHit;
 use super::verdict::{self, Verdict};
 use crate::auth::reading;
-use crate::auth::results::AuthReport;
 use crate::auth::{Authenticator, MessageVerification};
+use crate::findings::AuthReport;
 use crate::rewrite::auth_results::{ResultsInput, results_value};
 use crate::rewrite::section::{HeaderSection, SectionError};
 use crate::smtp::reply::Reply;

@@ -11,8 +11,8 @@ pub mod evaluate;
 pub mod metrics;
 pub mod own_domain;
 mod pending;
-pub mod policy;
 mod record;
+pub mod rules;
 mod session_stages;
 mod stages;
 pub mod verdict;
@@ -23,7 +23,7 @@ pub use record::{Outcome, TransactionRecord};
 pub use stages::MailParams;
 
 use crate::auth::Authenticator;
-use crate::auth::results::{IprevCheck, SpfCheck};
+use crate::findings::{IprevCheck, SpfCheck};
 use crate::limits::ClientBudget;
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;
@@ -56,7 +56,7 @@ pub struct Connection {
     /// Results of the SPF records the policy refers to, for the client IP.
     spf_records: Option<Pending<std::collections::HashMap<String, bool>>>,
     /// A policy decision made at connect (it holds for every transaction).
-    policy_hit: Option<policy::PolicyHit>,
+    policy_hit: Option<rules::PolicyHit>,
     /// Shadow rules already counted for this connection.
     shadow_seen: Vec<Arc<str>>,
     /// What this client may still spend (`limits:`); holds its connection slot.
@@ -74,9 +74,9 @@ pub struct Transaction {
     /// SPF for MAIL FROM, started when MAIL was accepted.
     spf: Option<Pending<SpfCheck>>,
     /// The policy decision for this transaction, once a rule decided.
-    policy_hit: Option<policy::PolicyHit>,
+    policy_hit: Option<rules::PolicyHit>,
     /// DNS facts gathered for the policy at MAIL.
-    dns_facts: policy::DnsFacts,
+    dns_facts: rules::DnsFacts,
     /// Shadow rules already counted for this transaction.
     shadow_seen: Vec<Arc<str>>,
     pub record: TransactionRecord,

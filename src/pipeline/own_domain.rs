@@ -13,10 +13,11 @@
 //!
 //! Pure: no I/O. The caller logs and counts what the guard decided.
 
-use super::policy::PolicyHit;
-use super::verdict::{DmarcSettings, Verdict, trusted_sealer_override};
-use crate::auth::results::{AuthReport, AuthResult};
-use crate::policy::Action as PolicyAction;
+use super::rules::PolicyHit;
+use super::verdict::{Verdict, trusted_sealer_override};
+use crate::config::DmarcSettings;
+use crate::findings::{AuthReport, AuthResult};
+use crate::policy::RuleAction;
 use crate::smtp::reply::Reply;
 use serde::Serialize;
 
@@ -133,7 +134,7 @@ fn proof(
     domain: &str,
 ) -> Option<String> {
     if let Some(hit) = policy
-        && hit.action == PolicyAction::Accept
+        && hit.action == RuleAction::Accept
         && hit.evidence
     {
         return Some(format!("policy rule `{}` accepts on evidence", hit.rule));
@@ -174,8 +175,8 @@ fn proof(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::results::*;
     use crate::config::TempErrorAction;
+    use crate::findings::*;
     use crate::pipeline::verdict::Action;
 
     fn settings() -> DmarcSettings {
@@ -235,7 +236,7 @@ mod tests {
         }
     }
 
-    fn hit(action: PolicyAction, evidence: bool) -> PolicyHit {
+    fn hit(action: RuleAction, evidence: bool) -> PolicyHit {
         PolicyHit {
             rule: "r".into(),
             action,
@@ -323,7 +324,7 @@ mod tests {
         r.dkim[0].domain = "attacker.test".into();
         assert_eq!(decide(&r, None).action(), Action::Reject);
         let r = report("ceo@example.test", AuthResult::Fail);
-        let v = decide(&r, Some(&hit(PolicyAction::Accept, true)));
+        let v = decide(&r, Some(&hit(RuleAction::Accept, true)));
         assert_eq!(v.action(), Action::Deliver);
         assert_eq!(v.own_domain().unwrap().decision, "pass");
     }
@@ -332,9 +333,9 @@ mod tests {
     fn rules_without_evidence_do_not_lift_the_guard() {
         let r = report("ceo@example.test", AuthResult::Fail);
         for action in [
-            PolicyAction::Accept,
-            PolicyAction::Quarantine(None),
-            PolicyAction::Tag("X-T".into(), "1".into()),
+            RuleAction::Accept,
+            RuleAction::Quarantine(None),
+            RuleAction::Tag("X-T".into(), "1".into()),
         ] {
             let v = decide(&r, Some(&hit(action.clone(), false)));
             assert_eq!(v.action(), Action::Reject, "{action:?}");
@@ -342,7 +343,7 @@ mod tests {
         }
         // A quarantine rule with evidence quarantines, it does not deliver outright:
         // only `accept` lifts the guard.
-        let v = decide(&r, Some(&hit(PolicyAction::Quarantine(None), true)));
+        let v = decide(&r, Some(&hit(RuleAction::Quarantine(None), true)));
         assert_eq!(v.action(), Action::Reject);
     }
 
@@ -353,7 +354,7 @@ mod tests {
         r.from.domains.push("other.test".into());
         assert_eq!(decide(&r, None).action(), Action::Reject);
         assert_eq!(
-            decide(&r, Some(&hit(PolicyAction::Accept, true))).action(),
+            decide(&r, Some(&hit(RuleAction::Accept, true))).action(),
             Action::Deliver
         );
     }

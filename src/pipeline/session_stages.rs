@@ -85,9 +85,7 @@ impl Stages for Connection {
     }
 
     fn on_untrusted_proxy_header(&mut self) {
-        // A process-level counter (`mxgate_proxy_protocol_headers_total`) that lives
-        // beside the PROXY reader.
-        crate::server::proxy::note_untrusted(self.peer);
+        crate::smtp::proxy_header::note_untrusted(self.peer);
     }
 
     async fn allow_message(&mut self) -> Result<(), Reply> {

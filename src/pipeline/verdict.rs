@@ -1,10 +1,10 @@
 //! The decision for a message, from the checks' results and the configuration: deliver,
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
-use super::policy::PolicyHit;
-use crate::auth::results::{AuthReport, AuthResult, DmarcPolicy};
-use crate::config::TempErrorAction;
-use crate::policy::Action as PolicyAction;
+use super::rules::PolicyHit;
+use crate::config::{DmarcSettings, TempErrorAction};
+use crate::findings::{AuthReport, AuthResult, DmarcPolicy};
+use crate::policy::RuleAction;
 use crate::rewrite::auth_results::OverrideNote;
 use crate::smtp::reply::Reply;
 use serde::Serialize;
@@ -177,21 +177,6 @@ impl Verdict {
     }
 }
 
-/// DMARC enforcement settings (`dmarc:` in the config, and `arc.trusted_sealers`).
-#[derive(Clone, Debug)]
-pub struct DmarcSettings {
-    pub enforce: bool,
-    pub quarantine_header: (String, String),
-    pub on_temperror: TempErrorAction,
-    pub reject_invalid_from: bool,
-    /// ARC sealers whose verdict we honour when DMARC fails here (lowercase domains).
-    pub trusted_sealers: Vec<String>,
-    /// `dmarc.protect_own_domains`: the own-domain guard (`own_domain.rs`).
-    pub protect_own_domains: bool,
-    /// `server.domains`, lowercase: the domains the guard protects (and those below).
-    pub own_domains: Vec<String>,
-}
-
 /// Decides what happens to a message: a policy rule's decision first, then DMARC on
 /// the checks' `report` (absent when sender checks did not run), then the own-domain
 /// guard.
@@ -217,9 +202,9 @@ fn decide_policy_and_dmarc(
     };
     let rule = format!("policy rule `{}`", hit.rule);
     let mut verdict = match &hit.action {
-        PolicyAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
-        PolicyAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
-        PolicyAction::Accept => {
+        RuleAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
+        RuleAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
+        RuleAction::Accept => {
             let verdict = Verdict::deliver(format!("{rule} accepts"));
             if report.is_some_and(|r| r.dmarc.result == AuthResult::Fail) {
                 verdict.with_override(OverrideNote {
@@ -231,12 +216,12 @@ fn decide_policy_and_dmarc(
                 verdict
             }
         }
-        PolicyAction::Quarantine(to) => Verdict::quarantine(
+        RuleAction::Quarantine(to) => Verdict::quarantine(
             format!("{rule} quarantines"),
             settings.quarantine_header.clone(),
             to.clone(),
         ),
-        PolicyAction::Tag(name, value) => {
+        RuleAction::Tag(name, value) => {
             let mut verdict = match report {
                 Some(report) => decide_dmarc(settings, report),
                 None => Verdict::deliver("no sender checks ran"),
@@ -248,7 +233,7 @@ fn decide_policy_and_dmarc(
             verdict
         }
         // TLS rules never reach here: they are decided at MAIL.
-        PolicyAction::RequireTls | PolicyAction::AllowPlaintext => match report {
+        RuleAction::RequireTls | RuleAction::AllowPlaintext => match report {
             Some(report) => decide_dmarc(settings, report),
             None => Verdict::deliver("no sender checks ran"),
         },
@@ -400,7 +385,7 @@ fn aligned(identifier: &str, from: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {
@@ -564,7 +549,7 @@ mod tests {
 #[cfg(test)]
 mod override_tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn failing(sealer: &str, arc: AuthResult, aar: &str) -> AuthReport {
         let spf = SpfCheck {
@@ -770,8 +755,7 @@ mod override_tests {
 #[cfg(test)]
 mod policy_tests {
     use super::*;
-    use crate::auth::results::*;
-    use crate::policy::Action as Rule;
+    use crate::findings::*;
 
     fn settings() -> DmarcSettings {
         DmarcSettings {
@@ -829,7 +813,7 @@ mod policy_tests {
         }
     }
 
-    fn hit(action: Rule) -> PolicyHit {
+    fn hit(action: RuleAction) -> PolicyHit {
         PolicyHit {
             rule: "r".into(),
             action,
@@ -840,7 +824,11 @@ mod policy_tests {
 
     #[test]
     fn accept_overrides_a_dmarc_failure_and_says_so() {
-        let v = decide(&settings(), Some(&failing()), Some(&hit(Rule::Accept)));
+        let v = decide(
+            &settings(),
+            Some(&failing()),
+            Some(&hit(RuleAction::Accept)),
+        );
         assert_eq!(v.action(), Action::Deliver);
         assert_eq!(v.dmarc_override().unwrap().reason, "policy rule `r`");
         assert_eq!(v.rule().map(|r| &**r), Some("r"));
@@ -851,7 +839,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&failing()),
-            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+            Some(&hit(RuleAction::Tag("X-T".into(), "1".into()))),
         );
         assert_eq!(v.action(), Action::Reject, "a tag does not allowlist");
         let mut passing = failing();
@@ -859,7 +847,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&passing),
-            Some(&hit(Rule::Tag("X-T".into(), "1".into()))),
+            Some(&hit(RuleAction::Tag("X-T".into(), "1".into()))),
         );
         assert_eq!(v.headers(), [("X-T".to_string(), "1".to_string())]);
     }
@@ -869,7 +857,7 @@ mod policy_tests {
         let v = decide(
             &settings(),
             Some(&failing()),
-            Some(&hit(Rule::Quarantine(Some("q@example.test".into())))),
+            Some(&hit(RuleAction::Quarantine(Some("q@example.test".into())))),
         );
         assert_eq!(v.action(), Action::Quarantine);
         assert_eq!(v.redirect(), Some("q@example.test"));
@@ -877,7 +865,9 @@ mod policy_tests {
         let v = decide(
             &settings(),
             None,
-            Some(&hit(Rule::Tempfail(Reply::policy_tempfail_default("r")))),
+            Some(&hit(RuleAction::Tempfail(Reply::policy_tempfail_default(
+                "r",
+            )))),
         );
         assert_eq!(
             (v.action(), v.reply().unwrap().clone().code()),

@@ -3,9 +3,9 @@
 
 use super::Policy;
 use super::model::{RawAction, RawFile, RawMatch, RawMode, RawReply, RawRule};
-use super::rules::{Action, AddressPattern, Condition, NamePattern, Rule};
-use crate::auth::results::AuthResult;
+use super::rules::{AddressPattern, Condition, NamePattern, Rule, RuleAction};
 use crate::config::{Diagnostic, DomainName, LoadedConfig, Network, SourceFile, YamlPath};
+use crate::findings::AuthResult;
 use crate::smtp::reply::{Reply, Status};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -175,7 +175,7 @@ impl RuleCompiler<'_> {
 
     fn check_action_conditions(
         &mut self,
-        action: &Action,
+        action: &RuleAction,
         conditions: &[Condition],
         unauthenticated: bool,
     ) {
@@ -210,7 +210,7 @@ impl RuleCompiler<'_> {
                     | Condition::OwnDomain(_)
             )
         });
-        if *action == Action::Accept
+        if *action == RuleAction::Accept
             && claims_sender
             && !unauthenticated
             && !Condition::authenticate_sender(conditions)
@@ -228,7 +228,7 @@ impl RuleCompiler<'_> {
         reply: Option<RawReply>,
         header: Option<String>,
         quarantine_to: Option<String>,
-    ) -> Option<Action> {
+    ) -> Option<RuleAction> {
         let at = self.at.clone();
         if reply.is_some() && !matches!(raw, RawAction::Reject | RawAction::Tempfail) {
             self.error(
@@ -246,16 +246,16 @@ impl RuleCompiler<'_> {
             );
         }
         Some(match raw {
-            RawAction::Accept => Action::Accept,
-            RawAction::RequireTls => Action::RequireTls,
-            RawAction::AllowPlaintext => Action::AllowPlaintext,
+            RawAction::Accept => RuleAction::Accept,
+            RawAction::RequireTls => RuleAction::RequireTls,
+            RawAction::AllowPlaintext => RuleAction::AllowPlaintext,
             RawAction::Tag => {
                 let Some(header) = header else {
                     self.error(at.key("action"), "`tag` needs `header: \"Name: value\"`");
                     return None;
                 };
                 match crate::rewrite::headers::parse_header_line(&header) {
-                    Some((name, value)) => Action::Tag(name, value),
+                    Some((name, value)) => RuleAction::Tag(name, value),
                     None => {
                         self.error(at.key("header"), "expected `Header-Name: value`");
                         return None;
@@ -276,7 +276,7 @@ impl RuleCompiler<'_> {
                         }
                     },
                 };
-                Action::Quarantine(to)
+                RuleAction::Quarantine(to)
             }
             RawAction::Reject | RawAction::Tempfail => {
                 let reject = *raw == RawAction::Reject;
@@ -287,9 +287,9 @@ impl RuleCompiler<'_> {
                         .trim_end_matches('`')
                         .to_string();
                     return Some(if reject {
-                        Action::Reject(Reply::policy_reject_default(&name))
+                        RuleAction::Reject(Reply::policy_reject_default(&name))
                     } else {
-                        Action::Tempfail(Reply::policy_tempfail_default(&name))
+                        RuleAction::Tempfail(Reply::policy_tempfail_default(&name))
                     });
                 };
                 let class = if reject { 5 } else { 4 };
@@ -324,9 +324,9 @@ impl RuleCompiler<'_> {
                 }
                 let reply = Reply::policy(reply.code, status, &reply.text);
                 if reject {
-                    Action::Reject(reply)
+                    RuleAction::Reject(reply)
                 } else {
-                    Action::Tempfail(reply)
+                    RuleAction::Tempfail(reply)
                 }
             }
         })

@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod rules;
 
-pub use rules::{Action, Evaluation, Facts, Rule, Stage, evaluate};
+pub use rules::{Facts, Rule, RuleAction, RuleMatch, Stage, evaluate};
 use std::path::PathBuf;
 
 #[derive(Debug, Default)]
@@ -125,7 +125,7 @@ mod tests {
                 file: PathBuf::new(),
                 index,
                 conditions: Vec::new(),
-                action: Action::Accept,
+                action: RuleAction::Accept,
                 shadow: false,
                 fingerprint: (*fingerprint).into(),
             })

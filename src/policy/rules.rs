@@ -1,8 +1,8 @@
 //! Compiled rules: conditions over facts, and what a match does. Pure data and pure
 //! evaluation; facts that need DNS are gathered by the pipeline before evaluating.
 
-use crate::auth::results::AuthResult;
 use crate::config::Network;
+use crate::findings::AuthResult;
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;
 use std::fmt;
@@ -191,9 +191,9 @@ impl Condition {
     /// every recipient matches, so one mailbox that takes everything (abuse@) cannot
     /// lift the checks for the others; a restriction (tag, quarantine, reject) holds
     /// when any does, so adding a recipient cannot dodge it.
-    pub fn test_for(&self, facts: &Facts<'_>, action: &Action) -> Option<bool> {
+    pub fn test_for(&self, facts: &Facts<'_>, action: &RuleAction) -> Option<bool> {
         match (self, action) {
-            (Condition::Rcpt(patterns), Action::Accept) => any(facts.rcpts, |rcpts| {
+            (Condition::Rcpt(patterns), RuleAction::Accept) => any(facts.rcpts, |rcpts| {
                 !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
             }),
             _ => self.test(facts),
@@ -291,7 +291,7 @@ impl fmt::Display for Condition {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum RuleAction {
     /// Deliver; a DMARC failure is not enforced.
     Accept,
     /// Add a header field; otherwise as if no rule matched.
@@ -306,23 +306,23 @@ pub enum Action {
     AllowPlaintext,
 }
 
-impl Action {
+impl RuleAction {
     pub fn name(&self) -> &'static str {
         match self {
-            Action::Accept => "accept",
-            Action::Tag(..) => "tag",
-            Action::Quarantine(_) => "quarantine",
-            Action::Reject(_) => "reject",
-            Action::Tempfail(_) => "tempfail",
-            Action::RequireTls => "require_tls",
-            Action::AllowPlaintext => "allow_plaintext",
+            RuleAction::Accept => "accept",
+            RuleAction::Tag(..) => "tag",
+            RuleAction::Quarantine(_) => "quarantine",
+            RuleAction::Reject(_) => "reject",
+            RuleAction::Tempfail(_) => "tempfail",
+            RuleAction::RequireTls => "require_tls",
+            RuleAction::AllowPlaintext => "allow_plaintext",
         }
     }
 
     /// TLS rules decide only whether TLS is required; they are evaluated on their own
     /// (first matching TLS rule wins), apart from the rules that decide the message.
     pub fn is_tls_rule(&self) -> bool {
-        matches!(self, Action::RequireTls | Action::AllowPlaintext)
+        matches!(self, RuleAction::RequireTls | RuleAction::AllowPlaintext)
     }
 }
 
@@ -335,7 +335,7 @@ pub struct Rule {
     /// Position in its file's `rules:` list (to point diagnostics at it).
     pub index: usize,
     pub conditions: Vec<Condition>,
-    pub action: Action,
+    pub action: RuleAction,
     pub shadow: bool,
     /// The rule as written, normalised: a reload compares these to report changes.
     pub fingerprint: String,
@@ -361,9 +361,10 @@ impl Rule {
     }
 }
 
-/// The result of evaluating the rules of one kind against the facts of a stage.
+/// Which rules of one kind match the facts of a stage: the policy's part of a message's
+/// evaluation.
 #[derive(Debug, Default)]
-pub struct Evaluation<'p> {
+pub struct RuleMatch<'p> {
     /// The first rule (in order) that matched, if every rule before it is known not to.
     pub decision: Option<&'p Rule>,
     /// An earlier rule could still match once more facts are known: decide later.
@@ -375,34 +376,31 @@ pub struct Evaluation<'p> {
 /// First match wins, in order. A rule whose facts are not all known yet stops the
 /// evaluation (unless a known condition already rules it out), because it could still
 /// match and it comes first. Shadow rules never stop anything.
-pub fn evaluate<'p>(
-    rules: impl IntoIterator<Item = &'p Rule>,
-    facts: &Facts<'_>,
-) -> Evaluation<'p> {
-    let mut evaluation = Evaluation::default();
+pub fn evaluate<'p>(rules: impl IntoIterator<Item = &'p Rule>, facts: &Facts<'_>) -> RuleMatch<'p> {
+    let mut found = RuleMatch::default();
     for rule in rules {
         match rule.test(facts) {
             Some(false) => {}
-            Some(true) if rule.shadow => evaluation.shadow.push(rule),
+            Some(true) if rule.shadow => found.shadow.push(rule),
             None if rule.shadow => {}
             Some(true) => {
-                evaluation.decision = Some(rule);
-                return evaluation;
+                found.decision = Some(rule);
+                return found;
             }
             None => {
-                evaluation.undecided = true;
-                return evaluation;
+                found.undecided = true;
+                return found;
             }
         }
     }
-    evaluation
+    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rule(name: &str, conditions: Vec<Condition>, action: Action) -> Rule {
+    fn rule(name: &str, conditions: Vec<Condition>, action: RuleAction) -> Rule {
         Rule {
             name: name.into(),
             origin: String::new(),
@@ -576,7 +574,7 @@ mod tests {
             ..Facts::default()
         };
         assert_eq!(
-            abuse.test_for(&both, &Action::Accept),
+            abuse.test_for(&both, &RuleAction::Accept),
             Some(false),
             "an accept for one recipient must not decide for the others"
         );
@@ -586,12 +584,12 @@ mod tests {
                     rcpts: Some(&two_rcpts[..1]),
                     ..Facts::default()
                 },
-                &Action::Accept
+                &RuleAction::Accept
             ),
             Some(true)
         );
         assert_eq!(
-            abuse.test_for(&both, &Action::Quarantine(None)),
+            abuse.test_for(&both, &RuleAction::Quarantine(None)),
             Some(true),
             "another recipient must not dodge a restriction"
         );
@@ -612,12 +610,12 @@ mod tests {
             rule(
                 "late",
                 vec![Condition::Dmarc(vec![AuthResult::Pass])],
-                Action::Accept,
+                RuleAction::Accept,
             ),
             rule(
                 "early",
                 vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-                Action::Reject(Reply::policy_reject_default("early")),
+                RuleAction::Reject(Reply::policy_reject_default("early")),
             ),
         ];
         let at_connect = Facts {
@@ -645,12 +643,12 @@ mod tests {
                     Condition::ClientIp(vec![net("10.0.0.0/8")]),
                     Condition::Dmarc(vec![AuthResult::Pass]),
                 ],
-                Action::Accept,
+                RuleAction::Accept,
             ),
             rule(
                 "early",
                 vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-                Action::Tempfail(Reply::policy_tempfail_default("early")),
+                RuleAction::Tempfail(Reply::policy_tempfail_default("early")),
             ),
         ];
         assert_eq!(
@@ -668,7 +666,7 @@ mod tests {
         let mut shadow = rule(
             "try-block",
             vec![Condition::ClientIp(vec![net("192.0.2.0/24")])],
-            Action::Reject(Reply::policy_reject_default("x")),
+            RuleAction::Reject(Reply::policy_reject_default("x")),
         );
         shadow.shadow = true;
         let rules = vec![
@@ -676,7 +674,7 @@ mod tests {
             rule(
                 "all",
                 vec![Condition::ClientIp(vec![net("0.0.0.0/0")])],
-                Action::Accept,
+                RuleAction::Accept,
             ),
         ];
         let facts = Facts {

@@ -5,7 +5,7 @@
 //! control characters removed: no header injection is possible through them. Comments
 //! are optional (`auth.comments: false` for Exchange Online) and never contain `;`.
 
-use crate::auth::results::{AuthReport, AuthResult};
+use crate::findings::{AuthReport, AuthResult};
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -248,7 +248,7 @@ fn quoted(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::results::*;
+    use crate::findings::*;
 
     fn report() -> AuthReport {
         AuthReport {

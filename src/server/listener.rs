@@ -9,6 +9,7 @@
 //! ends.
 
 use super::proxy::{self, Header};
+use crate::config::ProxyProtocol;
 use crate::limits::Limiter;
 use crate::pipeline::Connection;
 use crate::shutdown::{Phase, ShutdownListener};
@@ -108,9 +109,9 @@ async fn proxied(
     tcp: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    config: &crate::config::ServerConfig,
+    proxy_protocol: Option<&ProxyProtocol>,
 ) -> Option<(SocketAddr, SocketAddr, bool)> {
-    let Some(proxy) = &config.proxy_protocol else {
+    let Some(proxy) = proxy_protocol else {
         return Some((peer, local, false));
     };
     if !proxy.is_trusted(&peer.ip()) {
@@ -144,15 +145,16 @@ async fn serve_connection(
     shutdown: ShutdownListener,
 ) {
     let _ = tcp.set_nodelay(true);
-    let config = &snapshot.loaded.config.server;
     let local = tcp.local_addr().unwrap_or(peer);
     // Behind a PROXY protocol balancer the client is the address in its header: from
     // here on (limits included) `peer` is that address.
-    let Some((peer, local, health_check)) = proxied(&mut tcp, peer, local, config).await else {
+    let Some((peer, local, health_check)) =
+        proxied(&mut tcp, peer, local, snapshot.proxy_protocol.as_ref()).await
+    else {
         return;
     };
     let ip = crate::config::canonical_ip(peer.ip());
-    let admitted = match slots.take(config.max_connections.get()) {
+    let admitted = match slots.take(snapshot.connections.max_total) {
         Ok(slot) => {
             // A balancer's health checks are exempt from the rates, as trusted clients
             // are (they come every few seconds, for as long as the balancer runs), and
@@ -160,7 +162,7 @@ async fn serve_connection(
             // balancer's one address, and with a shared store they would add up and
             // mark healthy instances down. `server.max_connections` still bounds them.
             let trusted = snapshot.is_trusted(&ip) || health_check;
-            let mut limits = snapshot.client_limits;
+            let mut limits = snapshot.connections.per_client;
             if health_check {
                 limits.max_connections_per_ip = usize::MAX;
             }

@@ -17,31 +17,12 @@
 //! the greeting is never sent and the connection times out (see the README).
 
 use crate::config::ProxyProtocol;
-use crate::metrics::counter_vec;
+use crate::smtp::metrics::{ProxyHeader, proxy_header};
 use crate::smtp::proxy_header::{V1_PREFIX, V2_PREFIX};
-use prometheus::IntCounterVec;
 use std::net::SocketAddr;
-use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-
-static HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec(
-        "mxgate_proxy_protocol_headers_total",
-        "PROXY protocol headers, by result: proxied (a client address), local (a \
-         balancer's own connection: PROXY UNKNOWN or v2 LOCAL), missing (a trusted peer \
-         sent none in time), invalid, untrusted (a header from outside trusted_networks).",
-        &["result"],
-    )
-});
-
-/// Registers the counter with every result at 0 (so `increase()` sees the first one).
-pub fn init() {
-    for result in ["proxied", "local", "missing", "invalid", "untrusted"] {
-        HEADERS.with_label_values(&[result]);
-    }
-}
 
 /// v1 headers are at most this long, CRLF included (the spec's worst case, TCP6).
 const V1_MAX: usize = 107;
@@ -80,10 +61,10 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    fn result_label(&self) -> &'static str {
+    fn counted_as(&self) -> ProxyHeader {
         match self {
-            ProxyError::Timeout(_) | ProxyError::Closed => "missing",
-            _ => "invalid",
+            ProxyError::Timeout(_) | ProxyError::Closed => ProxyHeader::Missing,
+            _ => ProxyHeader::Invalid,
         }
     }
 }
@@ -100,30 +81,17 @@ pub async fn read_trusted(
         Err(_) => Err(ProxyError::Timeout(config.timeout)),
     };
     match &outcome {
-        Ok(Header::Client { .. }) => HEADERS.with_label_values(&["proxied"]).inc(),
+        Ok(Header::Client { .. }) => proxy_header(ProxyHeader::Proxied),
         Ok(Header::Local) => {
-            HEADERS.with_label_values(&["local"]).inc();
+            proxy_header(ProxyHeader::Local);
             tracing::debug!(balancer = %peer, "PROXY header without a client: health check");
         }
         Err(err) => {
-            HEADERS.with_label_values(&[err.result_label()]).inc();
-            crate::smtp::metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["proxy_protocol"])
-                .inc();
+            proxy_header(err.counted_as());
             tracing::warn!(balancer = %peer, error = %err, "connection from a PROXY protocol balancer refused");
         }
     }
     outcome
-}
-
-/// A header sent by a peer outside `trusted_networks` (counted and logged; the caller
-/// refuses the connection).
-pub fn note_untrusted(peer: SocketAddr) {
-    HEADERS.with_label_values(&["untrusted"]).inc();
-    crate::smtp::metrics::CONNECTIONS_REFUSED
-        .with_label_values(&["proxy_protocol"])
-        .inc();
-    tracing::warn!(client = %peer, "PROXY header refused: the peer is outside server.proxy_protocol.trusted_networks (or sent a second header)");
 }
 
 async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyError> {

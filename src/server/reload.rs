@@ -6,58 +6,13 @@
 //! polling sees atomic renames, symlink swaps (Kubernetes ConfigMaps) and edits on
 //! network file systems alike, and costs a few `stat` calls every few seconds.
 
+use super::metrics;
 use crate::config::{self, Diagnostic};
-use crate::metrics::{counter_vec, gauge, unix_now};
 use crate::snapshot::{self, Mode, Snapshot};
 use arc_swap::ArcSwap;
-use prometheus::{IntCounterVec, IntGauge};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec(
-        "mxgate_config_reloads_total",
-        "Configuration reloads, by result (success, failure).",
-        &["result"],
-    )
-});
-static GENERATION: LazyLock<IntGauge> = LazyLock::new(|| {
-    gauge(
-        "mxgate_config_generation",
-        "Generation of the running configuration snapshot (1 at start, +1 per successful reload).",
-    )
-});
-static LAST_SUCCESS: LazyLock<IntGauge> = LazyLock::new(|| {
-    gauge(
-        "mxgate_config_last_reload_success_timestamp_seconds",
-        "When the running configuration was loaded.",
-    )
-});
-static LAST_OK: LazyLock<IntGauge> = LazyLock::new(|| {
-    gauge(
-        "mxgate_config_last_reload_successful",
-        "1 when the latest load of the configuration files succeeded, 0 when it failed (the previous configuration keeps running).",
-    )
-});
-static CERT_EXPIRY: LazyLock<IntGauge> = LazyLock::new(|| {
-    gauge(
-        "mxgate_tls_certificate_expiry_timestamp_seconds",
-        "Expiry (not after) of the STARTTLS certificate in use, seconds since the epoch.",
-    )
-});
-
-pub fn init() {
-    LazyLock::force(&RELOADS);
-    LazyLock::force(&GENERATION);
-    LazyLock::force(&LAST_SUCCESS);
-    LazyLock::force(&LAST_OK);
-    // The certificate expiry is registered only once a certificate is loaded: a 0 for
-    // "no TLS" would look like a certificate expired in 1970.
-    for result in ["success", "failure"] {
-        RELOADS.with_label_values(&[result]);
-    }
-}
 
 /// Records that `snapshot` is now the running one.
 pub fn note_running(snapshot: &Snapshot) {
@@ -68,12 +23,8 @@ pub fn note_running(snapshot: &Snapshot) {
         .map(|b| b.label.clone())
         .collect();
     crate::relay::metrics::retain_backends(&backends);
-    GENERATION.set(snapshot.generation as i64);
-    LAST_SUCCESS.set(unix_now());
-    LAST_OK.set(1);
-    if let Some(expiry) = snapshot.tls.as_ref().and_then(|t| t.not_after) {
-        CERT_EXPIRY.set(expiry);
-    }
+    let certificate_expiry = snapshot.tls.as_ref().and_then(|t| t.not_after);
+    metrics::running(snapshot.generation, certificate_expiry);
 }
 
 pub struct Reloader {
@@ -115,13 +66,12 @@ impl Reloader {
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
                 self.snapshots.store(Arc::new(snapshot));
-                RELOADS.with_label_values(&["success"]).inc();
+                metrics::reloaded(true);
                 tracing::info!(generation, reason, changes = %changes, "configuration reloaded");
                 Ok(generation)
             }
             Err(errors) => {
-                RELOADS.with_label_values(&["failure"]).inc();
-                LAST_OK.set(0);
+                metrics::reloaded(false);
                 for error in &errors {
                     tracing::error!("{error}");
                 }

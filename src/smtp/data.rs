@@ -17,18 +17,8 @@
 //! dot-stuffs it again, so no backend, however lenient, can see an end-of-data marker
 //! that this reader did not see. This module does no I/O.
 
+use crate::spool::ContentSink;
 use memchr::memchr3;
-
-/// Where decoded message content goes (the spool, or a `Vec` in tests).
-pub trait ContentSink {
-    fn write(&mut self, bytes: &[u8]);
-}
-
-impl ContentSink for Vec<u8> {
-    fn write(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-}
 
 /// What the reader saw that a well-formed message does not contain.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! SMTP-level metrics: connections and replies. Labels: listener address (from the
-//! config, bounded), reply class, TLS version.
+//! SMTP-level metrics: connections, replies and PROXY headers. Labels: listener address
+//! (from the config, bounded), reply class, reject reason, PROXY header result, TLS
+//! version.
 
 use crate::metrics::{LATENCY_BUCKETS, counter_vec, gauge, histogram};
 use crate::smtp::reply::Reply;
@@ -40,6 +41,62 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["reason"],
     )
 });
+
+static PROXY_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "mxgate_proxy_protocol_headers_total",
+        "PROXY protocol headers, by result: proxied (a client address), local (a \
+         balancer's own connection: PROXY UNKNOWN or v2 LOCAL), missing (a trusted peer \
+         sent none in time), invalid, untrusted (a header from outside trusted_networks).",
+        &["result"],
+    )
+});
+
+/// What became of a PROXY protocol header: read by `server::proxy` from a trusted
+/// balancer, or refused by the session from anyone else. It is counted here, below
+/// both, because both count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    Proxied,
+    Local,
+    Missing,
+    Invalid,
+    Untrusted,
+}
+
+impl ProxyHeader {
+    pub const ALL: [ProxyHeader; 5] = [
+        ProxyHeader::Proxied,
+        ProxyHeader::Local,
+        ProxyHeader::Missing,
+        ProxyHeader::Invalid,
+        ProxyHeader::Untrusted,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ProxyHeader::Proxied => "proxied",
+            ProxyHeader::Local => "local",
+            ProxyHeader::Missing => "missing",
+            ProxyHeader::Invalid => "invalid",
+            ProxyHeader::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// Counts one PROXY header; one that was not honoured also counts as a connection
+/// refused for `proxy_protocol`.
+pub fn proxy_header(result: ProxyHeader) {
+    PROXY_HEADERS.with_label_values(&[result.as_label()]).inc();
+    if matches!(
+        result,
+        ProxyHeader::Missing | ProxyHeader::Invalid | ProxyHeader::Untrusted
+    ) {
+        CONNECTIONS_REFUSED
+            .with_label_values(&["proxy_protocol"])
+            .inc();
+    }
+}
 
 pub static TLS_HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
@@ -89,6 +146,9 @@ pub fn init() {
         "proxy_protocol",
     ] {
         CONNECTIONS_REFUSED.with_label_values(&[reason]);
+    }
+    for result in ProxyHeader::ALL {
+        PROXY_HEADERS.with_label_values(&[result.as_label()]);
     }
     for version in ["1.2", "1.3", "failed"] {
         TLS_HANDSHAKES.with_label_values(&[version]);

@@ -3,6 +3,9 @@
 //! reading it as SMTP. Byte tests only: reading and trusting a balancer's header is
 //! `server::proxy`'s job, before any session exists.
 
+use super::metrics::{ProxyHeader, proxy_header};
+use std::net::SocketAddr;
+
 /// The start of every v1 header.
 pub const V1_PREFIX: &[u8] = b"PROXY ";
 /// The 12-octet signature of every v2 header.
@@ -19,6 +22,13 @@ pub fn looks_like_header(input: &[u8]) -> bool {
 pub fn may_become_header(input: &[u8]) -> bool {
     let starts = |prefix: &[u8]| input.len() < prefix.len() && prefix.starts_with(input);
     starts(V1_PREFIX) || starts(V2_PREFIX)
+}
+
+/// A header sent by a peer outside `trusted_networks` (counted and logged; the session
+/// refuses the connection).
+pub fn note_untrusted(peer: SocketAddr) {
+    proxy_header(ProxyHeader::Untrusted);
+    tracing::warn!(client = %peer, "PROXY header refused: the peer is outside server.proxy_protocol.trusted_networks (or sent a second header)");
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub mod macros;
 pub mod record;
 
 use super::dns::DnsCaches;
-use super::results::AuthResult;
+use crate::findings::AuthResult;
 pub use lookup::TxtRecords;
 use lookup::{Dns, Failure, Source, query_name};
 use macros::{Context, Values};

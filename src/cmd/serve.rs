@@ -135,7 +135,11 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
     let slots = Arc::new(ConnectionSlots::default());
     let (limiter, store_keeper) = {
         let snapshot = snapshots.load();
-        Limiter::start(&snapshot.client_limits, &snapshot.loaded.config.limits).await
+        Limiter::start(
+            &snapshot.connections.per_client,
+            &snapshot.loaded.config.limits,
+        )
+        .await
     };
     let bound = Arc::new(AtomicBool::new(true));
     let mut smtp = Vec::with_capacity(listeners.len());
@@ -311,7 +315,7 @@ async fn probe_backends(snapshots: Arc<ArcSwap<Snapshot>>) {
 async fn warn_about_published_keys(snapshots: Arc<ArcSwap<Snapshot>>) {
     let snapshot = snapshots.load_full();
     if let (Some(auth), Some(_)) = (&snapshot.auth, &snapshot.sealer) {
-        for warning in crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await {
+        for warning in crate::cmd::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await {
             tracing::warn!("{warning}");
         }
     }

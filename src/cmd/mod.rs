@@ -1,4 +1,13 @@
-//! The command line: `serve`, `check` (and the commands later issues add).
+//! The command line: `serve`, `check`, `explain`, `keygen`, `profile`, one module each
+//! (`check`'s DNS checks in `dnscheck` and `hostcheck`). The top layer: it may call
+//! every other module, and none calls it.
+
+pub mod dnscheck;
+pub mod explain;
+pub mod hostcheck;
+pub mod keygen;
+pub mod profile;
+pub mod serve;
 
 use crate::config;
 use crate::snapshot::{self, Mode};
@@ -57,7 +66,7 @@ enum Command {
     /// Generate an ARC sealing key (mode 0600) and print the DNS record to publish.
     Keygen {
         #[arg(long, value_enum, default_value = "rsa")]
-        algorithm: crate::keygen::KeyAlgorithm,
+        algorithm: crate::cmd::keygen::KeyAlgorithm,
         /// RSA key size.
         #[arg(long, default_value_t = 2048)]
         bits: usize,
@@ -78,7 +87,7 @@ enum Command {
     /// Google Workspace).
     Profile {
         #[arg(value_enum)]
-        target: crate::profile::Target,
+        target: crate::cmd::profile::Target,
         #[arg(long, default_value = "mxgate.yaml")]
         config: PathBuf,
         /// An address (or CIDR range) mxgate connects to the mailbox side from (repeat
@@ -102,7 +111,7 @@ fn address(text: &str) -> Result<String, String> {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => crate::app::serve(&config),
+        Command::Serve { config } => crate::cmd::serve::serve(&config),
         Command::Check { config } => check(&config),
         Command::Explain {
             config,
@@ -113,7 +122,7 @@ pub fn main() -> i32 {
             json,
             tls,
             message,
-        } => crate::explain::run(crate::explain::Request {
+        } => crate::cmd::explain::run(crate::cmd::explain::Request {
             tls,
             config,
             ip,
@@ -130,7 +139,7 @@ pub fn main() -> i32 {
             selector,
             out,
             force,
-        } => crate::keygen::run(algorithm, bits, &domain, &selector, &out, force),
+        } => crate::cmd::keygen::run(algorithm, bits, &domain, &selector, &out, force),
         Command::Profile {
             target,
             config,
@@ -139,7 +148,7 @@ pub fn main() -> i32 {
             Ok((loaded, _)) => {
                 print!(
                     "{}",
-                    crate::profile::render(target, &loaded.config, &address)
+                    crate::cmd::profile::render(target, &loaded.config, &address)
                 );
                 0
             }
@@ -182,9 +191,9 @@ fn check(path: &std::path::Path) -> i32 {
     let result = runtime.block_on(async {
         let (snapshot, mut warnings) = snapshot::compile(loaded, 1, Mode::Check, None)?;
         if let Some(auth) = &snapshot.auth {
-            warnings.extend(crate::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
-            warnings.extend(crate::dnscheck::spf_record_warnings(&snapshot, auth).await);
-            warnings.extend(crate::hostcheck::client_host_warnings(&snapshot, auth).await);
+            warnings.extend(crate::cmd::dnscheck::arc_key_warnings(&snapshot.loaded, auth).await);
+            warnings.extend(crate::cmd::dnscheck::spf_record_warnings(&snapshot, auth).await);
+            warnings.extend(crate::cmd::hostcheck::client_host_warnings(&snapshot, auth).await);
         }
         Ok::<_, Vec<config::Diagnostic>>(warnings)
     });

@@ -1,11 +1,11 @@
-//! The sender policy at each stage: which facts are known, which rule (if any) decides,
-//! and what a decision does at that stage. Trusted networks bypass the policy, as they
-//! bypass the other sender checks.
+//! The sender policy's rules applied at each stage: which facts are known, which rule
+//! (if any) decides, and what a decision does at that stage. Trusted networks bypass
+//! the policy, as they bypass the other sender checks.
 
 use super::{Connection, Pending, Transaction};
 use crate::auth::Authenticator;
-use crate::auth::results::{AuthReport, AuthResult};
-use crate::policy::{Action, Facts, Policy, Rule, Stage, evaluate, metrics};
+use crate::findings::{AuthReport, AuthResult};
+use crate::policy::{Facts, Policy, Rule, RuleAction, Stage, evaluate, metrics};
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub struct PolicyHit {
     pub rule: Arc<str>,
-    pub action: Action,
+    pub action: RuleAction,
     pub stage: Stage,
     /// The rule's conditions authenticate the sender (`Condition::authenticate_sender`):
     /// only such an `accept` lifts the own-domain guard.
@@ -69,7 +69,7 @@ impl Connection {
         };
         metrics::hit(rule);
         match &rule.action {
-            Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.as_greeting()),
+            RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => Err(reply.as_greeting()),
             action => {
                 self.policy_hit = Some(hit(rule, action, Stage::Connect));
                 Ok(())
@@ -104,8 +104,8 @@ impl Connection {
         let mut seen = std::mem::take(&mut tx.shadow_seen);
         let tls_rule = decide(policy.tls_rules(), &facts, &mut seen);
         let required = match tls_rule.map(|r| &r.action) {
-            Some(Action::RequireTls) => true,
-            Some(Action::AllowPlaintext) => false,
+            Some(RuleAction::RequireTls) => true,
+            Some(RuleAction::AllowPlaintext) => false,
             _ => tls_required_globally,
         };
         if required && self.tls.is_none() {
@@ -125,7 +125,7 @@ impl Connection {
         if let Some(rule) = decided {
             metrics::hit(rule);
             tx.policy_hit = Some(hit(rule, &rule.action, Stage::Mail));
-            if let Action::Reject(reply) | Action::Tempfail(reply) = &rule.action {
+            if let RuleAction::Reject(reply) | RuleAction::Tempfail(reply) = &rule.action {
                 return Err(reply.clone());
             }
         }
@@ -158,7 +158,7 @@ impl Connection {
         };
         let mut seen = std::mem::take(&mut tx.shadow_seen);
         let refusal = decide(policy.disposition_rules(), &facts, &mut seen).and_then(|rule| {
-            let (Action::Reject(reply) | Action::Tempfail(reply)) = &rule.action else {
+            let (RuleAction::Reject(reply) | RuleAction::Tempfail(reply)) = &rule.action else {
                 return None;
             };
             metrics::hit(rule);
@@ -382,7 +382,7 @@ fn decide<'p>(
     evaluation.decision
 }
 
-pub fn hit(rule: &Rule, action: &Action, stage: Stage) -> PolicyHit {
+pub fn hit(rule: &Rule, action: &RuleAction, stage: Stage) -> PolicyHit {
     PolicyHit {
         rule: rule.name.clone(),
         action: action.clone(),

@@ -4,12 +4,13 @@
 //! now instead of while a client talks, and every policy rule traced.
 
 use crate::auth::Authenticator;
-use crate::auth::results::AuthReport;
 use crate::config;
+use crate::findings::AuthReport;
 use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
-use crate::pipeline::policy::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
+use crate::pipeline::rules::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
 use crate::pipeline::verdict::{Action, Verdict};
 use crate::pipeline::{EnvelopeChecks, Evaluation};
+use crate::policy::RuleAction;
 use crate::rewrite::auth_results::unfolded;
 use crate::smtp::data::BdatReader;
 use crate::smtp::reply::Reply;
@@ -35,7 +36,7 @@ pub struct Request {
 #[derive(Serialize)]
 struct Explanation<'a> {
     client: Client<'a>,
-    envelope: Envelope<'a>,
+    envelope: EnvelopeView<'a>,
     /// The checks' results; when none ran, the same fields say `none` and why, so
     /// scripts can read `spf`, `dkim`, `dmarc`, ... whatever the client was.
     #[serde(flatten)]
@@ -139,14 +140,12 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
             let evaluation =
                 crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts.at_rcpt(rcpt));
             let rule = evaluation.decision?;
-            let (crate::policy::Action::Reject(reply) | crate::policy::Action::Tempfail(reply)) =
-                &rule.action
-            else {
+            let (RuleAction::Reject(reply) | RuleAction::Tempfail(reply)) = &rule.action else {
                 return None;
             };
             let mut refusal = RcptRefusal::new(rcpt, reply, format!("policy rule `{}`", rule.name));
             refusal.rule = Some(rule.name.to_string());
-            refusal.hit = Some(crate::pipeline::policy::hit(
+            refusal.hit = Some(crate::pipeline::rules::hit(
                 rule,
                 &rule.action,
                 crate::policy::Stage::Rcpt,
@@ -194,7 +193,7 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
     let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
     let hit = evaluation
         .decision
-        .map(|rule| crate::pipeline::policy::hit(rule, &rule.action, crate::policy::Stage::Data));
+        .map(|rule| crate::pipeline::rules::hit(rule, &rule.action, crate::policy::Stage::Data));
     let trace = snapshot
         .policy
         .rules
@@ -229,7 +228,7 @@ struct Client<'a> {
 }
 
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct EnvelopeView<'a> {
     mail_from: &'a str,
     rcpt: &'a [String],
 }
@@ -403,7 +402,7 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
             helo: &request.helo,
             trusted,
         },
-        envelope: Envelope {
+        envelope: EnvelopeView {
             mail_from: &request.mail_from,
             rcpt: &request.rcpts,
         },
@@ -502,15 +501,14 @@ impl Sources for Offline<'_> {
 /// live: in place of the greeting (`policy_at_connect`), where only 554 and 421 may
 /// stand (RFC 5321 section 3.1).
 fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
-    use crate::policy::Action as Rule;
-    let facts = crate::pipeline::policy::connect_facts(ip);
+    let facts = crate::pipeline::rules::connect_facts(ip);
     let decided = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts).decision;
     if decided.is_none_or(|rule| rule.name != hit.rule) {
         return hit;
     }
     let action = match &hit.action {
-        Rule::Reject(reply) => Rule::Reject(reply.as_greeting()),
-        Rule::Tempfail(reply) => Rule::Tempfail(reply.as_greeting()),
+        RuleAction::Reject(reply) => RuleAction::Reject(reply.as_greeting()),
+        RuleAction::Tempfail(reply) => RuleAction::Tempfail(reply.as_greeting()),
         _ => return hit,
     };
     PolicyHit {
@@ -521,7 +519,7 @@ fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
 }
 
 /// `: two v=spf1 records at example.com` for a permerror or temperror.
-fn spf_reason(check: &crate::auth::results::SpfCheck) -> String {
+fn spf_reason(check: &crate::findings::SpfCheck) -> String {
     check
         .reason
         .as_deref()

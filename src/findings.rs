@@ -1,6 +1,7 @@
 //! What the checks found, as plain data: RFC 8601 result words and the identities they
 //! are about. These types are what the policy matches on, what Authentication-Results
 //! is written from, what `explain --json` prints and what metrics count.
+//! It names nothing else in the crate, so that every layer may use it.
 
 use serde::Serialize;
 

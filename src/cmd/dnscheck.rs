@@ -5,8 +5,8 @@
 //! change their records.
 
 use crate::auth::Authenticator;
-use crate::auth::results::AuthResult;
 use crate::config::{Diagnostic, LoadedConfig, YamlPath};
+use crate::findings::AuthResult;
 use crate::rewrite::arc::SigningKeyPair;
 use mail_auth::AuthenticatedMessage;
 use mail_auth::common::headers::HeaderWriter;
