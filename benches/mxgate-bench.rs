@@ -14,7 +14,7 @@
 //! numbers to track, not the absolute rate. The output ends with a one-line JSON summary.
 //!
 //! Sender checks (`--mode full`, `seal`, `both`, `all`): the bench serves the sender's
-//! DNS zone itself (the test suite's DNS server, `tests/support/dns.rs`) and DKIM-signs
+//! DNS zone itself (the test suite's DNS server, `tests/support/src/dns.rs`) and DKIM-signs
 //! every message, so SPF, DKIM and DMARC pass and the gateway delivers. Each mode runs
 //! against its own fresh gateway; the cost of the checks is the difference in gateway
 //! CPU per message between modes, and the cost of sealing is compared with the floor of
@@ -65,10 +65,8 @@ const GOAL_SEAL_FLOOR_MULTIPLE: f64 = 1.3;
 const GOAL_SEAL_TOTAL_US: f64 = 700.0;
 
 /// The test suite's DNS server (UDP and TCP on 127.0.0.1, answering from an in-memory
-/// zone).
-#[path = "../tests/support/dns.rs"]
-#[allow(dead_code)]
-mod dns;
+/// zone), and its private Postfix: from the test kit.
+use mxgate_test_kit::{dns, postfix};
 
 /// The relay ceiling: a byte-copying TCP proxy in the gateway's place.
 #[path = "mxgate-bench/proxy.rs"]
@@ -1396,30 +1394,6 @@ struct Sink {
     messages: Option<Arc<AtomicU64>>,
     /// Keeps the Postfix instance running (stopped and removed on drop).
     _postfix: Option<postfix::Postfix>,
-}
-
-/// The test suite's private Postfix, and the two helpers of the test support it uses
-/// (`super::gateway::read_maildir`, `super::skip`).
-#[path = "../tests/support/postfix.rs"]
-#[allow(dead_code)]
-mod postfix;
-
-#[allow(dead_code)]
-mod gateway {
-    pub fn read_maildir(root: &std::path::Path) -> Vec<String> {
-        std::fs::read_dir(root.join("new"))
-            .map(|entries| {
-                entries
-                    .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-#[allow(dead_code)]
-fn skip(why: impl std::fmt::Display) {
-    eprintln!("{why}");
 }
 
 impl Sink {

@@ -1,7 +1,7 @@
 //! ARC sealing: seals that mail-auth and python3-dkim's arcverify accept, correct i= and
 //! cv=, and the trusted-sealer override downstream.
 
-mod support;
+use mxgate_test_kit as support;
 
 use mxgate::keygen::{KeyAlgorithm, generate};
 use support::backend::{Behaviour, FakeBackend};

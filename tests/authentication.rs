@@ -1,7 +1,7 @@
 //! SPF, DKIM, DMARC, ARC and iprev over SMTP, with a real DNS server started by the
 //! test serving the zones, and messages signed by mail-auth and by python3-dkim.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;

@@ -12,7 +12,7 @@
 //! `*_KNOWN_DIFFERENCES` tables; the test fails when any other test fails, and when a
 //! listed one passes.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::io::Write as _;
 

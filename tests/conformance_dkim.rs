@@ -17,7 +17,7 @@
 //! Any other difference must be listed in `KNOWN_DIFFERENCES` with its reason; the test
 //! fails when a result differs from its expectation, and when a listed one agrees.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::io::Write as _;
 

@@ -16,7 +16,7 @@
 //! the test fails when any other test fails, and when a listed one passes. Where the
 //! suite accepts several results, any of them passes.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::io::Write as _;
 

@@ -5,7 +5,7 @@
 //! installs). The mxgate configuration in the ConfigMap loads, and the Deployment's
 //! timings and security settings agree with it.
 
-mod support;
+use mxgate_test_kit as support;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;

@@ -3,7 +3,7 @@
 //! an independent signer, with a 2048-bit key; the same message signed `rsa-sha256`
 //! by the same key is the control.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::client::SmtpClient;
 use support::dkim::DkimKey;

@@ -2,7 +2,7 @@
 //! again, and negative answers are cached too. One test function, because it reads the
 //! process-wide metrics.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::Duration;
 use support::client::SmtpClient;

@@ -2,7 +2,7 @@
 //! mxgate, and as a relay in front of it: real clients (swaks, the raw client), real
 //! replies from Postfix passed through, real Maildir delivery.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::{Duration, Instant};
 use support::client::Reply;

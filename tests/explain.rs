@@ -1,6 +1,6 @@
 //! `mxgate explain` runs the whole evaluation offline against the configured DNS.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::dkim::DkimKey;
 use support::dns::TestDns;

@@ -4,7 +4,7 @@
 //! same verdict, the same reply code and enhanced code (and, for a refusal, the same
 //! text), and the same Authentication-Results.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::backend::{Behaviour, FakeBackend};
 use support::client::{Reply, SmtpClient};

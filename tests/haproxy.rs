@@ -14,7 +14,7 @@
 //! duplicates) straight to the process's stderr, which `cargo test` does not capture,
 //! so they show in CI output even when the test passes.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! take differently refused; forged Authentication-Results stripped by meaning; bounded
 //! DKIM work under one deadline; long lines. Real SMTP over sockets, a real DNS server.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::client::{Reply, SmtpClient};
 use support::dns::TestDns;

@@ -2,7 +2,7 @@
 //! IPv6 prefix, the minimum data rate, and the connection, message and recipient rates.
 //! IPv6 clients come from TEST-NET addresses (2001:db8::/32) put on `lo`.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::{Duration, Instant};
 use support::client::SmtpClient;

@@ -3,7 +3,7 @@
 //! while the store is gone (`mxgate_limits_store_up` 0, then 1 again), and the slots of
 //! a SIGKILLed instance freed by their lease. The client is a TEST-NET address on `lo`.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! valid PromQL, and a real Prometheus scraping a real mxgate process returns data for
 //! every query of the dashboard.
 
-mod support;
+use mxgate_test_kit as support;
 
 use mxgate::keygen::{KeyAlgorithm, generate};
 use std::collections::BTreeMap;

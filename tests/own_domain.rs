@@ -4,7 +4,7 @@
 //! its SPF record, `mxgate explain` showing the guard's decision, and `mxgate check`
 //! verifying enabled recipes against DNS.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::net::SocketAddr;
 use support::client::{Reply, SmtpClient};

@@ -1,7 +1,7 @@
 //! The sender policy over SMTP, with a real DNS server: allowlists that need evidence,
 //! actions, TLS rules, shadow mode, validation and hot reload.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::Duration;
 use support::backend::{Behaviour, FakeBackend};

@@ -1,7 +1,7 @@
 //! `mxgate check` on policy files: every error at once, each with file, line, column and
 //! the rule; the anti-spoofing rule; warnings about SPF records the rules rely on.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::dns::TestDns;
 

@@ -4,7 +4,7 @@
 //! without a header and an untrusted peer with one are refused; a balancer's health
 //! check (`PROXY UNKNOWN`, v2 `LOCAL`) is greeted and gets no transaction.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::Duration;
 use support::client::SmtpClient;

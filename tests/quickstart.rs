@@ -8,7 +8,7 @@
 //! that this test neither collides with a gateway a developer runs nor writes into the
 //! checkout.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::path::Path;
 use support::gateway::{GatewayProcess, read_maildir};

@@ -1,7 +1,7 @@
 //! A real SMTP client library (mail-send) talks to the gateway over STARTTLS, verifying
 //! the gateway's certificate.
 
-mod support;
+use mxgate_test_kit as support;
 
 use mail_send::SmtpClientBuilder;
 use mail_send::smtp::message::Message;

@@ -1,6 +1,6 @@
 //! In-line relay: the client's reply is the backend's reply; anything uncertain is 4xx.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::Duration;
 use support::backend::{Behaviour, FakeBackend, dead_address};

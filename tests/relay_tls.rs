@@ -1,7 +1,7 @@
 //! STARTTLS towards the backend: off, opportunistic, required; certificate verification
 //! and the client certificate Exchange Online identifies gateways by.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::backend::{Behaviour, FakeBackend, tls_config};
 use support::gateway::{Gateway, TestConfig};

@@ -19,7 +19,7 @@
 //! from the clock; printed) set the run. The ledger is printed to stdout past the test
 //! harness's capture, so CI output shows it.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;

@@ -1,7 +1,7 @@
 //! The gateway as a real process: SIGTERM drains, and `kill -9` at any moment never
 //! loses a message the client was told was delivered.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The SMTP conversation over a real socket: extensions, command sequencing, limits and
 //! error replies with enhanced status codes.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::client::SmtpClient;
 use support::gateway::{Gateway, TestConfig};

@@ -1,7 +1,7 @@
 //! SMTP smuggling (CVE-2023-51764 family): only <CRLF>.<CRLF> ends DATA, and what
 //! reaches the backend can only ever be read as the one message we saw.
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::backend::{Behaviour, FakeBackend};
 use support::gateway::{Gateway, TestConfig};

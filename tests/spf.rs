@@ -3,7 +3,7 @@
 //! a sender's record can make us look up, and the reasons in metrics and headers.
 //! (The whole RFC 7208 / 4408 suites run in `conformance_spf.rs`.)
 
-mod support;
+use mxgate_test_kit as support;
 
 use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;

@@ -1,7 +1,7 @@
 //! STARTTLS (RFC 3207) with real certificates: upgrade, injection, forgetting the
 //! plaintext session, `tls.require`, certificate reload.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::time::Duration;
 use support::gateway::{Gateway, TestConfig};

@@ -531,7 +531,9 @@ fn daemon_directory() -> PathBuf {
 
 /// An exclusive flock(2) on a file in the system temp dir, shared by every test
 /// process on the machine; released on drop (closing the file).
-struct PortLock(File);
+struct PortLock {
+    _held: File,
+}
 
 impl PortLock {
     fn acquire() -> PortLock {
@@ -551,6 +553,6 @@ impl PortLock {
             path.display(),
             std::io::Error::last_os_error()
         );
-        PortLock(file)
+        PortLock { _held: file }
     }
 }

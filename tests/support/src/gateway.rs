@@ -205,7 +205,7 @@ impl GatewayProcess {
 
     /// Like [`Self::spawn`], with extra environment variables (e.g. `SSL_CERT_FILE`).
     pub fn spawn_with_env(config_path: &std::path::Path, env: &[(&str, &str)]) -> GatewayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        let mut child = Command::new(crate::mxgate_binary())
             .arg("serve")
             .arg("--config")
             .arg(config_path)

@@ -1,7 +1,10 @@
 //! Shared test infrastructure: a gateway started in-process on port 0, a raw SMTP
 //! client, a scriptable backend SMTP/LMTP server, a DNS server and a private Postfix.
 //! Everything speaks over real sockets; nothing here stands in for mxgate's own code.
-#![allow(dead_code)]
+//!
+//! A dev-only workspace crate (`mxgate-test-kit`), so the support code compiles once
+//! rather than once per test binary. It may call mxgate's library and the mxgate
+//! binary Cargo builds for the integration tests ([`mxgate_binary`]).
 
 pub mod backend;
 pub mod client;
@@ -38,4 +41,22 @@ pub fn skip(why: impl std::fmt::Display) {
         panic!("this test would skip, which CI does not allow: {why}");
     }
     eprintln!("skipping: {why}");
+}
+
+/// The `mxgate` binary Cargo built next to the running test (or bench) binary.
+/// `CARGO_BIN_EXE_mxgate` is set only for mxgate's own test targets, not for this
+/// crate; a test binary lives in `target/<profile>/deps/`, the binary one level up.
+pub fn mxgate_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the running test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a test binary under target/<profile>/deps/");
+    let binary = profile_dir.join(format!("mxgate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} not found: integration tests and benches build it (cargo test / cargo bench)",
+        binary.display()
+    );
+    binary
 }
