@@ -146,7 +146,11 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
             };
             let mut refusal = RcptRefusal::new(rcpt, reply, format!("policy rule `{}`", rule.name));
             refusal.rule = Some(rule.name.to_string());
-            refusal.hit = Some(crate::pipeline::policy::hit(rule, &rule.action, "rcpt"));
+            refusal.hit = Some(crate::pipeline::policy::hit(
+                rule,
+                &rule.action,
+                crate::policy::Stage::Rcpt,
+            ));
             Some(refusal)
         })
         .collect()
@@ -190,7 +194,7 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
     let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
     let hit = evaluation
         .decision
-        .map(|rule| crate::pipeline::policy::hit(rule, &rule.action, "data"));
+        .map(|rule| crate::pipeline::policy::hit(rule, &rule.action, crate::policy::Stage::Data));
     let trace = snapshot
         .policy
         .rules
@@ -511,7 +515,7 @@ fn at_connect(snapshot: &Snapshot, ip: IpAddr, hit: PolicyHit) -> PolicyHit {
     };
     PolicyHit {
         action,
-        stage: "connect",
+        stage: crate::policy::Stage::Connect,
         ..hit
     }
 }

@@ -36,7 +36,7 @@ pub fn metrics_init() {
     metrics::register_build_info();
     smtp::metrics::init();
     auth::metrics::init();
-    rewrite::arc::metrics::init();
+    rewrite::metrics::init();
     policy::metrics::init();
     pipeline::metrics::init();
     relay::metrics::init();

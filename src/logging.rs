@@ -1,10 +1,10 @@
 //! Log output: text or JSON lines on stderr, filtered by `log.level` (or `RUST_LOG`).
 
-use crate::config::{Log, LogFormat};
+use crate::config::{LogConfig, LogFormat};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
-pub fn init(log: &Log) {
+pub fn init(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

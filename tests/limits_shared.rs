@@ -499,7 +499,7 @@ async fn cost_of_a_shared_limit_check() {
         data_grace: Duration::from_secs(1),
         max_tracked_clients: 100_000,
     };
-    let shared = mxgate::config::ClientLimits {
+    let shared = mxgate::config::LimitsConfig {
         store: redis.url(),
         ..Default::default()
     };

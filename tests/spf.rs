@@ -182,7 +182,7 @@ async fn ip6_never_matches_ipv4_and_bad_names_are_permerrors() {
 async fn internationalised_domains_are_looked_up_by_their_a_labels() {
     let dns = TestDns::start().await;
     dns.txt("xn--bcher-kva.test", "v=spf1 ip4:192.0.2.5 -all");
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
         attempts: 1,

@@ -27,7 +27,7 @@ pub struct Budget {
 impl Default for Budget {
     /// The configuration's defaults (`auth.max_dkim_signatures`, `auth.timeouts`).
     fn default() -> Self {
-        let auth = crate::config::Auth::default();
+        let auth = crate::config::AuthConfig::default();
         Budget {
             max_dkim_signatures: auth.max_dkim_signatures,
             end_of_data: auth.timeouts.end_of_data,

@@ -8,7 +8,7 @@
 //! successful lookups to `ResolverCache::insert`. Both caches are bounded by
 //! `dns.cache_entries`.
 
-use crate::config::Dns;
+use crate::config::DnsConfig;
 use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
 use mail_auth::hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -58,7 +58,7 @@ const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Builds the resolver from `dns:`. Without `nameservers` and without a readable
 /// system configuration the resolver has no servers: every look-up fails, checks give
 /// temperror and untrusted mail is deferred (451), which is safe; the warning says why.
-pub fn resolver(config: &Dns) -> Result<(MessageAuthenticator, Option<String>), String> {
+pub fn resolver(config: &DnsConfig) -> Result<(MessageAuthenticator, Option<String>), String> {
     let mut warning = None;
     let (resolver_config, mut options) = match &config.nameservers {
         Some(servers) => {

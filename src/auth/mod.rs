@@ -34,7 +34,7 @@ pub struct Authenticator {
     /// Our own name, for SPF's `%{r}` macro.
     host_domain: String,
     /// The DNS settings this was built from (a reload reuses the cache if unchanged).
-    pub dns_config: crate::config::Dns,
+    pub dns_config: crate::config::DnsConfig,
     /// `auth.timeouts.spf` in milliseconds; a reload that keeps this authenticator
     /// updates it.
     spf_timeout_ms: std::sync::atomic::AtomicU64,
@@ -58,7 +58,7 @@ impl Authenticator {
     /// Builds the checks over a new resolver; also returns a warning when the DNS
     /// configuration is unusable.
     pub fn new(
-        config: &crate::config::Dns,
+        config: &crate::config::DnsConfig,
         host_domain: &str,
     ) -> Result<(Authenticator, Option<String>), String> {
         let (resolver, warning) = dns::resolver(config)?;

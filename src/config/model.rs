@@ -16,60 +16,80 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub server: Server,
+    /// The SMTP listener: names, addresses, sizes, connection limits, timeouts.
+    pub server: ServerConfig,
+    /// STARTTLS for clients; absent: no STARTTLS offered.
     #[serde(default)]
-    pub tls: Option<Tls>,
+    pub tls: Option<TlsConfig>,
+    /// Mailbox servers accepted mail is relayed to (at least one).
     pub backend: Vec<BackendSpec>,
+    /// How we talk to the backends.
     #[serde(default)]
-    pub relay: Relay,
+    pub relay: RelayConfig,
+    /// The resolver used by the sender checks.
     #[serde(default)]
-    pub dns: Dns,
+    pub dns: DnsConfig,
+    /// Sender checks (SPF, DKIM, DMARC, ARC, iprev).
     #[serde(default)]
-    pub auth: Auth,
+    pub auth: AuthConfig,
+    /// What DMARC results do to a message.
     #[serde(default)]
-    pub dmarc: Dmarc,
+    pub dmarc: DmarcConfig,
+    /// ARC sealing and trusted sealers; absent: no sealing.
     #[serde(default)]
-    pub arc: Option<Arc>,
+    pub arc: Option<ArcConfig>,
+    /// Policy rule files and how often they are reloaded.
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: PolicyConfig,
+    /// Prometheus endpoint; absent: none.
     #[serde(default)]
-    pub metrics: Option<Metrics>,
+    pub metrics: Option<MetricsConfig>,
+    /// Log format and filter.
     #[serde(default)]
-    pub log: Log,
+    pub log: LogConfig,
+    /// Per-client rates and budgets.
     #[serde(default)]
-    pub limits: ClientLimits,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Server {
+pub struct ServerConfig {
     /// Our name: greeting, Received, authserv-id of Authentication-Results.
     pub hostname: DomainName,
+    /// Addresses the SMTP listener binds (at least one).
     pub listen: Vec<SocketAddr>,
     /// Recipient domains we accept mail for; nothing else (no open relay).
     pub domains: Vec<DomainName>,
+    /// Largest message in bytes (SIZE); default 25 MiB.
     #[serde(default = "defaults::max_message_size")]
     pub max_message_size: u64,
+    /// RCPT commands per transaction; default 100.
     #[serde(default = "defaults::max_recipients")]
     pub max_recipients: usize,
     /// Clients relayed without sender checks. Absent or `[]`: trust nobody.
     #[serde(default)]
     pub trusted_networks: Vec<Network>,
+    /// Open client connections in all; default 1000.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Open connections per client address; default 20.
     #[serde(default = "defaults::max_connections_per_ip")]
     pub max_connections_per_ip: usize,
     /// Refusals a client may cause before it gets 421 and is disconnected (see
     /// `Reply::counts_as_client_error`).
     #[serde(default = "defaults::max_errors")]
     pub max_errors: u32,
+    /// Bare CR/LF and NUL in messages: `normalize` (default) or `reject`.
     #[serde(default)]
     pub bare_line_endings: BareLineEndings,
     /// Messages larger than this are spooled to a temporary file instead of memory.
     #[serde(default = "defaults::spool_threshold")]
     pub spool_threshold: usize,
+    /// Where large messages are spooled; default: the system temporary directory.
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
+    /// Client-side deadlines (RFC 5321 section 4.5.3.2).
     #[serde(default)]
     pub timeouts: ServerTimeouts,
     /// Bytes of the header section (up to and including the empty line); more: `552 5.3.4`.
@@ -102,6 +122,7 @@ pub enum LongLines {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyProtocol {
+    /// Load balancer networks whose connections must start with a PROXY header.
     pub trusted_networks: Vec<Network>,
     /// How long a trusted peer has to send the whole header.
     #[serde(default = "defaults::proxy_timeout", with = "humantime_serde")]
@@ -160,8 +181,10 @@ pub enum BareLineEndings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
+pub struct TlsConfig {
+    /// PEM certificate chain, relative to the config file.
     pub certificate: PathBuf,
+    /// PEM private key for `certificate`.
     pub private_key: PathBuf,
     /// `true`: MAIL before STARTTLS gets `530 5.7.0`.
     #[serde(default)]
@@ -242,17 +265,19 @@ impl fmt::Display for BackendSpec {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Relay {
+pub struct RelayConfig {
     /// STARTTLS to the backend: `off`, `opportunistic` (if offered) or `required`.
     pub tls: RelayTls,
     /// Verify the backend's certificate (against `ca_certificates`, else public roots).
     pub verify_certificate: bool,
+    /// PEM bundle to verify backends against; default: public roots.
     pub ca_certificates: Option<PathBuf>,
     /// Name to verify and send as SNI; default: the backend's host.
     pub server_name: Option<String>,
     /// Client certificate presented to the backend (Exchange Online connectors match
     /// gateways by certificate subject).
     pub client_certificate: Option<PathBuf>,
+    /// PEM private key for `client_certificate`.
     pub client_key: Option<PathBuf>,
     /// Name we send in EHLO/LHLO to the backend; default `server.hostname`.
     pub helo: Option<DomainName>,
@@ -264,15 +289,16 @@ pub struct Relay {
     /// Idle pooled connections older than this are closed rather than reused.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Deadlines for each step of a relay transaction.
     pub timeouts: RelayTimeouts,
     /// Backend answers to recipient probes, kept so that a recipient is not probed for
     /// every message.
     pub recipient_cache: RelayRecipientCache,
 }
 
-impl Default for Relay {
+impl Default for RelayConfig {
     fn default() -> Self {
-        Relay {
+        RelayConfig {
             tls: RelayTls::Opportunistic,
             verify_certificate: false,
             ca_certificates: None,
@@ -301,18 +327,25 @@ pub enum RelayTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayTimeouts {
+    /// Opening the TCP connection; default 30s.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
+    /// The backend's greeting, and the TLS handshake after STARTTLS; default 5m.
     #[serde(with = "humantime_serde")]
     pub greeting: Duration,
+    /// Replies to EHLO/LHLO and MAIL; default 5m.
     #[serde(with = "humantime_serde")]
     pub mail: Duration,
+    /// Reply to each RCPT; default 5m.
     #[serde(with = "humantime_serde")]
     pub rcpt: Duration,
+    /// Reply to DATA; default 2m.
     #[serde(with = "humantime_serde")]
     pub data_init: Duration,
+    /// Writing each block of message content; default 3m.
     #[serde(with = "humantime_serde")]
     pub data_block: Duration,
+    /// Reply after the final dot; default 10m.
     #[serde(with = "humantime_serde")]
     pub data_done: Duration,
 }
@@ -342,6 +375,7 @@ pub struct RelayRecipientCache {
     /// `0s` keeps no rejections.
     #[serde(with = "humantime_serde")]
     pub ttl_reject: Duration,
+    /// Answers kept at most (at most 10,000,000); default 100,000.
     pub max_entries: u64,
 }
 
@@ -357,18 +391,21 @@ impl Default for RelayRecipientCache {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dns {
+pub struct DnsConfig {
     /// `ip:port` list, UDP with TCP fallback; absent = the system's resolv.conf.
     pub nameservers: Option<Vec<SocketAddr>>,
+    /// One DNS query; default 5s.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Tries per query; default 2.
     pub attempts: usize,
+    /// DNS answers cached; default 50,000.
     pub cache_entries: u64,
 }
 
-impl Default for Dns {
+impl Default for DnsConfig {
     fn default() -> Self {
-        Dns {
+        DnsConfig {
             nameservers: None,
             timeout: Duration::from_secs(5),
             attempts: 2,
@@ -379,7 +416,7 @@ impl Default for Dns {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Auth {
+pub struct AuthConfig {
     /// Run SPF, DKIM, DMARC, ARC and iprev on mail from untrusted clients.
     pub enabled: bool,
     /// Write explanatory comments in Authentication-Results. Set `false` for Exchange
@@ -387,12 +424,13 @@ pub struct Auth {
     pub comments: bool,
     /// DKIM-Signature fields verified per message (the first ones); the rest are ignored.
     pub max_dkim_signatures: usize,
+    /// Deadlines for the sender checks.
     pub timeouts: AuthTimeouts,
 }
 
-impl Default for Auth {
+impl Default for AuthConfig {
     fn default() -> Self {
-        Auth {
+        AuthConfig {
             enabled: true,
             comments: true,
             max_dkim_signatures: 10,
@@ -424,7 +462,7 @@ impl Default for AuthTimeouts {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Dmarc {
+pub struct DmarcConfig {
     /// Apply the sender's published policy (reject / quarantine).
     pub enforce: bool,
     /// Header added to quarantined mail, `Name: value`.
@@ -440,9 +478,9 @@ pub struct Dmarc {
     pub protect_own_domains: bool,
 }
 
-impl Default for Dmarc {
+impl Default for DmarcConfig {
     fn default() -> Self {
-        Dmarc {
+        DmarcConfig {
             enforce: true,
             quarantine_header: "X-Spam-Flag: YES".into(),
             on_temperror: TempErrorAction::Tempfail,
@@ -461,13 +499,15 @@ pub enum TempErrorAction {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Arc {
+pub struct ArcConfig {
     /// Seal relayed messages; default: on when a key is configured.
     #[serde(default)]
     pub seal: Option<bool>,
     /// `d=` of our seals: what downstream admins list as a trusted sealer.
     pub domain: Option<DomainName>,
+    /// `s=` of our seals: where the public key is published under `domain`.
     pub selector: Option<String>,
+    /// PEM key used to seal (RSA or Ed25519).
     pub private_key: Option<PathBuf>,
     /// Further keys (rotation): `mxgate check` verifies each is published; sealing uses
     /// `selector` / `private_key`.
@@ -481,13 +521,15 @@ pub struct Arc {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArcKey {
+    /// Selector this key is published under.
     pub selector: String,
+    /// PEM private key.
     pub private_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Policy {
+pub struct PolicyConfig {
     /// Glob patterns of policy files, relative to the config file.
     pub files: Vec<String>,
     /// How often config and policy files are checked for changes (SIGHUP reloads at once).
@@ -497,7 +539,8 @@ pub struct Policy {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Metrics {
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
 }
 
@@ -505,7 +548,7 @@ pub struct Metrics {
 /// us spend. 0 turns a rate or budget off.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClientLimits {
+pub struct LimitsConfig {
     /// IPv6 clients are counted by this prefix (one host can hold a whole /64).
     pub ipv6_prefix_length: u8,
     /// New connections per client per minute; over it `421 4.7.0` at connect.
@@ -539,9 +582,9 @@ pub struct ClientLimits {
     pub store_connection_ttl: Duration,
 }
 
-impl Default for ClientLimits {
+impl Default for LimitsConfig {
     fn default() -> Self {
-        ClientLimits {
+        LimitsConfig {
             ipv6_prefix_length: 64,
             connections_per_minute: 600,
             messages_per_minute: 1200,
@@ -559,15 +602,16 @@ impl Default for ClientLimits {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Log {
+pub struct LogConfig {
+    /// `text` (default) or `json` lines on stderr.
     pub format: LogFormat,
     /// A tracing filter such as `info` or `mxgate=debug`.
     pub level: String,
 }
 
-impl Default for Log {
+impl Default for LogConfig {
     fn default() -> Self {
-        Log {
+        LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
         }

@@ -10,12 +10,24 @@ const MAX_RECIPIENT_TTL: Duration = Duration::from_secs(86_400);
 /// Most recipient answers kept (an entry is an address and a reply: a few hundred bytes).
 const MAX_RECIPIENT_ENTRIES: u64 = 10_000_000;
 
+/// Every check, section by section in file order; errors keep that order.
 pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    let config = &loaded.config;
     let root = YamlPath::root();
-    let server = root.key("server");
+    check_server(loaded, &root.key("server"), &mut out);
+    check_backend(loaded, &root.key("backend"), &mut out);
+    check_relay(loaded, &root.key("relay"), &mut out);
+    check_dns(loaded, &root.key("dns"), &mut out);
+    check_auth(loaded, &root.key("auth"), &mut out);
+    check_dmarc(loaded, &root.key("dmarc"), &mut out);
+    check_arc(loaded, &root.key("arc"), &mut out);
+    check_limits(loaded, &root.key("limits"), &mut out);
+    check_log(loaded, &root.key("log"), &mut out);
+    out
+}
 
+fn check_server(loaded: &LoadedConfig, server: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
     if config.server.listen.is_empty() {
         out.push(loaded.error(
             &server.key("listen"),
@@ -90,15 +102,19 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             out.push(loaded.error(&path.key("timeout"), "must be greater than 0"));
         }
     }
+}
 
-    if config.backend.is_empty() {
+fn check_backend(loaded: &LoadedConfig, backend: &YamlPath, out: &mut Vec<Diagnostic>) {
+    if loaded.config.backend.is_empty() {
         out.push(loaded.error(
-            &root.key("backend"),
+            backend,
             "backend needs at least one mailbox server (smtp://, lmtp:// or maildir:)",
         ));
     }
+}
 
-    let relay = root.key("relay");
+fn check_relay(loaded: &LoadedConfig, relay: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
     match (&config.relay.client_certificate, &config.relay.client_key) {
         (Some(_), None) => out.push(loaded.error(
             &relay.key("client_certificate"),
@@ -132,8 +148,10 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             format!("relay.recipient_cache.max_entries: at most {MAX_RECIPIENT_ENTRIES} (each entry costs memory)"),
         ));
     }
+}
 
-    let dns = root.key("dns");
+fn check_dns(loaded: &LoadedConfig, dns: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
     if config.dns.nameservers.as_ref().is_some_and(Vec::is_empty) {
         out.push(loaded.error(
             &dns.key("nameservers"),
@@ -146,8 +164,10 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     if config.dns.attempts == 0 {
         out.push(loaded.error(&dns.key("attempts"), "must be at least 1"));
     }
+}
 
-    let auth = root.key("auth");
+fn check_auth(loaded: &LoadedConfig, auth: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
     if config.auth.max_dkim_signatures == 0 {
         out.push(loaded.error(&auth.key("max_dkim_signatures"), "must be at least 1"));
     }
@@ -167,47 +187,54 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             "with sender checks off, dmarc.protect_own_domains protects nothing: mail forged From your own domains is delivered",
         ));
     }
+}
 
-    if crate::rewrite::headers::parse_header_line(&config.dmarc.quarantine_header).is_none() {
+fn check_dmarc(loaded: &LoadedConfig, dmarc: &YamlPath, out: &mut Vec<Diagnostic>) {
+    if crate::rewrite::headers::parse_header_line(&loaded.config.dmarc.quarantine_header).is_none()
+    {
         out.push(loaded.error(
-            &root.key("dmarc").key("quarantine_header"),
+            &dmarc.key("quarantine_header"),
             "expected `Header-Name: value`",
         ));
     }
+}
 
-    if let Some(arc) = &config.arc {
-        let at = root.key("arc");
-        let configured = [
-            arc.domain.is_some(),
-            arc.selector.is_some(),
-            arc.private_key.is_some(),
-        ];
-        let wants_seal = arc.seal.unwrap_or(configured.iter().any(|c| *c));
-        if wants_seal && configured.iter().any(|c| !c) {
+fn check_arc(loaded: &LoadedConfig, at: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let Some(arc) = &loaded.config.arc else {
+        return;
+    };
+    let configured = [
+        arc.domain.is_some(),
+        arc.selector.is_some(),
+        arc.private_key.is_some(),
+    ];
+    let wants_seal = arc.seal.unwrap_or(configured.iter().any(|c| *c));
+    if wants_seal && configured.iter().any(|c| !c) {
+        out.push(loaded.error(
+            at,
+            "sealing needs arc.domain, arc.selector and arc.private_key (or set arc.seal: false)",
+        ));
+    }
+    if let Some(selector) = &arc.selector
+        && !valid_selector(selector)
+    {
+        out.push(loaded.error(
+            &at.key("selector"),
+            format!("`{selector}` is not a valid selector"),
+        ));
+    }
+    for (n, key) in arc.keys.iter().enumerate() {
+        if !valid_selector(&key.selector) {
             out.push(loaded.error(
-                &at,
-                "sealing needs arc.domain, arc.selector and arc.private_key (or set arc.seal: false)",
+                &at.key("keys").index(n).key("selector"),
+                format!("`{}` is not a valid selector", key.selector),
             ));
-        }
-        if let Some(selector) = &arc.selector
-            && !valid_selector(selector)
-        {
-            out.push(loaded.error(
-                &at.key("selector"),
-                format!("`{selector}` is not a valid selector"),
-            ));
-        }
-        for (n, key) in arc.keys.iter().enumerate() {
-            if !valid_selector(&key.selector) {
-                out.push(loaded.error(
-                    &at.key("keys").index(n).key("selector"),
-                    format!("`{}` is not a valid selector", key.selector),
-                ));
-            }
         }
     }
+}
 
-    let limits = root.key("limits");
+fn check_limits(loaded: &LoadedConfig, limits: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
     if !(1..=128).contains(&config.limits.ipv6_prefix_length) {
         out.push(loaded.error(
             &limits.key("ipv6_prefix_length"),
@@ -236,14 +263,12 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
             "limits.store_connection_ttl must be at least 3s",
         ));
     }
+}
 
-    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        out.push(loaded.error(
-            &root.key("log").key("level"),
-            format!("invalid log filter: {err}"),
-        ));
+fn check_log(loaded: &LoadedConfig, log: &YamlPath, out: &mut Vec<Diagnostic>) {
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&loaded.config.log.level) {
+        out.push(loaded.error(&log.key("level"), format!("invalid log filter: {err}")));
     }
-    out
 }
 
 fn valid_selector(selector: &str) -> bool {

@@ -29,7 +29,7 @@ pub use key::ClientKey;
 pub use redis::StoreUrl;
 pub use store::{ConnectionGuard, Exceeded, Rate, Refused, Store};
 
-use crate::config::{ClientLimits, Config};
+use crate::config::{Config, LimitsConfig};
 use crate::smtp::metrics as smtp_metrics;
 use crate::smtp::reply::Reply;
 use std::net::IpAddr;
@@ -92,7 +92,7 @@ impl Limiter {
     /// in the background.
     pub async fn start(
         settings: &Settings,
-        config: &ClientLimits,
+        config: &LimitsConfig,
     ) -> (Arc<Limiter>, Option<tokio::task::JoinHandle<()>>) {
         let url = match StoreUrl::parse(&config.store) {
             Ok(StoreUrl::Redis(url)) => url,

@@ -10,9 +10,10 @@ use super::{Connection, Transaction, metrics};
 use crate::auth::results::{AuthReport, AuthResult};
 use crate::auth::{Authenticator, MessageVerification};
 use crate::relay::{BackendReply, Delivery, OutboundMessage};
-use crate::rewrite::arc::{NotSealed, Sealer, metrics as arc_metrics};
+use crate::rewrite::arc::{NotSealed, SealOutcome, Sealer};
 use crate::rewrite::auth_results::unfolded;
 use crate::rewrite::headers::{sanitize, write_folded};
+use crate::rewrite::metrics as arc_metrics;
 use crate::rewrite::received::{ReceivedFields, write_received};
 use crate::rewrite::section::read_section;
 use crate::rewrite::strip::forged_results;
@@ -168,7 +169,7 @@ impl Connection {
         out: &mut Vec<u8>,
     ) {
         if verification.arc_malformed {
-            arc_metrics::sealed("skipped_chain_failed");
+            arc_metrics::sealed(SealOutcome::SkippedChainFailed);
             return;
         }
         let line = unfolded(results);
@@ -194,13 +195,13 @@ impl Connection {
         };
         match sealer.seal(relayed, &verification.arc_output, &line) {
             Ok(headers) => {
-                arc_metrics::sealed("sealed");
+                arc_metrics::sealed(SealOutcome::Sealed);
                 out.extend_from_slice(&headers);
             }
-            Err(NotSealed::ChainFailed) => arc_metrics::sealed("skipped_chain_failed"),
-            Err(NotSealed::ChainFull) => arc_metrics::sealed("skipped_chain_full"),
+            Err(NotSealed::ChainFailed) => arc_metrics::sealed(SealOutcome::SkippedChainFailed),
+            Err(NotSealed::ChainFull) => arc_metrics::sealed(SealOutcome::SkippedChainFull),
             Err(NotSealed::Error(err)) => {
-                arc_metrics::sealed("error");
+                arc_metrics::sealed(SealOutcome::Error);
                 tracing::warn!(error = %err, "ARC sealing failed; relaying unsealed");
             }
         }

@@ -239,7 +239,7 @@ mod tests {
         PolicyHit {
             rule: "r".into(),
             action,
-            stage: "data",
+            stage: crate::policy::Stage::Data,
             evidence,
         }
     }
@@ -275,7 +275,7 @@ mod tests {
             (
                 reply.code(),
                 reply.status().unwrap().to_string(),
-                reply.reason()
+                reply.reason().as_label()
             ),
             (550, "5.7.1".into(), "own_domain")
         );

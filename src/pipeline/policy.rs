@@ -5,7 +5,7 @@
 use super::{Connection, Pending, Transaction};
 use crate::auth::Authenticator;
 use crate::auth::results::{AuthReport, AuthResult};
-use crate::policy::{Action, Facts, Policy, Rule, evaluate, metrics};
+use crate::policy::{Action, Facts, Policy, Rule, Stage, evaluate, metrics};
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub struct PolicyHit {
     pub rule: Arc<str>,
     pub action: Action,
-    pub stage: &'static str,
+    pub stage: Stage,
     /// The rule's conditions authenticate the sender (`Condition::authenticate_sender`):
     /// only such an `accept` lifts the own-domain guard.
     pub evidence: bool,
@@ -71,7 +71,7 @@ impl Connection {
         match &rule.action {
             Action::Reject(reply) | Action::Tempfail(reply) => Err(reply.as_greeting()),
             action => {
-                self.policy_hit = Some(hit(rule, action, "connect"));
+                self.policy_hit = Some(hit(rule, action, Stage::Connect));
                 Ok(())
             }
         }
@@ -124,7 +124,7 @@ impl Connection {
         tx.shadow_seen = seen;
         if let Some(rule) = decided {
             metrics::hit(rule);
-            tx.policy_hit = Some(hit(rule, &rule.action, "mail"));
+            tx.policy_hit = Some(hit(rule, &rule.action, Stage::Mail));
             if let Action::Reject(reply) | Action::Tempfail(reply) = &rule.action {
                 return Err(reply.clone());
             }
@@ -183,7 +183,7 @@ impl Connection {
         let mut seen = std::mem::take(&mut tx.shadow_seen);
         let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen).map(|rule| {
             metrics::hit(rule);
-            hit(rule, &rule.action, "data")
+            hit(rule, &rule.action, Stage::Data)
         });
         tx.shadow_seen = seen;
         decided
@@ -382,7 +382,7 @@ fn decide<'p>(
     evaluation.decision
 }
 
-pub fn hit(rule: &Rule, action: &Action, stage: &'static str) -> PolicyHit {
+pub fn hit(rule: &Rule, action: &Action, stage: Stage) -> PolicyHit {
     PolicyHit {
         rule: rule.name.clone(),
         action: action.clone(),

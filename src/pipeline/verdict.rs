@@ -833,7 +833,7 @@ mod policy_tests {
         PolicyHit {
             rule: "r".into(),
             action,
-            stage: "data",
+            stage: crate::policy::Stage::Data,
             evidence: false,
         }
     }

@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod rules;
 
-pub use rules::{Action, Evaluation, Facts, Rule, evaluate};
+pub use rules::{Action, Evaluation, Facts, Rule, Stage, evaluate};
 use std::path::PathBuf;
 
 #[derive(Debug, Default)]

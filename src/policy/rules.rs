@@ -87,6 +87,29 @@ pub enum Condition {
     OwnDomain(bool),
 }
 
+/// The SMTP stage at which a rule decided: each knows more facts than the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Mail,
+    Rcpt,
+    Data,
+}
+
+impl Stage {
+    pub const ALL: &'static [Stage] = &[Stage::Connect, Stage::Mail, Stage::Rcpt, Stage::Data];
+
+    /// The stage's name in logs and `explain`.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+        }
+    }
+}
+
 /// What is known about a message at some stage; `None` means "not known yet".
 #[derive(Clone, Debug, Default)]
 pub struct Facts<'a> {

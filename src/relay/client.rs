@@ -3,7 +3,7 @@
 //!
 //! Reply parsing is smtp-proto's. This module knows nothing about pools or failover.
 
-use super::{BackendReply, RelayError, RelaySettings};
+use super::{BackendReply, Cause, RelayError, RelaySettings};
 use crate::config::RelayTls;
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{EXT_8BIT_MIME, EXT_CHUNKING, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS};
@@ -131,7 +131,7 @@ impl ClientConn {
         let t = &settings.timeouts;
         let tcp = match timeout(t.connect, TcpStream::connect((host, port))).await {
             Err(_) => return Err(RelayError::Timeout("connect")),
-            Ok(Err(err)) => return Err(RelayError::Connect(err.to_string())),
+            Ok(Err(err)) => return Err(RelayError::Connect(Cause::of(err))),
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
@@ -174,10 +174,9 @@ impl ClientConn {
             .await?;
         let reply = self.read_reply(settings.timeouts.mail).await?;
         if reply.code != 220 {
-            return Err(RelayError::Tls(format!(
-                "STARTTLS refused: {}",
-                reply.summary()
-            )));
+            return Err(RelayError::Tls(
+                format!("STARTTLS refused: {}", reply.summary()).into(),
+            ));
         }
         // Anything the server sent after 220 is not trusted (the mirror image of the
         // CVE-2011-0411 rule on our side): drop it.
@@ -190,7 +189,8 @@ impl ClientConn {
             .server_name
             .clone()
             .unwrap_or_else(|| host.to_string());
-        let server_name = crate::tls::server_name(&name).map_err(RelayError::Tls)?;
+        let server_name =
+            crate::tls::server_name(&name).map_err(|err| RelayError::Tls(err.into()))?;
         let connector = tokio_rustls::TlsConnector::from(settings.client_tls.clone());
         let tls = match timeout(
             settings.timeouts.greeting,
@@ -199,7 +199,7 @@ impl ClientConn {
         .await
         {
             Err(_) => return Err(RelayError::Timeout("TLS handshake")),
-            Ok(Err(err)) => return Err(RelayError::Tls(err.to_string())),
+            Ok(Err(err)) => return Err(RelayError::Tls(Cause::of(err))),
             Ok(Ok(tls)) => tls,
         };
         Ok(ClientConn {
@@ -227,7 +227,7 @@ impl ClientConn {
             }
             Ok(Err(err)) => {
                 self.broken = true;
-                Err(RelayError::Lost(err.to_string()))
+                Err(RelayError::Lost(Cause::of(err)))
             }
             Ok(Ok(())) => Ok(()),
         }
@@ -263,7 +263,7 @@ impl ClientConn {
                     Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
                     Err(err) => {
                         self.broken = true;
-                        return Err(RelayError::Protocol(err.to_string()));
+                        return Err(RelayError::Protocol(Cause::of(err)));
                     }
                 }
             }
@@ -285,7 +285,7 @@ impl ClientConn {
                 }
                 Ok(Err(err)) => {
                     self.broken = true;
-                    return Err(RelayError::Lost(err.to_string()));
+                    return Err(RelayError::Lost(Cause::of(err)));
                 }
                 Ok(Ok(0)) => {
                     self.broken = true;

@@ -122,24 +122,79 @@ impl std::fmt::Display for BackendReply {
     }
 }
 
+/// What lies under a [`RelayError`]: the error we were given (io, TLS, SMTP parsing),
+/// kept so that `source()` reaches it, or our own words when there was none. It reads
+/// exactly as the error it holds, so `RelayError`'s text is what it was with strings.
+#[derive(Debug)]
+pub enum Cause {
+    Message(String),
+    Error(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Cause {
+    pub fn of(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause::Error(Box::new(err))
+    }
+
+    /// The wrapped error itself (for downcasting), if there is one.
+    pub fn error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Cause::Message(_) => None,
+            Cause::Error(err) => Some(err.as_ref()),
+        }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(text: &str) -> Self {
+        Cause::Message(text.into())
+    }
+}
+
+impl From<String> for Cause {
+    fn from(text: String) -> Self {
+        Cause::Message(text)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Message(text) => f.write_str(text),
+            Cause::Error(err) => err.fmt(f),
+        }
+    }
+}
+
+// Transparent: the chain goes on with what the wrapped error wraps, so a chain printer
+// does not repeat the wrapped error's text.
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Cause::Message(_) => None,
+            Cause::Error(err) => err.source(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("cannot connect: {0}")]
-    Connect(String),
+    Connect(#[source] Cause),
     #[error("backend refused the session: {0}")]
     Refused(BackendReply),
     #[error("TLS to backend failed: {0}")]
-    Tls(String),
+    Tls(#[source] Cause),
     #[error("timeout waiting for {0}")]
     Timeout(&'static str),
     #[error("connection lost: {0}")]
-    Lost(String),
+    Lost(#[source] Cause),
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[source] Cause),
     #[error("all backend connections are busy")]
     Busy,
     #[error("local delivery failed: {0}")]
-    Local(String),
+    Local(#[source] Cause),
     #[error("no backend available ({0})")]
     Unavailable(String),
     /// A 421 reply: the backend is closing the channel (idle timeout, shutdown).
@@ -440,7 +495,7 @@ impl Relay {
                     let result = maildir
                         .deliver(&envelope.mail_from, rcpts, message)
                         .map(Delivery::Stored)
-                        .map_err(|err| RelayError::Local(err.to_string()));
+                        .map_err(|err| RelayError::Local(Cause::of(err)));
                     metrics::delivery(&backend.label, &result, started.elapsed());
                     result
                 }
@@ -552,5 +607,37 @@ mod tests {
         assert_eq!(smtp_path("a\"b@x.test"), "\"a\\\"b\"@x.test");
         assert_eq!(smtp_path(""), "");
         assert_eq!(smtp_path("jörg@x.test"), "jörg@x.test");
+    }
+}
+
+#[cfg(test)]
+mod cause_tests {
+    use super::{Cause, RelayError};
+    use std::error::Error;
+
+    #[test]
+    fn the_wrapped_error_is_kept_and_the_text_unchanged() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = RelayError::Connect(Cause::of(io));
+        assert_eq!(err.to_string(), "cannot connect: refused");
+        let source = err.source().expect("a source");
+        assert_eq!(source.to_string(), "refused");
+        let RelayError::Connect(cause) = &err else {
+            unreachable!()
+        };
+        let kept = cause
+            .error()
+            .and_then(|e| e.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            kept.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+
+        let err = RelayError::Tls("backend does not offer STARTTLS".into());
+        assert_eq!(
+            err.to_string(),
+            "TLS to backend failed: backend does not offer STARTTLS"
+        );
+        assert!(err.source().unwrap().source().is_none());
     }
 }

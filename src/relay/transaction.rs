@@ -147,10 +147,9 @@ pub(super) async fn send(
         if reply.code < 400 && reply.code != 354 {
             // Not an answer DATA can get: the replies are out of step with the commands.
             conn.broken = true;
-            return Err(RelayError::Protocol(format!(
-                "unexpected reply {} to DATA",
-                reply.code
-            )));
+            return Err(RelayError::Protocol(
+                format!("unexpected reply {} to DATA", reply.code).into(),
+            ));
         }
         if reply.code != 354 {
             // Refused before content (Postfix's `smtpd_data_restrictions`, say): the

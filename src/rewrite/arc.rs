@@ -34,47 +34,31 @@ const SIGNED_HEADERS: [&str; 12] = [
     "DKIM-Signature",
 ];
 
-/// Sealing metrics.
-pub mod metrics {
-    use crate::metrics::counter_vec;
-    use prometheus::IntCounterVec;
-    use std::sync::LazyLock;
+/// What became of one relayed message's ARC seal: the closed set of labels of
+/// `mxgate_arc_seals_total` (dashboards depend on the strings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealOutcome {
+    Sealed,
+    SkippedChainFailed,
+    SkippedChainFull,
+    Error,
+}
 
-    static SEALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-        counter_vec(
-            "mxgate_arc_seals_total",
-            "ARC sealing of relayed messages, by result (sealed, skipped_chain_failed, skipped_chain_full, error).",
-            &["result"],
-        )
-    });
+impl SealOutcome {
+    pub const ALL: &'static [SealOutcome] = &[
+        SealOutcome::Sealed,
+        SealOutcome::SkippedChainFailed,
+        SealOutcome::SkippedChainFull,
+        SealOutcome::Error,
+    ];
 
-    static OVERRIDES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-        counter_vec(
-            "mxgate_arc_overrides_total",
-            "DMARC failures overridden because a trusted ARC sealer recorded a pass, by sealer (from arc.trusted_sealers).",
-            &["sealer"],
-        )
-    });
-
-    pub fn init() {
-        LazyLock::force(&SEALS);
-        LazyLock::force(&OVERRIDES);
-        for result in [
-            "sealed",
-            "skipped_chain_failed",
-            "skipped_chain_full",
-            "error",
-        ] {
-            SEALS.with_label_values(&[result]);
+    pub fn as_label(self) -> &'static str {
+        match self {
+            SealOutcome::Sealed => "sealed",
+            SealOutcome::SkippedChainFailed => "skipped_chain_failed",
+            SealOutcome::SkippedChainFull => "skipped_chain_full",
+            SealOutcome::Error => "error",
         }
-    }
-
-    pub fn sealed(result: &str) {
-        SEALS.with_label_values(&[result]).inc();
-    }
-
-    pub fn override_applied(sealer: &str) {
-        OVERRIDES.with_label_values(&[sealer]).inc();
     }
 }
 

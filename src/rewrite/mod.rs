@@ -5,6 +5,7 @@
 pub mod arc;
 pub mod auth_results;
 pub mod headers;
+pub mod metrics;
 pub mod received;
 pub mod section;
 pub mod strip;

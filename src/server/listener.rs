@@ -108,7 +108,7 @@ async fn proxied(
     tcp: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    config: &crate::config::Server,
+    config: &crate::config::ServerConfig,
 ) -> Option<(SocketAddr, SocketAddr, bool)> {
     let Some(proxy) = &config.proxy_protocol else {
         return Some((peer, local, false));

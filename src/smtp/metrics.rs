@@ -78,8 +78,8 @@ pub fn init() {
     for class in ["2xx", "3xx", "4xx", "5xx"] {
         REPLIES.with_label_values(&[class]);
     }
-    for reason in crate::smtp::reply::REASONS {
-        REJECTIONS.with_label_values(&[reason]);
+    for reason in crate::smtp::reply::RejectReason::ALL {
+        REJECTIONS.with_label_values(&[reason.as_label()]);
     }
     for reason in [
         "global_limit",
@@ -98,6 +98,8 @@ pub fn init() {
 pub fn reply(reply: &Reply) {
     REPLIES.with_label_values(&[reply.class_label()]).inc();
     if reply.code() >= 400 {
-        REJECTIONS.with_label_values(&[reply.reason()]).inc();
+        REJECTIONS
+            .with_label_values(&[reply.reason().as_label()])
+            .inc();
     }
 }

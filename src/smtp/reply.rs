@@ -25,38 +25,110 @@ pub struct Reply {
     status: Option<Status>,
     lines: Vec<Cow<'static, str>>,
     /// Why a negative reply refuses (a label of `mxgate_rejections_total`).
-    reason: &'static str,
+    reason: RejectReason,
 }
 
-/// Every rejection reason a reply can carry (bounded, for metrics).
-pub const REASONS: &[&str] = &[
-    "protocol",
-    "relay_denied",
-    "recipient_limit",
-    "backend",
-    "backend_unavailable",
-    "dmarc",
-    "dmarc_temperror",
-    "invalid_from",
-    "own_domain",
-    "policy",
-    "tls_required",
-    "size",
-    "bare_line_ending",
-    "header_syntax",
-    "header_limit",
-    "long_line",
-    "parameters",
-    "connection_limit",
-    "rate_limit",
-    "data_rate",
-    "too_many_errors",
-    "timeout",
-    "shutdown",
-    "local_error",
-    "proxy_protocol",
-    "proxy_local",
-];
+/// Why a reply refuses: the closed set of labels of `mxgate_rejections_total`.
+/// The label strings are part of the dashboards in `grafana/`; do not rename them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    Protocol,
+    RelayDenied,
+    RecipientLimit,
+    Backend,
+    BackendUnavailable,
+    Dmarc,
+    DmarcTemperror,
+    InvalidFrom,
+    OwnDomain,
+    Policy,
+    TlsRequired,
+    Size,
+    BareLineEnding,
+    HeaderSyntax,
+    HeaderLimit,
+    LongLine,
+    Parameters,
+    ConnectionLimit,
+    RateLimit,
+    DataRate,
+    TooManyErrors,
+    Timeout,
+    Shutdown,
+    LocalError,
+    ProxyProtocol,
+    ProxyLocal,
+}
+
+impl RejectReason {
+    /// Every reason, so the metric can create each series at 0 before the first event.
+    pub const ALL: &'static [RejectReason] = &[
+        RejectReason::Protocol,
+        RejectReason::RelayDenied,
+        RejectReason::RecipientLimit,
+        RejectReason::Backend,
+        RejectReason::BackendUnavailable,
+        RejectReason::Dmarc,
+        RejectReason::DmarcTemperror,
+        RejectReason::InvalidFrom,
+        RejectReason::OwnDomain,
+        RejectReason::Policy,
+        RejectReason::TlsRequired,
+        RejectReason::Size,
+        RejectReason::BareLineEnding,
+        RejectReason::HeaderSyntax,
+        RejectReason::HeaderLimit,
+        RejectReason::LongLine,
+        RejectReason::Parameters,
+        RejectReason::ConnectionLimit,
+        RejectReason::RateLimit,
+        RejectReason::DataRate,
+        RejectReason::TooManyErrors,
+        RejectReason::Timeout,
+        RejectReason::Shutdown,
+        RejectReason::LocalError,
+        RejectReason::ProxyProtocol,
+        RejectReason::ProxyLocal,
+    ];
+
+    /// The metric label for this reason.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            RejectReason::Protocol => "protocol",
+            RejectReason::RelayDenied => "relay_denied",
+            RejectReason::RecipientLimit => "recipient_limit",
+            RejectReason::Backend => "backend",
+            RejectReason::BackendUnavailable => "backend_unavailable",
+            RejectReason::Dmarc => "dmarc",
+            RejectReason::DmarcTemperror => "dmarc_temperror",
+            RejectReason::InvalidFrom => "invalid_from",
+            RejectReason::OwnDomain => "own_domain",
+            RejectReason::Policy => "policy",
+            RejectReason::TlsRequired => "tls_required",
+            RejectReason::Size => "size",
+            RejectReason::BareLineEnding => "bare_line_ending",
+            RejectReason::HeaderSyntax => "header_syntax",
+            RejectReason::HeaderLimit => "header_limit",
+            RejectReason::LongLine => "long_line",
+            RejectReason::Parameters => "parameters",
+            RejectReason::ConnectionLimit => "connection_limit",
+            RejectReason::RateLimit => "rate_limit",
+            RejectReason::DataRate => "data_rate",
+            RejectReason::TooManyErrors => "too_many_errors",
+            RejectReason::Timeout => "timeout",
+            RejectReason::Shutdown => "shutdown",
+            RejectReason::LocalError => "local_error",
+            RejectReason::ProxyProtocol => "proxy_protocol",
+            RejectReason::ProxyLocal => "proxy_local",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_label())
+    }
+}
 
 impl Reply {
     fn new(code: u16, status: Option<Status>, text: impl Into<Cow<'static, str>>) -> Self {
@@ -64,18 +136,17 @@ impl Reply {
             code,
             status,
             lines: vec![text.into()],
-            reason: "protocol",
+            reason: RejectReason::Protocol,
         }
     }
 
-    /// Tags a refusal with its reason (one of `REASONS`).
-    fn because(mut self, reason: &'static str) -> Self {
-        debug_assert!(REASONS.contains(&reason), "{reason}");
+    /// Tags a refusal with its reason.
+    fn because(mut self, reason: RejectReason) -> Self {
         self.reason = reason;
         self
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RejectReason {
         self.reason
     }
 
@@ -119,12 +190,12 @@ impl Reply {
             || (self.code >= 400
                 && matches!(
                     self.reason,
-                    "protocol"
-                        | "parameters"
-                        | "relay_denied"
-                        | "policy"
-                        | "tls_required"
-                        | "rate_limit"
+                    RejectReason::Protocol
+                        | RejectReason::Parameters
+                        | RejectReason::RelayDenied
+                        | RejectReason::Policy
+                        | RejectReason::TlsRequired
+                        | RejectReason::RateLimit
                 ))
     }
 
@@ -223,7 +294,7 @@ impl Reply {
             code: 250,
             status: None,
             lines,
-            reason: "protocol",
+            reason: RejectReason::Protocol,
         }
     }
 
@@ -276,7 +347,7 @@ impl Reply {
     }
 
     pub fn tls_not_available() -> Self {
-        Reply::with(454, (4, 7, 0), "TLS not available").because("tls_required")
+        Reply::with(454, (4, 7, 0), "TLS not available").because(RejectReason::TlsRequired)
     }
 
     pub fn tls_already_active() -> Self {
@@ -284,7 +355,8 @@ impl Reply {
     }
 
     pub fn tls_required() -> Self {
-        Reply::with(530, (5, 7, 0), "Must issue a STARTTLS command first").because("tls_required")
+        Reply::with(530, (5, 7, 0), "Must issue a STARTTLS command first")
+            .because(RejectReason::TlsRequired)
     }
 
     pub fn tls_required_for_sender() -> Self {
@@ -293,7 +365,7 @@ impl Reply {
             (5, 7, 0),
             "Must issue a STARTTLS command first: this sender requires TLS",
         )
-        .because("tls_required")
+        .because(RejectReason::TlsRequired)
     }
 
     pub fn bad_sequence(what: &'static str) -> Self {
@@ -326,7 +398,7 @@ impl Reply {
             (5, 5, 4),
             format!("Invalid parameter {}", clean(param)),
         )
-        .because("parameters")
+        .because(RejectReason::Parameters)
     }
 
     pub fn unsupported_parameter(param: &str) -> Self {
@@ -335,7 +407,7 @@ impl Reply {
             (5, 5, 4),
             format!("Unsupported parameter {}", clean(param)),
         )
-        .because("parameters")
+        .because(RejectReason::Parameters)
     }
 
     pub fn bad_sender_syntax() -> Self {
@@ -352,7 +424,7 @@ impl Reply {
             (5, 6, 7),
             "Non-ASCII address requires the SMTPUTF8 parameter",
         )
-        .because("parameters")
+        .because(RejectReason::Parameters)
     }
 
     pub fn smtputf8_unsupported_by_backend() -> Self {
@@ -361,7 +433,7 @@ impl Reply {
             (5, 6, 7),
             "Non-ASCII addresses are not supported by the mailbox server",
         )
-        .because("parameters")
+        .because(RejectReason::Parameters)
     }
 
     pub fn relay_denied(rcpt: &str) -> Self {
@@ -373,11 +445,11 @@ impl Reply {
                 clean(rcpt)
             ),
         )
-        .because("relay_denied")
+        .because(RejectReason::RelayDenied)
     }
 
     pub fn too_many_recipients() -> Self {
-        Reply::with(452, (4, 5, 3), "Too many recipients").because("recipient_limit")
+        Reply::with(452, (4, 5, 3), "Too many recipients").because(RejectReason::RecipientLimit)
     }
 
     pub fn no_valid_recipients() -> Self {
@@ -390,7 +462,7 @@ impl Reply {
             (5, 3, 4),
             format!("Message size exceeds fixed maximum message size of {max} bytes"),
         )
-        .because("size")
+        .because(RejectReason::Size)
     }
 
     pub fn message_too_big() -> Self {
@@ -399,7 +471,7 @@ impl Reply {
             (5, 3, 4),
             "Message size exceeds fixed maximum message size",
         )
-        .because("size")
+        .because(RejectReason::Size)
     }
 
     pub fn bare_line_ending() -> Self {
@@ -408,7 +480,7 @@ impl Reply {
             (5, 5, 2),
             "Message contains a bare CR or LF or a NUL byte; lines must end with CRLF (see https://www.postfix.org/smtp-smuggling.html)",
         )
-        .because("bare_line_ending")
+        .because(RejectReason::BareLineEnding)
     }
 
     /// A header section that two readers could take differently (see
@@ -423,7 +495,7 @@ impl Reply {
                 clean(detail)
             ),
         )
-        .because("header_syntax")
+        .because(RejectReason::HeaderSyntax)
     }
 
     /// A header section over `server.max_header_size` or `server.max_header_fields`.
@@ -433,7 +505,7 @@ impl Reply {
             (5, 3, 4),
             format!("Message refused: {}", clean(detail)),
         )
-        .because("header_limit")
+        .because(RejectReason::HeaderLimit)
     }
 
     /// A text line over RFC 5321's limit of 998 octets (section 4.5.3.1.6) under
@@ -448,25 +520,26 @@ impl Reply {
                 "Message refused: a text line is {longest} octets long; RFC 5321 section 4.5.3.1.6 allows 998 plus CRLF"
             ),
         )
-        .because("long_line")
+        .because(RejectReason::LongLine)
     }
 
     pub fn too_many_errors() -> Self {
         Reply::with(421, (4, 7, 0), "Too many errors, closing connection")
-            .because("too_many_errors")
+            .because(RejectReason::TooManyErrors)
     }
 
     pub fn timeout() -> Self {
-        Reply::with(421, (4, 4, 2), "Timeout, closing connection").because("timeout")
+        Reply::with(421, (4, 4, 2), "Timeout, closing connection").because(RejectReason::Timeout)
     }
 
     pub fn shutting_down() -> Self {
-        Reply::with(421, (4, 3, 2), "Service shutting down, try again later").because("shutdown")
+        Reply::with(421, (4, 3, 2), "Service shutting down, try again later")
+            .because(RejectReason::Shutdown)
     }
 
     pub fn too_many_connections() -> Self {
         Reply::with(421, (4, 7, 0), "Too many connections, try again later")
-            .because("connection_limit")
+            .because(RejectReason::ConnectionLimit)
     }
 
     pub fn too_many_connections_from_ip() -> Self {
@@ -475,7 +548,7 @@ impl Reply {
             (4, 7, 0),
             "Too many connections from your address, try again later",
         )
-        .because("connection_limit")
+        .because(RejectReason::ConnectionLimit)
     }
 
     /// `limits.connections_per_minute` (Postfix's anvil answers the same).
@@ -485,7 +558,7 @@ impl Reply {
             (4, 7, 0),
             "Too many connections from your address in the last minute, try again later",
         )
-        .because("rate_limit")
+        .because(RejectReason::RateLimit)
     }
 
     /// `limits.messages_per_minute`, at MAIL. Counts as an error: a client that keeps
@@ -496,7 +569,7 @@ impl Reply {
             (4, 7, 1),
             "Too many messages from your address, try again later",
         )
-        .because("rate_limit")
+        .because(RejectReason::RateLimit)
     }
 
     /// `limits.recipients_per_minute`, at RCPT. Not an error (like `452 4.5.3`): the
@@ -507,12 +580,13 @@ impl Reply {
             (4, 7, 1),
             "Too many recipients from your address, try again later",
         )
-        .because("recipient_limit")
+        .because(RejectReason::RecipientLimit)
     }
 
     /// `limits.min_data_rate`: the message came in too slowly.
     pub fn data_rate_too_low() -> Self {
-        Reply::with(421, (4, 4, 2), "Data rate too low, closing connection").because("data_rate")
+        Reply::with(421, (4, 4, 2), "Data rate too low, closing connection")
+            .because(RejectReason::DataRate)
     }
 
     /// A balancer's own connection (PROXY `UNKNOWN` / v2 `LOCAL`) tried to send mail.
@@ -522,7 +596,7 @@ impl Reply {
             (4, 3, 2),
             "Load balancer health check connection: no mail transactions, closing",
         )
-        .because("proxy_local")
+        .because(RejectReason::ProxyLocal)
     }
 
     /// A peer in `server.proxy_protocol.trusted_networks` sent no valid PROXY header.
@@ -532,7 +606,7 @@ impl Reply {
             (4, 7, 0),
             "PROXY protocol header missing or invalid, closing",
         )
-        .because("proxy_protocol")
+        .because(RejectReason::ProxyProtocol)
     }
 
     /// A PROXY header from outside `server.proxy_protocol.trusted_networks`.
@@ -542,12 +616,12 @@ impl Reply {
             (5, 7, 1),
             "PROXY protocol header not accepted from your address",
         )
-        .because("proxy_protocol")
+        .because(RejectReason::ProxyProtocol)
     }
 
     pub fn local_error() -> Self {
         Reply::with(451, (4, 3, 0), "Local error in processing, try again later")
-            .because("local_error")
+            .because(RejectReason::LocalError)
     }
 
     /// The mailbox server refused the configured quarantine address.
@@ -557,7 +631,7 @@ impl Reply {
             (4, 3, 0),
             "Local error in processing (quarantine unavailable), try again later",
         )
-        .because("local_error")
+        .because(RejectReason::LocalError)
     }
 
     pub fn spool_error() -> Self {
@@ -566,7 +640,7 @@ impl Reply {
             (4, 3, 1),
             "Insufficient system storage, try again later",
         )
-        .because("local_error")
+        .because(RejectReason::LocalError)
     }
 }
 
@@ -598,7 +672,7 @@ impl Reply {
             code,
             status,
             lines: out,
-            reason: "backend",
+            reason: RejectReason::Backend,
         }
     }
 
@@ -608,7 +682,7 @@ impl Reply {
             (4, 4, 1),
             "Mailbox server unavailable, try again later",
         )
-        .because("backend_unavailable")
+        .because(RejectReason::BackendUnavailable)
     }
 
     pub fn backend_timeout() -> Self {
@@ -617,7 +691,7 @@ impl Reply {
             (4, 4, 2),
             "Mailbox server did not answer in time, try again later",
         )
-        .because("backend_unavailable")
+        .because(RejectReason::BackendUnavailable)
     }
 
     pub fn backend_connection_lost() -> Self {
@@ -626,7 +700,7 @@ impl Reply {
             (4, 4, 2),
             "Connection to the mailbox server was lost, try again later",
         )
-        .because("backend_unavailable")
+        .because(RejectReason::BackendUnavailable)
     }
 
     /// The backend said 421 (it is closing the channel). Never passed on as such: to our
@@ -637,7 +711,7 @@ impl Reply {
             (4, 4, 2),
             "Mailbox server closed the connection, try again later",
         )
-        .because("backend_unavailable")
+        .because(RejectReason::BackendUnavailable)
     }
 
     /// At delivery the backend refused recipients it had accepted when they were
@@ -652,12 +726,12 @@ impl Reply {
                 list_recipients(refused)
             ),
         )
-        .because("backend")
+        .because(RejectReason::Backend)
     }
 
     pub fn backend_busy() -> Self {
         Reply::with(451, (4, 4, 5), "Mailbox server busy, try again later")
-            .because("backend_unavailable")
+            .because(RejectReason::BackendUnavailable)
     }
 
     pub fn backend_protocol_error() -> Self {
@@ -666,7 +740,7 @@ impl Reply {
             (4, 5, 0),
             "Mailbox server sent an invalid reply, try again later",
         )
-        .because("backend_unavailable")
+        .because(RejectReason::BackendUnavailable)
     }
 
     pub fn delivered(id: &str) -> Self {
@@ -685,7 +759,7 @@ impl Reply {
                 list_recipients(failed)
             ),
         )
-        .because("backend")
+        .because(RejectReason::Backend)
     }
 
     /// An LMTP backend rejected some recipients permanently and accepted others. The
@@ -706,7 +780,7 @@ impl Reply {
                 list_recipients(delivered)
             ),
         )
-        .because("backend")
+        .because(RejectReason::Backend)
     }
 }
 
@@ -741,7 +815,7 @@ impl Reply {
                 clean(failure)
             ),
         )
-        .because("dmarc")
+        .because(RejectReason::Dmarc)
     }
 
     pub fn dmarc_temperror(domain: &str) -> Self {
@@ -753,7 +827,7 @@ impl Reply {
                 clean(domain)
             ),
         )
-        .because("dmarc_temperror")
+        .because(RejectReason::DmarcTemperror)
     }
 
     pub fn auth_temperror(what: &str) -> Self {
@@ -765,7 +839,7 @@ impl Reply {
                 clean(what)
             ),
         )
-        .because("dmarc_temperror")
+        .because(RejectReason::DmarcTemperror)
     }
 
     /// The own-domain guard (`dmarc.protect_own_domains`): mail from outside in the name
@@ -779,7 +853,7 @@ impl Reply {
                 clean(domain)
             ),
         )
-        .because("own_domain")
+        .because(RejectReason::OwnDomain)
     }
 
     /// RFC 7489 section 6.6.1: a message without exactly one From header field that names
@@ -793,13 +867,13 @@ impl Reply {
                 clean(detail)
             ),
         )
-        .because("invalid_from")
+        .because(RejectReason::InvalidFrom)
     }
 
     /// A policy rule's own reply: admins choose code and text; the class is forced to match
     /// the action so a typo cannot turn a rejection into an acceptance.
     pub fn policy(code: u16, status: Option<Status>, text: &str) -> Self {
-        Reply::new(code, status, clean(text)).because("policy")
+        Reply::new(code, status, clean(text)).because(RejectReason::Policy)
     }
 
     /// The same refusal as a greeting: RFC 5321 section 3.1 allows only 554 (no service
@@ -819,7 +893,7 @@ impl Reply {
             (5, 7, 1),
             format!("Message rejected by policy ({})", clean(rule)),
         )
-        .because("policy")
+        .because(RejectReason::Policy)
     }
 
     pub fn policy_tempfail_default(rule: &str) -> Self {
@@ -831,13 +905,22 @@ impl Reply {
                 clean(rule)
             ),
         )
-        .because("policy")
+        .because(RejectReason::Policy)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reject_reason_is_listed_once_with_its_own_label() {
+        let labels: std::collections::HashSet<_> =
+            RejectReason::ALL.iter().map(|r| r.as_label()).collect();
+        assert_eq!(labels.len(), RejectReason::ALL.len());
+        // Adding a variant without listing it in ALL fails here: the count is that of the match.
+        assert_eq!(RejectReason::ALL.len(), 26);
+    }
 
     #[test]
     fn single_line_with_status() {

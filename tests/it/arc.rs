@@ -98,7 +98,7 @@ async fn send_from(addr: std::net::SocketAddr, source: &str, from: &str, data: &
 
 /// Validates the ARC chain of `message` with mxgate's (mail-auth's) validator.
 async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<String>) {
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
         attempts: 1,
@@ -921,7 +921,7 @@ async fn chains_stop_at_fifty_sets() {
         "hop.test",
         "hop",
     );
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
         attempts: 1,

@@ -164,7 +164,7 @@ async fn setup(txt: &[(String, String)]) -> (TestDns, Arc<Authenticator>) {
     for (name, value) in txt {
         dns.txt(name, value);
     }
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: Duration::from_millis(300),
         attempts: 1,

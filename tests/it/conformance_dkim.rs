@@ -271,7 +271,7 @@ async fn serve(zone: &[(String, String)]) -> (TestDns, Authenticator) {
             value => dns.txt(name, value),
         }
     }
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: Duration::from_millis(300),
         attempts: 1,

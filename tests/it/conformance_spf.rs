@@ -278,7 +278,7 @@ struct Outcome {
 async fn run_scenario(scenario: Scenario) -> Vec<Outcome> {
     let dns = TestDns::start().await;
     serve(&dns, &scenario.zone);
-    let config = mxgate::config::Dns {
+    let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: Duration::from_millis(300),
         attempts: 1,

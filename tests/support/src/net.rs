@@ -12,11 +12,20 @@ pub fn source_address(ip: &str) -> bool {
         return true;
     }
     let prefix = if addr.is_ipv4() { 32 } else { 128 };
-    let _ = std::process::Command::new("ip")
-        .args(["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"])
-        .output();
-    if TcpListener::bind(SocketAddr::new(addr, 0)).is_ok() {
-        return true;
+    let mut add = std::process::Command::new("ip");
+    add.args(["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"]);
+    if addr.is_ipv6() {
+        // A new IPv6 address is tentative until duplicate address detection has run,
+        // which the kernel does after `ip` returns, even on lo: bind() fails meanwhile
+        // (seen in CI under load). `nodad` skips it; the retries cover older kernels.
+        add.arg("nodad");
+    }
+    let _ = add.output();
+    for _ in 0..100 {
+        if TcpListener::bind(SocketAddr::new(addr, 0)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     eprintln!(
         "skipping: cannot use {ip} as a source address (needs root to add it to lo; .ci/run runs as root)"
