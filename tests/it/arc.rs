@@ -5,10 +5,10 @@ use mxgate_test_kit as support;
 
 use mxgate::keygen::{KeyAlgorithm, generate};
 use support::backend::{Behaviour, FakeBackend};
-use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;
 use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
+use support::mail::{self, sealing_key, send_from};
 
 const LEGIT_IP: &str = "192.0.2.5";
 
@@ -20,27 +20,6 @@ fn zone(dns: &TestDns) -> DkimKey {
     let esp = DkimKey::rsa("esp.test", "s1", 2048);
     esp.publish(dns);
     esp
-}
-
-/// A sealing key for `domain`, written to `dir` and published (unless told not to).
-fn sealing_key(
-    dns: &TestDns,
-    dir: &std::path::Path,
-    domain: &str,
-    selector: &str,
-    algorithm: KeyAlgorithm,
-    publish: bool,
-) -> std::path::PathBuf {
-    let generated = generate(algorithm, 2048).unwrap();
-    let path = dir.join(format!("{selector}.pem"));
-    std::fs::write(&path, &generated.private_pem).unwrap();
-    if publish {
-        dns.txt(
-            &format!("{selector}._domainkey.{domain}"),
-            &generated.record,
-        );
-    }
-    path
 }
 
 fn arc_yaml(
@@ -84,16 +63,9 @@ async fn sealing_edge(
 }
 
 fn message(subject: &str) -> String {
-    format!(
-        "From: Netvisor <noreply@sender.test>\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@sender.test>\n\nInvoice 4711 is attached.\n"
-    )
-}
-
-async fn send_from(addr: std::net::SocketAddr, source: &str, from: &str, data: &str) -> Reply {
-    assert!(support::net::source_address(source));
-    let (mut client, _) = SmtpClient::connect_from(addr, source).await;
-    assert_eq!(client.cmd("EHLO sender-host.test").await.code, 250);
-    client.send_mail(from, &["bob@example.test"], data).await
+    mail::message("Netvisor <noreply@sender.test>", subject)
+        .body("Invoice 4711 is attached.\n")
+        .text()
 }
 
 /// Validates the ARC chain of `message` with mxgate's (mail-auth's) validator.

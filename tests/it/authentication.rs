@@ -7,31 +7,15 @@ use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;
 use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
+use support::mail::{self, sender_zone};
 
 /// The sender's real outbound server (SPF-authorised, with forward-confirmed PTR).
-const LEGIT_IP: &str = "192.0.2.5";
+const LEGIT_IP: &str = mail::SENDER_IP;
 /// Some other host.
 const OTHER_IP: &str = "127.0.0.66";
 
 fn message(from: &str, subject: &str) -> String {
-    format!(
-        "From: Alice <{from}>\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@sender.test>\n\nPlease find the invoice attached.\n"
-    )
-}
-
-/// sender.test: SPF allows only LEGIT_IP, DMARC p=reject, an RSA and an Ed25519 key;
-/// LEGIT_IP has forward-confirmed reverse DNS.
-fn sender_zone(dns: &TestDns, dmarc: &str) -> (DkimKey, DkimKey) {
-    dns.txt("sender.test", "v=spf1 ip4:192.0.2.5 -all");
-    dns.txt("_dmarc.sender.test", dmarc);
-    dns.txt("mail.sender.test", "v=spf1 a -all");
-    dns.a("mail.sender.test", LEGIT_IP);
-    dns.ptr(LEGIT_IP, "mail.sender.test");
-    let rsa = DkimKey::rsa("sender.test", "rsa2026", 2048);
-    rsa.publish(dns);
-    let ed = DkimKey::ed25519("sender.test", "ed2026");
-    ed.publish(dns);
-    (rsa, ed)
+    mail::message(&format!("Alice <{from}>"), subject).text()
 }
 
 async fn gateway(dns: &TestDns, extra: &str) -> Gateway {

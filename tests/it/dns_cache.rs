@@ -11,12 +11,7 @@ use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
 
 fn counter(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    support::prom::value(metrics, series).unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,9 +11,10 @@ use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;
 use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
+use support::mail;
 
 /// sender.test's outbound server: SPF-authorised, forward-confirmed PTR.
-const LEGIT_IP: &str = "192.0.2.5";
+const LEGIT_IP: &str = mail::SENDER_IP;
 /// A host nobody authorised.
 const OTHER_IP: &str = "192.0.2.66";
 /// A host a policy rule accepts.
@@ -55,27 +56,18 @@ struct Case {
 }
 
 fn message(from_lines: &str, subject: &str) -> String {
-    support::crlf(&format!(
-        "{from_lines}To: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@sender.test>\n\nPlease find the invoice attached.\n"
-    ))
+    support::crlf(&mail::message("", subject).from_lines(from_lines).text())
 }
 
+/// sender.test (kit's `sender_zone`, p=reject) and the other senders of the corpus.
 fn zone(dns: &TestDns) -> (DkimKey, DkimKey) {
-    dns.txt("sender.test", "v=spf1 ip4:192.0.2.5 -all");
-    dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject");
-    dns.txt("mail.sender.test", "v=spf1 a -all");
-    dns.a("mail.sender.test", LEGIT_IP);
-    dns.ptr(LEGIT_IP, "mail.sender.test");
+    let keys = mail::sender_zone(dns, "v=DMARC1; p=reject");
     dns.txt("_dmarc.quarantined.test", "v=DMARC1; p=quarantine");
     dns.txt("quarantined.test", "v=spf1 -all");
     dns.txt("spam.test", "v=spf1 +all");
     dns.txt("_dmarc.example.test", "v=DMARC1; p=none");
     dns.servfail("_dmarc.broken.test");
-    let rsa = DkimKey::rsa("sender.test", "rsa2026", 2048);
-    rsa.publish(dns);
-    let ed = DkimKey::ed25519("sender.test", "ed2026");
-    ed.publish(dns);
-    (rsa, ed)
+    keys
 }
 
 fn corpus(rsa: &DkimKey, ed: &DkimKey) -> Vec<Case> {

@@ -26,6 +26,7 @@ use support::client::SmtpClient;
 use support::dns::TestDns;
 use support::gateway::{GatewayProcess, TestConfig};
 use support::haproxy::Haproxy;
+use support::prom;
 use support::redis::RedisServer;
 
 /// The sender's server, on `lo`; SPF for sender.test allows it alone.
@@ -337,29 +338,10 @@ fn header_line<'a>(message: &'a str, name: &str) -> &'a str {
     &rest[..end]
 }
 
-/// The text of `/metrics`.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .expect("metrics in time")
-        .unwrap();
-    String::from_utf8_lossy(&raw).into_owned()
-}
-
 /// The value of one sample (`name` with its labels, as exported) of an instance.
 async fn metric(gateway: &GatewayProcess, sample: &str) -> f64 {
-    let metrics = scrape(gateway.metrics.expect("metrics listener")).await;
-    let prefix = format!("{sample} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {sample} in\n{metrics}"))
+    let metrics = prom::exposition(gateway.metrics.expect("metrics listener")).await;
+    prom::value(&metrics, sample).unwrap_or_else(|| panic!("no {sample} in\n{metrics}"))
 }
 
 /// Waits (generously) until an instance's `sample` is `want`.

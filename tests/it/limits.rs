@@ -17,10 +17,7 @@ fn trusted_local() -> TestConfig {
 
 /// The value of one metric sample in this process's registry.
 fn metric(name_and_labels: &str) -> f64 {
-    mxgate::metrics::render()
-        .lines()
-        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    support::prom::value(&mxgate::metrics::render(), name_and_labels).unwrap_or(0.0)
 }
 
 /// Issue 11, case 7: 1,000 NOOPs in a row were all answered. With the defaults

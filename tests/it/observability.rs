@@ -5,16 +5,17 @@
 
 use mxgate_test_kit as support;
 
-use mxgate::keygen::{KeyAlgorithm, generate};
-use std::collections::BTreeMap;
+use mxgate::keygen::KeyAlgorithm;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::client::{Reply, SmtpClient};
+use support::client::SmtpClient;
 use support::dkim::DkimKey;
 use support::dns::TestDns;
 use support::gateway::{Gateway, GatewayProcess, TestConfig};
+use support::mail::{self, sealing_key, send_from};
+use support::prom::{Sample, http_get, label_spec, percent_encode, scrape, sum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -25,175 +26,10 @@ fn repo_file(path: &str) -> PathBuf {
 }
 
 fn message(from: &str, subject: &str) -> String {
-    format!(
-        "From: {from}\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@observability.test>\n\nhello\n"
-    )
-}
-
-// ------------------------------------------------------------------------------------
-// HTTP over a plain TCP connection (the metrics endpoint and Prometheus' API).
-
-/// GET `target` (path and query); returns the status code and the body.
-async fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(15), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET http://{addr}{target} timed out"))
-        .unwrap_or_else(|e| panic!("GET http://{addr}{target}: {e}"));
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP header in {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if chunked {
-        body = dechunk(&body);
-    }
-    (status, String::from_utf8(body).expect("UTF-8 body"))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
-            .expect("chunk size");
-        if size == 0 {
-            return out;
-        }
-        let start = eol + 2;
-        out.extend_from_slice(&data[start..start + size]);
-        data = &data[start + size + 2..];
-    }
-}
-
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 3);
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-// ------------------------------------------------------------------------------------
-// The text exposition format, parsed just enough to read values.
-
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_exposition(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).expect("sample line");
-        let name = line[..name_end].to_string();
-        let mut labels = BTreeMap::new();
-        let mut rest = &line[name_end..];
-        if rest.starts_with('{') {
-            let mut chars = rest[1..].char_indices();
-            let mut key = String::new();
-            let mut consumed = 0;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '}' => {
-                        consumed = i + 2;
-                        break;
-                    }
-                    ',' | ' ' => {}
-                    '=' => {
-                        assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
-                        let mut value = String::new();
-                        while let Some((_, c)) = chars.next() {
-                            match c {
-                                '\\' => match chars.next().map(|(_, c)| c) {
-                                    Some('n') => value.push('\n'),
-                                    Some(other) => value.push(other),
-                                    None => {}
-                                },
-                                '"' => break,
-                                other => value.push(other),
-                            }
-                        }
-                        labels.insert(std::mem::take(&mut key), value);
-                    }
-                    other => key.push(other),
-                }
-            }
-            rest = &rest[consumed..];
-        }
-        let value = rest.split_whitespace().next().expect("sample value");
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            other => other
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line}")),
-        };
-        samples.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    samples
-}
-
-/// The sum of every sample of `name` whose labels include `labels`.
-fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
-
-/// `"a=x,b=y"` as label pairs.
-fn label_spec(spec: &str) -> Vec<(&str, &str)> {
-    spec.split(',')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').expect("label=value"))
-        .collect()
-}
-
-async fn scrape(metrics: SocketAddr) -> Vec<Sample> {
-    let (status, body) = http_get(metrics, "/metrics").await;
-    assert_eq!(status, 200, "/metrics: {body}");
-    parse_exposition(&body)
+    mail::message(from, subject)
+        .id_domain("observability.test")
+        .body("hello\n")
+        .text()
 }
 
 // ------------------------------------------------------------------------------------
@@ -799,24 +635,6 @@ const POLICY: &str = r#"rules:
     mode: shadow
 "#;
 
-fn sealing_key(dns: &TestDns, dir: &Path, domain: &str, selector: &str) -> PathBuf {
-    let generated = generate(KeyAlgorithm::Ed25519, 2048).unwrap();
-    let path = dir.join(format!("{selector}.{domain}.pem"));
-    std::fs::write(&path, &generated.private_pem).unwrap();
-    dns.txt(
-        &format!("{selector}._domainkey.{domain}"),
-        &generated.record,
-    );
-    path
-}
-
-async fn send_from(smtp: SocketAddr, source: &str, from: &str, data: &str) -> Reply {
-    let mut client = session(smtp, source).await;
-    let reply = client.send_mail(from, &["bob@example.test"], data).await;
-    let _ = client.cmd("QUIT").await;
-    reply
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     if !Path::new(PROMETHEUS).exists() {
@@ -842,7 +660,14 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let policy_path = dir.path().join("policies/rules.yaml");
     std::fs::write(&policy_path, POLICY).unwrap();
-    let b_key = sealing_key(&dns, dir.path(), "mx-b.test", "s1");
+    let b_key = sealing_key(
+        &dns,
+        dir.path(),
+        "mx-b.test",
+        "s1",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
     let dead = support::backend::dead_address().await;
     let config = TestConfig {
         hostname: "mx-b.example.test".into(),
@@ -881,7 +706,14 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     // The edge gateway (A), in-process: seals as edge.test and relays to B, so B sees
     // the message from 127.0.0.1 (SPF and DMARC fail) with a trusted seal.
     let edge_dir = tempfile::tempdir().unwrap();
-    let a_key = sealing_key(&dns, edge_dir.path(), "edge.test", "arc2026");
+    let a_key = sealing_key(
+        &dns,
+        edge_dir.path(),
+        "edge.test",
+        "arc2026",
+        KeyAlgorithm::Ed25519,
+        true,
+    );
     let edge = Gateway::start(TestConfig {
         hostname: "mx-a.example.test".into(),
         backends: vec![format!("smtp://{}", b.smtp)],

@@ -9,6 +9,7 @@ use support::client::{Reply, SmtpClient};
 use support::dkim::DkimKey;
 use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
+use support::mail;
 
 /// customer.test publishes p=reject and SPF for its own servers only: mail from the
 /// SaaS senders below fails DMARC unless the policy lets it in.
@@ -81,9 +82,10 @@ async fn send(gw: &Gateway, source: &str, mail_from: &str, data: &str) -> Reply 
 }
 
 fn message(from: &str, subject: &str) -> String {
-    format!(
-        "From: {from}\nTo: bob@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@x.test>\n\nhello\n"
-    )
+    mail::message(from, subject)
+        .id_domain("x.test")
+        .body("hello\n")
+        .text()
 }
 
 fn results(gw: &Gateway, n: usize) -> String {

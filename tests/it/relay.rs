@@ -6,6 +6,7 @@ use std::time::Duration;
 use support::backend::{Behaviour, FakeBackend, dead_address};
 use support::client::SmtpClient;
 use support::gateway::{Gateway, TestConfig};
+use support::prom;
 
 fn config(backends: Vec<String>) -> TestConfig {
     TestConfig {
@@ -581,25 +582,6 @@ async fn trickle(mut client: SmtpClient, duration: Duration) -> support::client:
     client.read_reply().await
 }
 
-async fn scrape(metrics: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The value of one series in a Prometheus exposition (0 when absent).
-fn sample(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Issue 11 cases 5 and 9: clients that send their data slowly hold no backend
 /// connection. With one pooled connection and three clients stalled mid-DATA, another
 /// client delivers at once (before, every RCPT after the first stalled client waited
@@ -859,24 +841,27 @@ async fn recipient_answers_are_kept_in_a_cache() {
     assert_eq!(client.cmd("RCPT TO:<nobody@example.test>").await.code, 550);
     assert_eq!(rcpt_commands(&backend, "nobody@example.test"), 2);
 
-    let exposition = scrape(metrics).await;
+    let exposition = prom::exposition(metrics).await;
     let probes = |result: &str| {
-        sample(
+        prom::value(
             &exposition,
             &format!(
                 "mxgate_backend_recipient_probes_total{{backend=\"{}\",result=\"{result}\"}}",
                 backend.url()
             ),
         )
+        .unwrap_or(0.0)
     };
     assert_eq!(probes("accepted"), 1.0, "{exposition}");
     assert_eq!(probes("rejected"), 2.0, "{exposition}");
     assert_eq!(probes("tempfailed"), 2.0, "{exposition}");
     assert!(
-        sample(
+        prom::value(
             &exposition,
             "mxgate_backend_recipient_cache_requests_total{result=\"hit\"}"
-        ) >= 2.0,
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
         "{exposition}"
     );
     gw.stop().await;

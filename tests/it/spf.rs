@@ -13,12 +13,7 @@ use support::gateway::{Gateway, TestConfig};
 const LEGIT_IP: &str = "192.0.2.5";
 
 fn counter(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    support::prom::value(metrics, series).unwrap_or(0.0) as u64
 }
 
 /// sender.test with DMARC p=reject and a DKIM key, so a message signed by it is

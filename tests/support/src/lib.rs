@@ -1,6 +1,8 @@
 //! Shared test infrastructure: a gateway started in-process on port 0, a raw SMTP
-//! client, a scriptable backend SMTP/LMTP server, a DNS server and a private Postfix.
-//! Everything speaks over real sockets; nothing here stands in for mxgate's own code.
+//! client, a scriptable backend SMTP/LMTP server, a DNS server and a private Postfix;
+//! test mail (`mail`: the message builder, the sender's zone, sealing keys, one message
+//! from a client address) and Prometheus scrapes (`prom`). Everything speaks over real
+//! sockets; nothing here stands in for mxgate's own code.
 //!
 //! A dev-only workspace crate (`mxgate-test-kit`), so the support code compiles once
 //! rather than once per test binary. It may call mxgate's library and the mxgate
@@ -12,8 +14,10 @@ pub mod dkim;
 pub mod dns;
 pub mod gateway;
 pub mod haproxy;
+pub mod mail;
 pub mod net;
 pub mod postfix;
+pub mod prom;
 pub mod pyverify;
 pub mod redis;
 pub mod swaks;
