@@ -29,7 +29,7 @@ impl Default for Budget {
     fn default() -> Self {
         let auth = crate::config::AuthConfig::default();
         Budget {
-            max_dkim_signatures: auth.max_dkim_signatures,
+            max_dkim_signatures: auth.max_dkim_signatures.get(),
             end_of_data: auth.timeouts.end_of_data,
         }
     }

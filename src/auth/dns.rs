@@ -91,8 +91,8 @@ pub fn resolver(config: &DnsConfig) -> Result<(MessageAuthenticator, Option<Stri
         },
     };
     options.timeout = config.timeout;
-    options.attempts = config.attempts;
-    options.cache_size = config.cache_entries;
+    options.attempts = config.attempts.get();
+    options.cache_size = config.cache_entries.get();
     options.positive_max_ttl = Some(MAX_TTL);
     options.negative_min_ttl = Some(Duration::from_secs(30));
     options.negative_max_ttl = Some(Duration::from_secs(3600));

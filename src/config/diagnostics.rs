@@ -206,7 +206,7 @@ impl SourceFile {
     ) -> Diagnostic {
         {
             let mut path = at.join_serde(err.path());
-            let message = err.inner().to_string();
+            let message = plain_words(err.inner().to_string());
             let mut on_key = false;
             if let Some(unknown) = message
                 .strip_prefix("unknown field `")
@@ -253,6 +253,15 @@ fn remove_entry(value: &mut serde_yaml_ng::Value, path: &[Segment]) -> bool {
     node.as_mapping_mut()
         .and_then(|map| map.remove(key.as_str()))
         .is_some()
+}
+
+/// serde's wording where it speaks Rust to an admin: a 0 given for a `NonZero*` field
+/// ("invalid value: integer `0`, expected a nonzero usize").
+fn plain_words(message: String) -> String {
+    if message.starts_with("invalid value: integer `0`, expected a nonzero") {
+        return "must be at least 1, not `0`".to_string();
+    }
+    message
 }
 
 /// Removes serde_yaml_ng's " at line N column M" (the position is reported separately).

@@ -6,6 +6,8 @@
 pub mod diagnostics;
 pub mod locate;
 pub mod model;
+#[cfg(test)]
+mod readme_keys;
 mod validate;
 
 pub use diagnostics::{Diagnostic, Severity, SourceFile};

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,29 +64,29 @@ pub struct ServerConfig {
     pub domains: Vec<DomainName>,
     /// Largest message in bytes (SIZE); default 25 MiB.
     #[serde(default = "defaults::max_message_size")]
-    pub max_message_size: u64,
+    pub max_message_size: NonZeroU64,
     /// RCPT commands per transaction; default 100.
     #[serde(default = "defaults::max_recipients")]
-    pub max_recipients: usize,
+    pub max_recipients: NonZeroUsize,
     /// Clients relayed without sender checks. Absent or `[]`: trust nobody.
     #[serde(default)]
     pub trusted_networks: Vec<Network>,
     /// Open client connections in all; default 1000.
     #[serde(default = "defaults::max_connections")]
-    pub max_connections: usize,
+    pub max_connections: NonZeroUsize,
     /// Open connections per client address; default 20.
     #[serde(default = "defaults::max_connections_per_ip")]
-    pub max_connections_per_ip: usize,
+    pub max_connections_per_ip: NonZeroUsize,
     /// Refusals a client may cause before it gets 421 and is disconnected (see
     /// `Reply::counts_as_client_error`).
     #[serde(default = "defaults::max_errors")]
-    pub max_errors: u32,
+    pub max_errors: NonZeroU32,
     /// Bare CR/LF and NUL in messages: `normalize` (default) or `reject`.
     #[serde(default)]
     pub bare_line_endings: BareLineEndings,
     /// Messages larger than this are spooled to a temporary file instead of memory.
     #[serde(default = "defaults::spool_threshold")]
-    pub spool_threshold: usize,
+    pub spool_threshold: NonZeroUsize,
     /// Where large messages are spooled; default: the system temporary directory.
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
@@ -97,7 +98,7 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// Header fields in one message; more: `552 5.3.4`.
     #[serde(default = "defaults::max_header_fields")]
-    pub max_header_fields: usize,
+    pub max_header_fields: NonZeroUsize,
     /// Text lines over 998 octets: relayed as they are, or refused.
     #[serde(default)]
     pub long_lines: LongLines,
@@ -282,7 +283,7 @@ pub struct RelayConfig {
     /// Name we send in EHLO/LHLO to the backend; default `server.hostname`.
     pub helo: Option<DomainName>,
     /// Open connections per backend (pooled; RSET between transactions).
-    pub max_connections: usize,
+    pub max_connections: NonZeroUsize,
     /// How long a transaction waits for a pooled connection before answering 451.
     #[serde(with = "humantime_serde")]
     pub pool_wait: Duration,
@@ -306,7 +307,7 @@ impl Default for RelayConfig {
             client_certificate: None,
             client_key: None,
             helo: None,
-            max_connections: 100,
+            max_connections: nonzero(100),
             pool_wait: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             timeouts: RelayTimeouts::default(),
@@ -398,9 +399,9 @@ pub struct DnsConfig {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Tries per query; default 2.
-    pub attempts: usize,
+    pub attempts: NonZeroUsize,
     /// DNS answers cached; default 50,000.
-    pub cache_entries: u64,
+    pub cache_entries: NonZeroU64,
 }
 
 impl Default for DnsConfig {
@@ -408,8 +409,8 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: None,
             timeout: Duration::from_secs(5),
-            attempts: 2,
-            cache_entries: 50_000,
+            attempts: nonzero(2),
+            cache_entries: NonZeroU64::new(50_000).expect("not 0"),
         }
     }
 }
@@ -423,7 +424,7 @@ pub struct AuthConfig {
     /// Online, which rejects ARC results whose comments contain `;`.
     pub comments: bool,
     /// DKIM-Signature fields verified per message (the first ones); the rest are ignored.
-    pub max_dkim_signatures: usize,
+    pub max_dkim_signatures: NonZeroUsize,
     /// Deadlines for the sender checks.
     pub timeouts: AuthTimeouts,
 }
@@ -433,7 +434,7 @@ impl Default for AuthConfig {
         AuthConfig {
             enabled: true,
             comments: true,
-            max_dkim_signatures: 10,
+            max_dkim_signatures: nonzero(10),
             timeouts: AuthTimeouts::default(),
         }
     }
@@ -566,7 +567,7 @@ pub struct LimitsConfig {
     pub min_data_rate: u64,
     /// Clients whose rates are remembered at once; past it, clients not yet tracked are
     /// not rate-limited until entries expire (two minutes after their last count).
-    pub max_tracked_clients: usize,
+    pub max_tracked_clients: NonZeroUsize,
     /// Where the connection count and the rates live: `memory` (this process) or
     /// `redis://[:password@]host:port/db` (`rediss://` for TLS; Redis or Valkey), shared
     /// by every instance that names the same store. Read at start-up only.
@@ -591,7 +592,7 @@ impl Default for LimitsConfig {
             recipients_per_minute: 6000,
             max_junk_commands: 100,
             min_data_rate: 500,
-            max_tracked_clients: 100_000,
+            max_tracked_clients: nonzero(100_000),
             store: "memory".into(),
             store_timeout: Duration::from_millis(200),
             store_key_prefix: "mxgate:limits:".into(),
@@ -720,38 +721,49 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A default that is at least 1: the fields that must never be 0 are `NonZero*`, so that
+/// a 0 in the file is refused while parsing, at its line and column.
+const fn nonzero(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("a NonZero default is 0"),
+    }
+}
+
 mod defaults {
+    use super::nonzero;
+    use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
     use std::time::Duration;
 
     pub fn proxy_timeout() -> Duration {
         Duration::from_secs(5)
     }
 
-    pub fn max_message_size() -> u64 {
-        25 * 1024 * 1024
+    pub fn max_message_size() -> NonZeroU64 {
+        NonZeroU64::new(25 * 1024 * 1024).expect("not 0")
     }
-    pub fn max_recipients() -> usize {
-        100
+    pub fn max_recipients() -> NonZeroUsize {
+        nonzero(100)
     }
-    pub fn max_connections() -> usize {
-        1000
+    pub fn max_connections() -> NonZeroUsize {
+        nonzero(1000)
     }
-    pub fn max_connections_per_ip() -> usize {
-        20
+    pub fn max_connections_per_ip() -> NonZeroUsize {
+        nonzero(20)
     }
-    pub fn max_errors() -> u32 {
+    pub fn max_errors() -> NonZeroU32 {
         // Postfix's smtpd_hard_error_limit: room for a message to a few unknown
         // recipients, not for harvesting a directory.
-        20
+        NonZeroU32::new(20).expect("not 0")
     }
-    pub fn spool_threshold() -> usize {
-        1024 * 1024
+    pub fn spool_threshold() -> NonZeroUsize {
+        nonzero(1024 * 1024)
     }
     pub fn max_header_size() -> usize {
         256 * 1024
     }
-    pub fn max_header_fields() -> usize {
-        1000
+    pub fn max_header_fields() -> NonZeroUsize {
+        nonzero(1000)
     }
     pub fn reload_interval() -> Duration {
         Duration::from_secs(5)

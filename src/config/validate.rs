@@ -49,37 +49,17 @@ fn check_server(loaded: &LoadedConfig, server: &YamlPath, out: &mut Vec<Diagnost
             "server.domains needs at least one recipient domain (mxgate is not an open relay)",
         ));
     }
-    if config.server.max_message_size == 0 {
-        out.push(loaded.error(&server.key("max_message_size"), "must be greater than 0"));
-    }
-    if config.server.max_recipients == 0 {
-        out.push(loaded.error(&server.key("max_recipients"), "must be at least 1"));
-    } else if config.server.max_recipients < 100 {
+    if config.server.max_recipients.get() < 100 {
         out.push(loaded.warning(
             &server.key("max_recipients"),
             "RFC 5321 section 4.5.3.1.8 asks servers to accept at least 100 recipients",
         ));
-    }
-    if config.server.max_connections == 0 {
-        out.push(loaded.error(&server.key("max_connections"), "must be at least 1"));
-    }
-    if config.server.max_connections_per_ip == 0 {
-        out.push(loaded.error(&server.key("max_connections_per_ip"), "must be at least 1"));
-    }
-    if config.server.max_errors == 0 {
-        out.push(loaded.error(&server.key("max_errors"), "must be at least 1"));
-    }
-    if config.server.spool_threshold == 0 {
-        out.push(loaded.error(&server.key("spool_threshold"), "must be greater than 0"));
     }
     if config.server.max_header_size < 1024 {
         out.push(loaded.error(
             &server.key("max_header_size"),
             "must be at least 1024 bytes",
         ));
-    }
-    if config.server.max_header_fields == 0 {
-        out.push(loaded.error(&server.key("max_header_fields"), "must be at least 1"));
     }
     for (name, value) in [
         ("command", config.server.timeouts.command),
@@ -126,9 +106,6 @@ fn check_relay(loaded: &LoadedConfig, relay: &YamlPath, out: &mut Vec<Diagnostic
         )),
         _ => {}
     }
-    if config.relay.max_connections == 0 {
-        out.push(loaded.error(&relay.key("max_connections"), "must be at least 1"));
-    }
     let cache = &config.relay.recipient_cache;
     let cache_at = relay.key("recipient_cache");
     for (name, ttl) in [
@@ -158,19 +135,10 @@ fn check_dns(loaded: &LoadedConfig, dns: &YamlPath, out: &mut Vec<Diagnostic>) {
             "dns.nameservers is empty; remove the key to use the system resolver",
         ));
     }
-    if config.dns.cache_entries == 0 {
-        out.push(loaded.error(&dns.key("cache_entries"), "must be greater than 0"));
-    }
-    if config.dns.attempts == 0 {
-        out.push(loaded.error(&dns.key("attempts"), "must be at least 1"));
-    }
 }
 
 fn check_auth(loaded: &LoadedConfig, auth: &YamlPath, out: &mut Vec<Diagnostic>) {
     let config = &loaded.config;
-    if config.auth.max_dkim_signatures == 0 {
-        out.push(loaded.error(&auth.key("max_dkim_signatures"), "must be at least 1"));
-    }
     if config.auth.timeouts.end_of_data.is_zero() {
         out.push(loaded.error(
             &auth.key("timeouts").key("end_of_data"),
@@ -239,12 +207,6 @@ fn check_limits(loaded: &LoadedConfig, limits: &YamlPath, out: &mut Vec<Diagnost
         out.push(loaded.error(
             &limits.key("ipv6_prefix_length"),
             "limits.ipv6_prefix_length must be between 1 and 128",
-        ));
-    }
-    if config.limits.max_tracked_clients == 0 {
-        out.push(loaded.error(
-            &limits.key("max_tracked_clients"),
-            "limits.max_tracked_clients must be at least 1",
         ));
     }
     if let Err(err) = crate::limits::StoreUrl::parse(&config.limits.store) {
@@ -413,17 +375,19 @@ mod tests {
 
     #[test]
     fn limits_are_checked() {
-        let text =
-            format!("{MINIMAL}limits:\n  ipv6_prefix_length: 129\n  max_tracked_clients: 0\n");
+        let text = format!("{MINIMAL}limits:\n  ipv6_prefix_length: 129\n");
         let errors = load(&text).unwrap_err();
-        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
         assert!(
             errors[0].starts_with("mxgate.yaml:8:23: limits.ipv6_prefix_length"),
             "{errors:#?}"
         );
-        assert!(
-            errors[1].starts_with("mxgate.yaml:9:24: limits.max_tracked_clients"),
-            "{errors:#?}"
+        // A 0 where at least 1 is needed is refused while parsing (a NonZero field).
+        let text = format!("{MINIMAL}limits:\n  max_tracked_clients: 0\n");
+        let errors = load(&text).unwrap_err();
+        assert_eq!(
+            errors,
+            ["mxgate.yaml:8:24: limits.max_tracked_clients: must be at least 1, not `0`"]
         );
         load(&format!(
             "{MINIMAL}limits:\n  ipv6_prefix_length: 48\n  messages_per_minute: 0\n"
@@ -474,20 +438,34 @@ mod tests {
     fn header_and_authentication_bounds_are_checked() {
         let text = MINIMAL.replace(
             "  domains: [example.test]\n",
-            "  domains: [example.test]\n  max_header_size: 100\n  max_header_fields: 0\n  long_lines: reject\n",
-        ) + "auth:\n  max_dkim_signatures: 0\n  timeouts:\n    end_of_data: 0s\n    spf: 0s\n";
+            "  domains: [example.test]\n  max_header_size: 100\n  long_lines: reject\n",
+        ) + "auth:\n  timeouts:\n    end_of_data: 0s\n    spf: 0s\n";
         let errors = load(&text).unwrap_err();
         let expected = [
             "mxgate.yaml:5:20: must be at least 1024 bytes",
-            "mxgate.yaml:6:22: must be at least 1",
-            "mxgate.yaml:11:24: must be at least 1",
-            "mxgate.yaml:13:18: must be greater than 0",
-            "mxgate.yaml:14:10: must be greater than 0",
+            "mxgate.yaml:11:18: must be greater than 0",
+            "mxgate.yaml:12:10: must be greater than 0",
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for (error, want) in errors.iter().zip(expected) {
             assert!(error.starts_with(want), "{want:?}: {errors:#?}");
         }
+        // The counts that must be at least 1 are NonZero fields: refused while parsing,
+        // all at once, each at its position.
+        let text = MINIMAL.replace(
+            "  domains: [example.test]\n",
+            "  domains: [example.test]\n  max_header_fields: 0\n  max_errors: 0\n",
+        ) + "auth:\n  max_dkim_signatures: 0\ndns:\n  attempts: 0\n  cache_entries: 0\nrelay:\n  max_connections: 0\n";
+        let errors = load(&text).unwrap_err();
+        let expected = [
+            "mxgate.yaml:5:22: server.max_header_fields: must be at least 1, not `0`",
+            "mxgate.yaml:6:15: server.max_errors: must be at least 1, not `0`",
+            "mxgate.yaml:10:24: auth.max_dkim_signatures: must be at least 1, not `0`",
+            "mxgate.yaml:12:13: dns.attempts: must be at least 1, not `0`",
+            "mxgate.yaml:13:18: dns.cache_entries: must be at least 1, not `0`",
+            "mxgate.yaml:15:20: relay.max_connections: must be at least 1, not `0`",
+        ];
+        assert_eq!(errors, expected, "{errors:#?}");
         let text = MINIMAL.replace(
             "  domains: [example.test]\n",
             "  domains: [example.test]\n  long_lines: sometimes\n",

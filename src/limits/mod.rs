@@ -60,14 +60,14 @@ impl Settings {
         let limits = &config.limits;
         Settings {
             ipv6_prefix_length: limits.ipv6_prefix_length,
-            max_connections_per_ip: config.server.max_connections_per_ip,
+            max_connections_per_ip: config.server.max_connections_per_ip.get(),
             connections_per_minute: limits.connections_per_minute,
             messages_per_minute: limits.messages_per_minute,
             recipients_per_minute: limits.recipients_per_minute,
             max_junk_commands: limits.max_junk_commands,
             min_data_rate: limits.min_data_rate,
             data_grace: config.server.timeouts.data_block,
-            max_tracked_clients: limits.max_tracked_clients,
+            max_tracked_clients: limits.max_tracked_clients.get(),
         }
     }
 }

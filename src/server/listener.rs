@@ -152,7 +152,7 @@ async fn serve_connection(
         return;
     };
     let ip = crate::config::canonical_ip(peer.ip());
-    let admitted = match slots.take(config.max_connections) {
+    let admitted = match slots.take(config.max_connections.get()) {
         Ok(slot) => {
             // A balancer's health checks are exempt from the rates, as trusted clients
             // are (they come every few seconds, for as long as the balancer runs), and

@@ -73,8 +73,8 @@ async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<Strin
     let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
-        attempts: 1,
-        cache_entries: 1000,
+        attempts: std::num::NonZeroUsize::MIN,
+        cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
     };
     let (auth, _) = mxgate::auth::Authenticator::new(&config, "verifier.test").unwrap();
     let parsed = mail_auth::AuthenticatedMessage::parse(message).unwrap();
@@ -896,8 +896,8 @@ async fn chains_stop_at_fifty_sets() {
     let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
-        attempts: 1,
-        cache_entries: 1000,
+        attempts: std::num::NonZeroUsize::MIN,
+        cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
     };
     let (resolver, _) = mxgate::auth::dns::resolver(&config).unwrap();
     let mut chain = support::crlf(&message("chain"));

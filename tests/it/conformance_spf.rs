@@ -281,8 +281,8 @@ async fn run_scenario(scenario: Scenario) -> Vec<Outcome> {
     let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: Duration::from_millis(300),
-        attempts: 1,
-        cache_entries: 1000,
+        attempts: std::num::NonZeroUsize::MIN,
+        cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
     };
     let (auth, _) = Authenticator::new(&config, "receiver.test").unwrap();
     let auth = Arc::new(auth);

@@ -180,8 +180,8 @@ async fn internationalised_domains_are_looked_up_by_their_a_labels() {
     let config = mxgate::config::DnsConfig {
         nameservers: Some(vec![dns.addr]),
         timeout: std::time::Duration::from_millis(500),
-        attempts: 1,
-        cache_entries: 100,
+        attempts: std::num::NonZeroUsize::MIN,
+        cache_entries: std::num::NonZeroU64::new(100).expect("not 0"),
     };
     let (auth, _) = mxgate::auth::Authenticator::new(&config, "mx.example.test").unwrap();
     let check = auth
