@@ -3,12 +3,12 @@
 //! while the store is gone (`mxgate_limits_store_up` 0, then 1 again), and the slots of
 //! a SIGKILLed instance freed by their lease. The client is a TEST-NET address on `lo`.
 
-mod support;
+use mxgate_test_kit as support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::client::SmtpClient;
 use support::gateway::{GatewayProcess, TestConfig};
+use support::prom;
 use support::redis::RedisServer;
 
 /// A lease short enough for a test: slots of a killed instance end within it.
@@ -54,28 +54,9 @@ fn instance_with_env(
     (GatewayProcess::spawn_with_env(&path, env), dir)
 }
 
-async fn scrape(metrics: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 async fn store_up(gateway: &GatewayProcess) -> f64 {
-    scrape(gateway.metrics.expect("metrics listener"))
-        .await
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("mxgate_limits_store_up ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .expect("mxgate_limits_store_up is exported")
+    let exposition = prom::exposition(gateway.metrics.expect("metrics listener")).await;
+    prom::value(&exposition, "mxgate_limits_store_up").expect("mxgate_limits_store_up is exported")
 }
 
 /// Waits until the instance's `mxgate_limits_store_up` is `want`.
@@ -268,7 +249,7 @@ async fn two_instances_enforce_one_connection_rate() {
     wait_open_slots(&redis, client_ip, 2).await;
     assert_eq!(connect(&b, client_ip).await.err(), Some(421));
     assert_eq!(connect(&a, client_ip).await.err(), Some(421));
-    let refused = scrape(b.metrics.unwrap()).await;
+    let refused = prom::exposition(b.metrics.unwrap()).await;
     assert!(
         refused.contains("mxgate_limit_exceeded_total{limit=\"connections_per_minute\"} 1"),
         "{refused}"

@@ -4,13 +4,14 @@
 //! its SPF record, `mxgate explain` showing the guard's decision, and `mxgate check`
 //! verifying enabled recipes against DNS.
 
-mod support;
+use mxgate_test_kit as support;
 
 use std::net::SocketAddr;
 use support::client::{Reply, SmtpClient};
 use support::dns::TestDns;
 use support::gateway::{Gateway, TestConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::mail;
+use support::prom;
 
 /// example.test is ours and publishes `p=none`, as most company domains do: DMARC alone
 /// would deliver a spoof. Netigate's SPF records list 192.0.2.30 and 192.0.2.31.
@@ -48,9 +49,11 @@ async fn gateway(dns: &TestDns, recipes: &[&str], extra: &str) -> Gateway {
 }
 
 fn message(from: &str, subject: &str) -> String {
-    format!(
-        "From: {from}\nTo: staff@example.test\nSubject: {subject}\nDate: Mon, 23 Nov 2026 10:00:00 +0000\nMessage-ID: <{subject}@x.test>\n\nPlease pay the attached invoice today.\n"
-    )
+    mail::message(from, subject)
+        .to("staff@example.test")
+        .id_domain("x.test")
+        .body("Please pay the attached invoice today.\n")
+        .text()
 }
 
 async fn send(gw: &Gateway, source: &str, mail_from: &str, data: &str) -> Reply {
@@ -68,18 +71,9 @@ async fn send(gw: &Gateway, source: &str, mail_from: &str, data: &str) -> Reply 
 
 /// `mxgate_rejections_total{reason}` from /metrics.
 async fn rejections(metrics: SocketAddr, reason: &str) -> f64 {
-    let mut stream = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    let prefix = format!("mxgate_rejections_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+    let series = format!("mxgate_rejections_total{{reason=\"{reason}\"}}");
+    prom::value(&prom::exposition(metrics).await, &series)
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

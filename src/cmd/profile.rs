@@ -5,7 +5,7 @@
 //! `server.listen`).
 //!
 //! Every cmdlet and parameter printed is one Microsoft documents (the test in
-//! `tests/profile.rs` holds the list and where each name was checked).
+//! `tests/it/profile.rs` holds the list and where each name was checked).
 
 use crate::config::{BackendSpec, Config};
 
