@@ -104,6 +104,7 @@ impl Spool {
                 let file = writer.into_inner().map_err(|e| e.into_error())?;
                 // SAFETY: the file is an unlinked temporary that only this process holds;
                 // nothing else can truncate or change it while the map is alive.
+                #[allow(unsafe_code)]
                 let map = unsafe { memmap2::Mmap::map(&file)? };
                 Ok(MessageBytes::Mapped(map))
             }

@@ -163,6 +163,7 @@ impl Gateway {
         }
     }
 
+    #[allow(unsafe_code)] // kill(2) to our own child
     pub fn stop(&mut self) {
         unsafe {
             libc::kill(self.pid, libc::SIGTERM);

@@ -1,6 +1,9 @@
 //! What the kernel says about processes: CPU time (a process's, a thread's, the whole
 //! machine's), resident memory, and the open-files limit. Linux /proc and libc only.
 
+// getrlimit/setrlimit/sysconf: plain libc calls with pointers to locals.
+#![allow(unsafe_code)]
+
 pub struct NofileLimit {
     before: u64,
     pub soft: u64,

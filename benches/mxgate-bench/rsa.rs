@@ -137,6 +137,7 @@ fn timed_batches(
 }
 
 /// CPU time of the calling thread, in seconds.
+#[allow(unsafe_code)] // clock_gettime into a local
 fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

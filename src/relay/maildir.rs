@@ -51,7 +51,9 @@ impl Maildir {
                 return false;
             };
             // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-            unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+            #[allow(unsafe_code)]
+            let writable = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 };
+            writable
         })
     }
 
@@ -138,6 +140,7 @@ impl Maildir {
 fn machine_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates or fails.
+    #[allow(unsafe_code)]
     let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
     let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
     match std::str::from_utf8(&buf[..end]) {

@@ -416,6 +416,8 @@ async fn haproxy_send_proxy_v2_two_instances_one_killed() {
 
     // The load, and SIGKILL to the first instance a third of the way through.
     let victim = first.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    #[allow(unsafe_code)]
     let kill = Box::new(move || unsafe {
         libc::kill(victim, libc::SIGKILL);
     });

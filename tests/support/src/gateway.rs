@@ -2,6 +2,9 @@
 //! signals). Each gateway gets its own temporary directory with config, certificate and
 //! Maildir.
 
+// kill(2) to our own child.
+#![allow(unsafe_code)]
+
 use super::client::{Reply, SmtpClient};
 use mxgate::app::Running;
 use std::io::{BufRead, BufReader};
