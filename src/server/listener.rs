@@ -19,12 +19,15 @@ use crate::smtp::session::{Ending, Session};
 use crate::snapshot::Snapshot;
 use crate::tls::TlsInfo;
 use arc_swap::ArcSwap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 
 /// Open connections in total (per client: [`Limiter`]).
 #[derive(Default)]
@@ -148,8 +151,13 @@ async fn serve_connection(
     let local = tcp.local_addr().unwrap_or(peer);
     // Behind a PROXY protocol balancer the client is the address in its header: from
     // here on (limits included) `peer` is that address.
-    let Some((peer, local, health_check)) =
-        proxied(&mut tcp, peer, local, snapshot.proxy_protocol.as_ref()).await
+    let Some((peer, local, health_check)) = Box::pin(proxied(
+        &mut tcp,
+        peer,
+        local,
+        snapshot.proxy_protocol.as_ref(),
+    ))
+    .await
     else {
         return;
     };
@@ -166,8 +174,7 @@ async fn serve_connection(
             if health_check {
                 limits.max_connections_per_ip = usize::MAX;
             }
-            limiter
-                .admit(ip, trusted, limits)
+            Box::pin(limiter.admit(ip, trusted, limits))
                 .await
                 .map(|budget| (slot, budget))
         }
@@ -191,47 +198,77 @@ async fn serve_connection(
     } else {
         Connection::new(snapshot, peer, local, budget)
     };
-    let limits = conn.session_limits();
-    let ending = Session::new(tcp, conn, limits, shutdown.clone())
-        .run(true)
-        .await;
-    if let Ending::StartTls(tcp, mut conn, errors) = ending {
-        let Some(tls) = &conn.snapshot.tls else {
-            return;
-        };
-        let acceptor = tls.acceptor.clone();
-        let limit = conn.snapshot.limits.timeouts.command;
-        let mut stop = shutdown.clone();
-        let handshake = tokio::select! {
-            result = tokio::time::timeout(limit, acceptor.accept(tcp)) => result,
-            _ = stop.reached(Phase::Forced) => return,
-        };
-        match handshake {
-            Ok(Ok(stream)) => {
-                let info = TlsInfo::from_connection(stream.get_ref().1);
-                smtp_metrics::TLS_HANDSHAKES
-                    .with_label_values(&[info.version_label()])
-                    .inc();
-                conn.on_tls_established(info);
-                let limits = conn.session_limits();
-                let _ = Session::new(stream, *conn, limits, shutdown)
-                    .with_errors(errors)
-                    .run(false)
-                    .await;
-            }
-            Ok(Err(err)) => {
-                smtp_metrics::TLS_HANDSHAKES
-                    .with_label_values(&["failed"])
-                    .inc();
-                tracing::info!(client_ip = %conn.client_ip, error = %err, "TLS handshake failed");
-            }
-            Err(_) => {
-                smtp_metrics::TLS_HANDSHAKES
-                    .with_label_values(&["failed"])
-                    .inc();
-                tracing::info!(client_ip = %conn.client_ip, "TLS handshake timed out");
-            }
-        }
+    // Each stage of the connection runs in a future of its own on the heap, so that the
+    // task holds only the stage it is in: a thousand idle connections must stay cheap,
+    // and an inline state machine would be as large as its largest stage.
+    // One statement, so that the plain session's box is freed before TLS begins.
+    let ending = plain_session(tcp, conn, shutdown.clone()).await;
+    if let Ending::StartTls(tcp, conn, errors) = ending {
+        Box::pin(start_tls(tcp, conn, errors, shutdown)).await;
     }
     smtp_metrics::SESSION_SECONDS.observe(started.elapsed().as_secs_f64());
+}
+
+fn plain_session(
+    tcp: TcpStream,
+    conn: Connection,
+    shutdown: ShutdownListener,
+) -> Pin<Box<impl Future<Output = Ending<TcpStream, Connection>> + Send>> {
+    let limits = conn.session_limits();
+    Box::pin(Session::new(tcp, conn, limits, shutdown).run(true))
+}
+
+/// The TLS handshake after STARTTLS, then the session on the TLS stream.
+async fn start_tls(
+    tcp: TcpStream,
+    mut conn: Box<Connection>,
+    errors: u32,
+    shutdown: ShutdownListener,
+) {
+    let Some(tls) = &conn.snapshot.tls else {
+        return;
+    };
+    let acceptor = tls.acceptor.clone();
+    let limit = conn.snapshot.limits.timeouts.command;
+    let mut stop = shutdown.clone();
+    let handshake = tokio::select! {
+        result = tokio::time::timeout(limit, acceptor.accept(tcp)) => result,
+        _ = stop.reached(Phase::Forced) => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => {
+            let info = TlsInfo::from_connection(stream.get_ref().1);
+            smtp_metrics::TLS_HANDSHAKES
+                .with_label_values(&[info.version_label()])
+                .inc();
+            conn.on_tls_established(info);
+            let _ = tls_session(stream, *conn, errors, shutdown).await;
+        }
+        Ok(Err(err)) => {
+            smtp_metrics::TLS_HANDSHAKES
+                .with_label_values(&["failed"])
+                .inc();
+            tracing::info!(client_ip = %conn.client_ip, error = %err, "TLS handshake failed");
+        }
+        Err(_) => {
+            smtp_metrics::TLS_HANDSHAKES
+                .with_label_values(&["failed"])
+                .inc();
+            tracing::info!(client_ip = %conn.client_ip, "TLS handshake timed out");
+        }
+    }
+}
+
+fn tls_session(
+    stream: TlsStream<TcpStream>,
+    conn: Connection,
+    errors: u32,
+    shutdown: ShutdownListener,
+) -> Pin<Box<impl Future<Output = Ending<TlsStream<TcpStream>, Connection>> + Send>> {
+    let limits = conn.session_limits();
+    Box::pin(
+        Session::new(stream, conn, limits, shutdown)
+            .with_errors(errors)
+            .run(false),
+    )
 }

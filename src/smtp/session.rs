@@ -169,7 +169,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
 
     async fn serve(&mut self) -> Flow {
         loop {
-            match self.process_input().await {
+            // Boxed: processing a command or a message needs far more state than
+            // waiting for input does, and an idle session must stay small.
+            match Box::pin(self.process_input()).await {
                 Flow::Continue => {}
                 Flow::StartTls => {
                     if self.flush().await.is_err() {
@@ -855,7 +857,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
         };
         self.state = next;
         if let Some(tx) = tx {
-            self.stages.on_abort(tx, reason).await;
+            // Boxed for the same reason as `process_input`: rare, and large.
+            Box::pin(self.stages.on_abort(tx, reason)).await;
         }
     }
 }
