@@ -210,8 +210,31 @@ impl RuleCompiler<'_> {
                     | Condition::OwnDomain(_)
             )
         });
+        let mut too_broad = false;
+        if *action == RuleAction::Accept && !unauthenticated {
+            for condition in conditions {
+                let key = self.at.key("match").key(condition.key());
+                // As for every list: a single value is reported at the key.
+                let single = match condition {
+                    Condition::ClientIp(networks) => networks.len() == 1,
+                    Condition::ClientHost(names) | Condition::DkimDomain(names) => names.len() == 1,
+                    _ => true,
+                };
+                for (n, pattern) in super::rules::too_broad_to_authenticate(condition) {
+                    too_broad = true;
+                    let at = if single { key.clone() } else { key.index(n) };
+                    self.error(
+                        at,
+                        format!(
+                            "`{pattern}` cannot authenticate a sender: anyone can register a name under a top-level domain, or get an address in a network wider than a /8 (IPv4) or /16 (IPv6); name the sender's own domains or networks, or set `unauthenticated: true` to accept that risk"
+                        ),
+                    );
+                }
+            }
+        }
         if *action == RuleAction::Accept
             && claims_sender
+            && !too_broad
             && !unauthenticated
             && !Condition::authenticate_sender(conditions)
         {

@@ -31,6 +31,44 @@ impl NamePattern {
     }
 }
 
+/// Evidence must name something a stranger cannot get: anyone can register a name under
+/// a top-level domain (`*.com`), and anyone can rent an address in a network wider than
+/// a /8 (IPv4) or a /16 (IPv6). Without a public-suffix list, `*.co.uk` is not caught.
+pub fn too_broad_to_authenticate(condition: &Condition) -> Vec<(usize, String)> {
+    match condition {
+        Condition::ClientHost(names) | Condition::DkimDomain(names) => names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n, NamePattern::Below(suffix) if !suffix.contains('.')))
+            .map(|(i, n)| (i, n.to_string()))
+            .collect(),
+        Condition::ClientIp(networks) => networks
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| network_too_broad(n))
+            .map(|(i, n)| (i, n.0.to_string()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn network_too_broad(network: &Network) -> bool {
+    match network.0 {
+        ipnet::IpNet::V4(net) => net.prefix_len() < 8,
+        ipnet::IpNet::V6(net) => {
+            // `::ffff:0:0/96` and wider spell IPv4 networks: judge them as IPv4.
+            let mapped =
+                ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96)
+                    .is_ok_and(|v4| v4.contains(&net.network()) && net.prefix_len() >= 96);
+            if mapped {
+                net.prefix_len() < 96 + 8
+            } else {
+                net.prefix_len() < 16
+            }
+        }
+    }
+}
+
 impl fmt::Display for NamePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -240,10 +278,10 @@ impl Condition {
     /// write in a header (see `authenticate_sender` for what it authenticates).
     pub fn is_evidence(&self) -> bool {
         match self {
-            Condition::ClientIp(_)
-            | Condition::ClientHost(_)
-            | Condition::SpfRecord(_)
-            | Condition::DkimDomain(_) => true,
+            Condition::ClientIp(_) | Condition::ClientHost(_) | Condition::DkimDomain(_) => {
+                too_broad_to_authenticate(self).is_empty()
+            }
+            Condition::SpfRecord(_) => true,
             Condition::Spf(results) | Condition::Dmarc(results) => {
                 !results.is_empty() && results.iter().all(|r| *r == AuthResult::Pass)
             }
@@ -689,6 +727,27 @@ mod tests {
     #[test]
     fn evidence() {
         assert!(Condition::DkimDomain(vec![]).is_evidence());
+        let below = |s: &str| NamePattern::Below(s.to_string());
+        let net = |s: &str| Network::try_from(s.to_string()).unwrap();
+        assert!(Condition::DkimDomain(vec![below("netvisor.fi")]).is_evidence());
+        assert!(!Condition::DkimDomain(vec![below("netvisor.fi"), below("com")]).is_evidence());
+        assert!(!Condition::ClientHost(vec![below("fi")]).is_evidence());
+        assert!(Condition::ClientHost(vec![below("amazonses.com")]).is_evidence());
+        assert!(Condition::ClientIp(vec![net("54.240.0.0/18"), net("3.0.0.0/8")]).is_evidence());
+        assert!(!Condition::ClientIp(vec![net("0.0.0.0/0")]).is_evidence());
+        assert!(!Condition::ClientIp(vec![net("128.0.0.0/1")]).is_evidence());
+        assert!(Condition::ClientIp(vec![net("2a01:111::/32")]).is_evidence());
+        assert!(!Condition::ClientIp(vec![net("::/0")]).is_evidence());
+        assert!(!Condition::ClientIp(vec![net("2000::/3")]).is_evidence());
+        assert!(!Condition::ClientIp(vec![net("::ffff:0:0/96")]).is_evidence());
+        assert!(Condition::ClientIp(vec![net("::ffff:10.0.0.0/104")]).is_evidence());
+        assert_eq!(
+            too_broad_to_authenticate(&Condition::ClientIp(vec![
+                net("10.0.0.0/8"),
+                net("0.0.0.0/0")
+            ])),
+            vec![(1, "0.0.0.0/0".to_string())]
+        );
         assert!(Condition::Spf(vec![AuthResult::Pass]).is_evidence());
         assert!(!Condition::Spf(vec![AuthResult::Pass, AuthResult::None]).is_evidence());
         assert!(!Condition::HeaderFrom(vec![]).is_evidence());

@@ -134,6 +134,83 @@ async fn spf_pass_is_evidence_only_for_the_envelope_sender() {
     assert!(!stderr.contains("envelope-spf"), "{stderr}");
 }
 
+/// Evidence anyone can obtain is no evidence: a name under a top-level domain can be
+/// registered by anyone, an address in 0.0.0.0/0 is everyone's. Each such `accept` rule
+/// is refused at the pattern, and none of them is reported twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn evidence_anyone_can_obtain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: any-com-signer\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n  - name: any-com-host\n    match:\n      header_from: \"*@bank.test\"\n      client_host: [mail.bank.test, \"*.com\"]\n    action: accept\n  - name: everyone\n    match: { own_domain: true, client_ip: [192.0.2.0/24, 0.0.0.0/0, \"::/0\"] }\n    action: accept\n  - name: narrow\n    match: { own_domain: true, dkim_domain: \"*.mail.bank.test\", client_ip: 3.0.0.0/8 }\n    action: accept\n  - name: broad-reject-is-fine\n    match: { client_ip: 0.0.0.0/0, header_from: \"*@bank.test\" }\n    action: reject\n  - name: risk-taken\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n    unauthenticated: true\n",
+    );
+    let config = config(dir.path(), "");
+    let (ok, stderr) = check(&config).await;
+    assert!(!ok, "{stderr}");
+    let a = dir.path().join("policies/a.yaml").display().to_string();
+    for want in [
+        format!("{a}:3:45: rule `any-com-signer`: `*.com` cannot authenticate a sender"),
+        format!("{a}:8:37: rule `any-com-host`: `*.com` cannot authenticate a sender"),
+        format!("{a}:11:58: rule `everyone`: `0.0.0.0/0` cannot authenticate a sender"),
+        format!("{a}:11:69: rule `everyone`: `::/0` cannot authenticate a sender"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert_eq!(
+        stderr.matches("cannot authenticate a sender").count(),
+        4,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("anyone can forge"), "{stderr}");
+    for fine in ["`narrow`", "broad-reject-is-fine", "risk-taken"] {
+        assert!(!stderr.contains(fine), "{stderr}");
+    }
+}
+
+/// The recipes are not loaded by the shipped config; each must still load cleanly
+/// when an admin lists it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_recipe_is_a_valid_policy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root.join("policies/recipes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "netigate-envelope.yaml",
+            "netigate-own-domain.yaml",
+            "netvisor-ses.yaml",
+            "visma-erp.yaml"
+        ]
+    );
+    for name in &names {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(root.join("policies/recipes").join(name)).unwrap();
+        write(dir.path(), name, &text);
+        // No nameserver answers here: `check` may warn that the recipe's DNS cannot be
+        // verified, but the policy itself must have no error.
+        let config = config(
+            dir.path(),
+            "dns:\n  nameservers: [\"127.0.0.1:9\"]\n  timeout: 1s\n  attempts: 1\n",
+        );
+        let (ok, stderr) = check(&config).await;
+        assert!(ok, "{name}: {stderr}");
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(line.contains(": warning: "), "{name}: {line}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_rules_and_explicit_unauthenticated_are_valid() {
     let dir = tempfile::tempdir().unwrap();
