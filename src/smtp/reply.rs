@@ -653,7 +653,9 @@ impl Reply {
     /// and enhanced status are kept; text is cleaned. A reply outside 2xx..5xx (a broken
     /// backend) becomes a temporary failure rather than something the client misreads.
     pub fn from_backend(code: u16, status: Option<Status>, lines: &[&str]) -> Self {
-        if !(200..600).contains(&code) {
+        // A 3xx is never a final answer to what we pass on (354 to DATA is handled by
+        // the relay before this): our client could not act on one.
+        if !matches!(code, 200..300 | 400..600) {
             return Reply::backend_protocol_error();
         }
         let mut out: Vec<Cow<'static, str>> = lines
@@ -953,5 +955,7 @@ mod tests {
     fn broken_backend_code_becomes_tempfail() {
         assert_eq!(Reply::from_backend(999, None, &["x"]).code(), 451);
         assert_eq!(Reply::from_backend(150, None, &["x"]).code(), 451);
+        assert_eq!(Reply::from_backend(354, None, &["x"]).code(), 451);
+        assert_eq!(Reply::from_backend(334, None, &["x"]).code(), 451);
     }
 }

@@ -762,6 +762,66 @@ async fn a_backend_421_is_never_passed_on() {
     }
 }
 
+/// 3xx is an intermediate reply: the only one a mailbox server may give here is 354 to
+/// DATA. One given to MAIL, RCPT or as the final reply is a broken backend, and the
+/// client gets a 4xx (try again), never the 3xx, which it could not act on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_3xx_is_never_passed_on() {
+    let odd = "334 VXNlcm5hbWU6";
+    let mut rcpt_odd = Behaviour::default();
+    rcpt_odd
+        .rcpt_replies
+        .insert("bob@example.test".into(), odd.into());
+    let cases: Vec<(&str, Behaviour, &str)> = vec![
+        (
+            "MAIL of the probe",
+            Behaviour {
+                mail_reply: odd.into(),
+                ..Default::default()
+            },
+            "rcpt",
+        ),
+        ("RCPT of the probe", rcpt_odd, "rcpt"),
+        (
+            "final reply",
+            Behaviour {
+                data_reply: odd.into(),
+                ..Default::default()
+            },
+            "data",
+        ),
+        (
+            "final reply, BDAT",
+            Behaviour {
+                data_reply: odd.into(),
+                chunking: true,
+                ..Default::default()
+            },
+            "data",
+        ),
+    ];
+    for (what, behaviour, stage) in cases {
+        let backend = FakeBackend::start(behaviour).await;
+        let gw = Gateway::start(hold_config(vec![backend.url()], "")).await;
+        let (mut client, _) = gw.ehlo().await;
+        let replies = transaction(&mut client, &["bob@example.test"]).await;
+        let reply = if stage == "rcpt" {
+            replies[1].clone()
+        } else {
+            assert_eq!(replies[1].code, 250, "{what}: {}", replies[1]);
+            assert_eq!(client.cmd("DATA").await.code, 354, "{what}");
+            client.send(b"Subject: x\r\n\r\nx\r\n.\r\n").await;
+            client.read_reply().await
+        };
+        assert_eq!(
+            (reply.code, reply.status()),
+            (451, "4.5.0"),
+            "{what}: {reply}"
+        );
+        gw.stop().await;
+    }
+}
+
 /// Recipients are verified with a probe (MAIL with the real sender and its parameters,
 /// RCPT, RSET). Definite answers are kept: the next message to an accepted recipient
 /// costs no probe, a refusal is kept for `ttl_reject`, a 4xx is never kept.
