@@ -52,6 +52,11 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("connection closed before the PROXY header was complete")]
     Closed,
+    /// Connected and closed without sending a byte: what a balancer's plain TCP health
+    /// check does. Refused like any missing header, but logged at debug level only,
+    /// since it comes every few seconds for as long as the balancer runs.
+    #[error("connection closed without a PROXY header (a TCP health check)")]
+    ClosedSilently,
     #[error("not a PROXY header")]
     NotAHeader,
     #[error("v1 PROXY header longer than {V1_MAX} bytes")]
@@ -63,7 +68,9 @@ pub enum ProxyError {
 impl ProxyError {
     fn counted_as(&self) -> ProxyHeader {
         match self {
-            ProxyError::Timeout(_) | ProxyError::Closed => ProxyHeader::Missing,
+            ProxyError::Timeout(_) | ProxyError::Closed | ProxyError::ClosedSilently => {
+                ProxyHeader::Missing
+            }
             _ => ProxyHeader::Invalid,
         }
     }
@@ -86,6 +93,10 @@ pub async fn read_trusted(
             proxy_header(ProxyHeader::Local);
             tracing::debug!(balancer = %peer, "PROXY header without a client: health check");
         }
+        Err(err @ ProxyError::ClosedSilently) => {
+            proxy_header(err.counted_as());
+            tracing::debug!(balancer = %peer, "{err}");
+        }
         Err(err) => {
             proxy_header(err.counted_as());
             tracing::warn!(balancer = %peer, error = %err, "connection from a PROXY protocol balancer refused");
@@ -96,6 +107,14 @@ pub async fn read_trusted(
 
 async fn read_header(tcp: &mut TcpStream) -> Result<Header, ProxyError> {
     let mut buf = vec![0u8; SHORTEST];
+    if tcp
+        .peek(&mut buf[..1])
+        .await
+        .map_err(|_| ProxyError::Closed)?
+        == 0
+    {
+        return Err(ProxyError::ClosedSilently);
+    }
     read_exact(tcp, &mut buf).await?;
     if buf.starts_with(V2_PREFIX) {
         buf.resize(V2_FIXED, 0);
@@ -221,6 +240,29 @@ mod tests {
         out.extend_from_slice(addresses);
         out.extend_from_slice(tlvs);
         out
+    }
+
+    /// A plain TCP health check (connect, close) is told apart from a balancer that
+    /// stopped half-way through a header, which is worth a warning.
+    #[tokio::test]
+    async fn a_connection_closed_at_once_is_a_tcp_health_check() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(TcpStream::connect(addr).await.unwrap());
+        let (mut silent, _) = listener.accept().await.unwrap();
+        assert!(matches!(
+            read_header(&mut silent).await,
+            Err(ProxyError::ClosedSilently)
+        ));
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"PROXY TCP4 192.0").await.unwrap();
+        drop(partial);
+        let (mut cut, _) = listener.accept().await.unwrap();
+        assert!(matches!(
+            read_header(&mut cut).await,
+            Err(ProxyError::Closed)
+        ));
     }
 
     #[test]

@@ -62,6 +62,11 @@ impl Reloader {
                 if snapshot.loaded.config.server.listen != current.loaded.config.server.listen {
                     tracing::warn!("server.listen changed: listeners change only on restart");
                 }
+                if store_settings(&snapshot) != store_settings(&current) {
+                    tracing::warn!(
+                        "limits.store, store_timeout, store_key_prefix or store_connection_ttl changed: the limits store changes only on restart"
+                    );
+                }
                 snapshot.relay.inherit_health(&current.relay);
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
@@ -145,6 +150,17 @@ impl Reloader {
             }
         }
     }
+}
+
+/// What the limits store was started with (`Limiter::start`, once, at start-up).
+fn store_settings(snapshot: &Snapshot) -> (&str, Duration, &str, Duration) {
+    let limits = &snapshot.loaded.config.limits;
+    (
+        &limits.store,
+        limits.store_timeout,
+        &limits.store_key_prefix,
+        limits.store_connection_ttl,
+    )
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {

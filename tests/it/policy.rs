@@ -666,6 +666,31 @@ async fn sighup_reloads_and_logs_what_changed() {
     );
 }
 
+/// The limits store is opened once, at start-up: a reload that changes its settings
+/// says that the store stays as it was until a restart (and one that does not, does not).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_the_limits_store_says_it_needs_a_restart() {
+    use support::gateway::GatewayProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("mxgate.yaml");
+    let write = |prefix: &str| {
+        let config = TestConfig {
+            extra: format!("limits:\n  store_key_prefix: \"{prefix}\"\n"),
+            ..Default::default()
+        };
+        std::fs::write(&config_path, config.yaml(dir.path())).unwrap();
+    };
+    write("first:");
+    let gateway = GatewayProcess::spawn(&config_path);
+    write("first:");
+    gateway.signal(libc::SIGHUP);
+    let log = wait_for_log(&gateway, "configuration reloaded").await;
+    assert!(!log.contains("changes only on restart"), "{log}");
+    write("second:");
+    gateway.signal(libc::SIGHUP);
+    wait_for_log(&gateway, "the limits store changes only on restart").await;
+}
+
 async fn wait_for_log(gateway: &support::gateway::GatewayProcess, needle: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
