@@ -59,7 +59,7 @@ fn fixture() -> &'static Fixture {
         let (snapshot, _) = runtime
             .block_on(async { snapshot::compile(loaded, 1, Mode::Serve, None) })
             .unwrap_or_else(|errors| panic!("fixture snapshot: {errors:?}"));
-        let limiter = Limiter::new(&snapshot.client_limits);
+        let limiter = Limiter::new(&snapshot.connections.per_client);
         Fixture {
             _dir: dir,
             limiter,
@@ -96,7 +96,7 @@ async fn converse(fixture: &Fixture, data: &[u8]) -> Vec<u8> {
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 25));
     let budget = fixture
         .limiter
-        .admit(peer.ip(), false, fixture.snapshot.client_limits)
+        .admit(peer.ip(), false, fixture.snapshot.connections.per_client)
         .await
         .expect("the fixture's limits admit every session (rates off, one at a time)");
     let conn = Connection::new(fixture.snapshot.clone(), peer, local, budget);
