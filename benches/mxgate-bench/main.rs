@@ -20,6 +20,12 @@
 //! CPU per message between modes, and the cost of sealing is compared with the floor of
 //! two RSA-2048 signatures per message, measured in the same run with aws-lc-rs, the library mail-auth signs with.
 //!
+//! Connections: by default each of the `--concurrency` sessions is set up before the
+//! clock starts and reused for many messages, so the figures are per transaction.
+//! `--per-connection` sends every message over a new connection (connect, greeting,
+//! EHLO, with `--tls` STARTTLS and EHLO again, the transaction, QUIT), as MX traffic
+//! arrives; the set-up is then inside the measured loop and in the CPU per message.
+//!
 //! The modules follow the run: `cli` (options, modes), `bench` (what is set up before
 //! any clock starts), `measure` (the runs, in order), `report` and `summary` (costs,
 //! goals, the JSON line); the parts they drive: `gateway` (config, child process),

@@ -110,13 +110,15 @@ impl Bench<'_> {
         })
     }
 
-    /// `n` messages from the pool, at the run's concurrency, to `target`.
+    /// `n` messages from the pool, at the run's concurrency, to `target` (one connection
+    /// per message with --per-connection, on every path).
     fn load(&self, target: SocketAddr, tls: Option<ClientTls>, n: usize) -> LoadSpec {
         LoadSpec {
             target,
             tls,
             messages: n,
             concurrency: self.args.concurrency,
+            per_connection: self.args.per_connection,
             pool: self.pool.clone(),
         }
     }

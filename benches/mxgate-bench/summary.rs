@@ -138,6 +138,9 @@ pub struct Summary {
     pub checks_verified: Option<bool>,
     /// Every measured mode, in order.
     runs: Vec<RunSummary>,
+    /// One connection per message (--per-connection): the figures per message include
+    /// the connection's set-up and QUIT.
+    per_connection: bool,
 }
 
 impl Summary {
@@ -224,6 +227,7 @@ impl Summary {
                 .filter_map(|r| r.verified)
                 .reduce(|a, b| a && b),
             runs: measured.runs.iter().map(RunSummary::of).collect(),
+            per_connection: args.per_connection,
         }
     }
 }
