@@ -47,6 +47,14 @@ pub struct Args {
     #[arg(long)]
     pub per_connection: bool,
 
+    /// Connections to open against a fresh gateway (of the first mode) to measure what a
+    /// connection costs without mail: --concurrency workers, each opening one connection
+    /// after another (greeting, EHLO, with --tls STARTTLS and EHLO, QUIT, close), after a
+    /// warm-up of min(--warmup, N) connections. Reports the gateway's CPU per connection
+    /// (utime+stime from /proc over the run / N) and connections/s. 0 skips it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub connection_cost: usize,
+
     /// Warm-up messages per path before each measured run (not counted).
     #[arg(long, default_value_t = 1000)]
     pub warmup: usize,

@@ -1,14 +1,16 @@
 //! The measurements, in the order they run: the RSA floor, then per mode a fresh
 //! gateway (the first one also measures the direct path and the relay ceiling), warm-up
-//! and measured load, what its checks found; the RSA floor again after `seal`; idle
-//! connections. Prints each figure as it comes. Calls the gateway, the load generator,
-//! the checks' counters, the ceiling, the RSA floor and the idle measurement.
+//! and measured load, what its checks found; the RSA floor again after `seal`; the cost
+//! of a connection; idle connections. Prints each figure as it comes. Calls the gateway,
+//! the load generator, the checks' counters, the ceiling, the RSA floor, the
+//! connection-cost and the idle measurements.
 
 use crate::bench::Bench;
 use crate::ceiling::{Ceiling, measure_ceiling};
 use crate::checks::outcome_counters;
 use crate::cli::Setup;
 use crate::client::{ClientTls, client_tls};
+use crate::connections::{ConnectionCost, ConnectionSpec, measure_connection_cost};
 use crate::gateway::Gateway;
 use crate::idle::{IdleResult, measure_idle};
 use crate::load::{LoadSpec, PhaseResult, print_phase, run_load};
@@ -25,6 +27,8 @@ pub struct Measurements {
     /// One per mode, in order; the first is the primary.
     pub runs: Vec<GatewayRun>,
     pub idle: Option<IdleResult>,
+    /// What a connection without mail costs (--connection-cost).
+    pub connections: Option<ConnectionCost>,
     /// The RSA floor: before the load, and after the seal run.
     pub rsa: Vec<RsaCost>,
 }
@@ -100,12 +104,14 @@ impl Bench<'_> {
             runs.push(run);
         }
         let Baseline { direct, ceiling } = baseline.expect("direct path measured");
+        let connections = self.measure_connections(tls.clone()).await;
         let idle = self.measure_idle(tls).await;
         Ok(Measurements {
             direct,
             ceiling,
             runs,
             idle,
+            connections,
             rsa,
         })
     }
@@ -230,6 +236,30 @@ impl Bench<'_> {
                 warm.errors(),
                 warm.error_summary()
             ));
+        }
+    }
+
+    /// Connections without mail, against a fresh gateway of the first mode (so that the
+    /// load's heap and pools are not in it).
+    async fn measure_connections(&self, tls: Option<ClientTls>) -> Option<ConnectionCost> {
+        let args = self.args;
+        if args.connection_cost == 0 {
+            return None;
+        }
+        println!();
+        let spec = ConnectionSpec {
+            count: args.connection_cost,
+            concurrency: args.concurrency,
+            warmup: args.warmup,
+            tls,
+        };
+        let config = &self.configs[0].1;
+        match measure_connection_cost(self.binary, config, self.dir.path(), spec).await {
+            Ok(cost) => Some(cost),
+            Err(err) => {
+                loud(&format!("connection-cost measurement failed: {err}"));
+                None
+            }
         }
     }
 
