@@ -64,6 +64,15 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub idle: usize,
 
+    /// Share of the idle connections that do STARTTLS (and EHLO again) before being held,
+    /// 0.0 to 1.0. The plaintext ones are opened first and the gateway's RSS read, then
+    /// the TLS ones, so each kind gets its own figure per connection. The idle gateway
+    /// gets the same generated development certificate as with --tls, with or without
+    /// --tls. Default: 1.0 with --tls (every idle connection does STARTTLS, as before this
+    /// option existed), 0.0 without.
+    #[arg(long, value_name = "F", value_parser = parse_share)]
+    pub idle_tls_share: Option<f64>,
+
     /// Client sessions to the gateway use STARTTLS (the gateway gets a generated
     /// self-signed development certificate). The direct path stays plaintext: the sink
     /// does not speak TLS. The client never resumes a TLS session: every handshake is a
@@ -211,6 +220,32 @@ impl Setup {
             }
             Setup::Seal => "as full, plus an ARC seal (RSA-2048) on every message",
         }
+    }
+}
+
+impl Args {
+    /// The share of idle connections that do STARTTLS: as given, else all of them with
+    /// --tls and none without.
+    pub fn idle_tls_share(&self) -> f64 {
+        self.idle_tls_share
+            .unwrap_or(if self.tls { 1.0 } else { 0.0 })
+    }
+
+    /// How many of the idle connections do STARTTLS.
+    pub fn idle_tls_count(&self) -> usize {
+        (self.idle as f64 * self.idle_tls_share()).round() as usize
+    }
+}
+
+/// A share between 0.0 and 1.0 (clap's own range checks are for integers).
+fn parse_share(text: &str) -> Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("{share} is not between 0.0 and 1.0"))
     }
 }
 

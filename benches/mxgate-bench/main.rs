@@ -28,6 +28,9 @@
 //! `--connection-cost N` measures a connection alone, without mail: N connections
 //! (greeting, EHLO, STARTTLS with `--tls`, QUIT) against a fresh gateway, reported as
 //! the gateway's CPU per connection and connections/s.
+//! `--idle N` holds N connections open against a fresh gateway and reports the memory
+//! they add; `--idle-tls-share F` makes that share of them do STARTTLS, opened after
+//! the plaintext ones so that each kind gets its own figure per connection.
 //!
 //! The modules follow the run: `cli` (options, modes), `bench` (what is set up before
 //! any clock starts), `measure` (the runs, in order), `report` and `summary` (costs,

@@ -12,7 +12,7 @@ use crate::cli::Setup;
 use crate::client::{ClientTls, client_tls};
 use crate::connections::{ConnectionCost, ConnectionSpec, measure_connection_cost};
 use crate::gateway::Gateway;
-use crate::idle::{IdleResult, measure_idle};
+use crate::idle::{IdleResult, IdleSpec, measure_idle};
 use crate::load::{LoadSpec, PhaseResult, print_phase, run_load};
 use crate::procfs::proc_status_kb;
 use crate::report::{kb_to_mb, loud};
@@ -104,8 +104,8 @@ impl Bench<'_> {
             runs.push(run);
         }
         let Baseline { direct, ceiling } = baseline.expect("direct path measured");
-        let connections = self.measure_connections(tls.clone()).await;
-        let idle = self.measure_idle(tls).await;
+        let connections = self.measure_connections(tls).await;
+        let idle = self.measure_idle().await;
         Ok(Measurements {
             direct,
             ceiling,
@@ -264,13 +264,21 @@ impl Bench<'_> {
     }
 
     /// Idle connections, against a fresh gateway (of the first mode) so that neither
-    /// measurement inherits the other's heap.
-    async fn measure_idle(&self, tls: Option<ClientTls>) -> Option<IdleResult> {
-        if self.args.idle == 0 {
+    /// measurement inherits the other's heap; the plaintext ones first, then the
+    /// --idle-tls-share that does STARTTLS.
+    async fn measure_idle(&self) -> Option<IdleResult> {
+        let args = self.args;
+        if args.idle == 0 {
             return None;
         }
-        let config = &self.configs[0].1;
-        match measure_idle(self.binary, config, self.dir.path(), self.args.idle, tls).await {
+        let tls = args.idle_tls_count();
+        let spec = IdleSpec {
+            plain: args.idle - tls,
+            tls,
+        };
+        let cert = self.dir.path().join("cert.pem");
+        let (binary, dir) = (self.binary, self.dir.path());
+        match measure_idle(binary, &self.idle_config, dir, &cert, spec).await {
             Ok(idle) => Some(idle),
             Err(err) => {
                 loud(&format!("idle-connection measurement failed: {err}"));

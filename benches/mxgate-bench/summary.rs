@@ -152,6 +152,16 @@ pub struct Summary {
     connection_cost_cpu_user_us_per_conn: Option<f64>,
     connection_cost_cpu_system_us_per_conn: Option<f64>,
     connection_cost_errors: usize,
+    /// --idle-tls-share: the share of idle connections that did STARTTLS (as resolved:
+    /// 1.0 with --tls when not given), how many of each kind were held, the VmRSS after
+    /// the plaintext ones (opened first) and what each kind added per connection (`None`
+    /// when none of that kind was held).
+    idle_tls_share: Option<f64>,
+    idle_plain_connections: Option<usize>,
+    idle_tls_connections: Option<usize>,
+    idle_rss_after_plain_mb: Option<f64>,
+    idle_kb_per_plain_conn: Option<f64>,
+    idle_kb_per_tls_conn: Option<f64>,
 }
 
 impl Summary {
@@ -249,6 +259,18 @@ impl Summary {
             connection_cost_cpu_system_us_per_conn: connection_cpu
                 .map(|(_, system, _)| round(system, 1)),
             connection_cost_errors: connection_errors(measured),
+            idle_tls_share: idle.as_ref().map(|_| args.idle_tls_share()),
+            idle_plain_connections: idle.as_ref().map(|i| i.plain.opened),
+            idle_tls_connections: idle.as_ref().map(|i| i.tls.opened),
+            idle_rss_after_plain_mb: idle.as_ref().map(|i| round(i.after_plain_mb, 2)),
+            idle_kb_per_plain_conn: idle
+                .as_ref()
+                .and_then(|i| i.plain.kb_per_conn())
+                .map(|v| round(v, 2)),
+            idle_kb_per_tls_conn: idle
+                .as_ref()
+                .and_then(|i| i.tls.kb_per_conn())
+                .map(|v| round(v, 2)),
         }
     }
 }
