@@ -24,6 +24,8 @@ pub struct Bench<'a> {
     pub sink: Sink,
     /// Each mode measured, in order, with its gateway config file.
     pub configs: Vec<(Setup, PathBuf)>,
+    /// The config of the idle connections' gateway.
+    pub idle_config: PathBuf,
     pub binary: &'static Path,
     pub cpus: usize,
 }
@@ -54,10 +56,17 @@ impl<'a> Bench<'a> {
         let configs = setups
             .iter()
             .map(|&setup| {
-                write_config(args, dir.path(), sink.addr, setup, zone.as_ref())
+                write_config(args, dir.path(), sink.addr, setup, zone.as_ref(), args.tls)
                     .map(|path| (setup, path))
             })
             .collect::<Result<Vec<_>, String>>()?;
+        // The idle connections' gateway is the first mode's, with STARTTLS when some of
+        // them need it even though the load runs in plaintext.
+        let idle_config = if args.idle_tls_count() > 0 && !args.tls {
+            write_config(args, dir.path(), sink.addr, setups[0], zone.as_ref(), true)?
+        } else {
+            configs[0].1.clone()
+        };
         Ok(Bench {
             args,
             dir,
@@ -65,6 +74,7 @@ impl<'a> Bench<'a> {
             pool,
             sink,
             configs,
+            idle_config,
             binary: Path::new(env!("CARGO_BIN_EXE_mxgate")),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         })
@@ -92,6 +102,7 @@ impl<'a> Bench<'a> {
             args.mode.label(),
             if args.tls { "STARTTLS" } else { "off" }
         );
+        println!("{}", describe_connections(args));
         println!(
             "open files limit: {} (soft {}, hard {}){}; the gateway child inherits it",
             nofile.describe(),
@@ -127,5 +138,24 @@ impl<'a> Bench<'a> {
                 max
             );
         }
+    }
+}
+
+/// What a measured message includes in the way of connection set-up.
+fn describe_connections(args: &Args) -> String {
+    let setup = if args.tls {
+        "connect, greeting, EHLO, STARTTLS (full handshake), EHLO"
+    } else {
+        "connect, greeting, EHLO"
+    };
+    if args.per_connection {
+        format!(
+            "connections: one per message (--per-connection): {setup}, MAIL/RCPT/DATA, QUIT, close, all inside the measured loop; msgs/s and CPU per message include the connection's cost, latency counts from the connect; the direct and proxy paths also connect per message, in plaintext"
+        )
+    } else {
+        format!(
+            "connections: {} sessions, each reused for many messages; their set-up ({setup}) is done before the clock starts and is not in the figures",
+            args.concurrency
+        )
     }
 }

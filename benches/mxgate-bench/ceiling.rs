@@ -34,6 +34,7 @@ pub async fn measure_ceiling(
         tls: None,
         messages,
         concurrency: spec.concurrency,
+        per_connection: spec.per_connection,
         pool: spec.pool.clone(),
     };
     if args.warmup > 0 {

@@ -32,11 +32,14 @@ pub fn client_tls(cert: &Path) -> Result<ClientTls, String> {
             .map_err(|e| format!("bad certificate: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every handshake a full one: with one message per connection, resumed sessions
+    // would measure a cheaper handshake than a first contact makes.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(ClientTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         name: rustls_pki_types::ServerName::try_from(HOSTNAME.to_string())

@@ -11,12 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Writes the gateway config for `setup` into `dir`; with `tls`, the gateway offers
+/// STARTTLS with a generated development certificate (`--tls`, or for the idle
+/// connections of --idle-tls-share alone, in a file of its own).
 pub fn write_config(
     args: &Args,
     dir: &Path,
     sink: SocketAddr,
     setup: Setup,
     zone: Option<&SenderZone>,
+    tls: bool,
 ) -> Result<PathBuf, String> {
     let trusted = match setup {
         Setup::Nocheck => "[\"127.0.0.0/8\"]",
@@ -29,7 +33,7 @@ pub fn write_config(
          trusted_networks: {trusted}\n  max_connections: {max_connections}\n  \
          max_connections_per_ip: {max_connections}\n  timeouts:\n    shutdown_grace: 1s\n"
     );
-    if args.tls {
+    if tls {
         yaml.push_str(
             "tls:\n  certificate: cert.pem\n  private_key: key.pem\n  generate_if_missing: true\n",
         );
@@ -73,7 +77,8 @@ pub fn write_config(
             );
         }
     }
-    let path = dir.join(format!("mxgate-{}.yaml", setup.label()));
+    let suffix = if tls && !args.tls { "-idle-tls" } else { "" };
+    let path = dir.join(format!("mxgate-{}{suffix}.yaml", setup.label()));
     std::fs::write(&path, &yaml).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path)
 }

@@ -79,6 +79,8 @@ pub struct LoadSpec {
     pub tls: Option<ClientTls>,
     pub messages: usize,
     pub concurrency: usize,
+    /// A new connection for every message, its set-up inside the measured loop.
+    pub per_connection: bool,
     /// Sent in turn: message n is `pool[n % pool.len()]`.
     pub pool: Arc<[Prepared]>,
 }
@@ -171,8 +173,9 @@ pub fn print_phase(name: &str, path: &str, r: &PhaseResult) {
     }
 }
 
-/// Runs `spec.messages` transactions over `spec.concurrency` sessions. Sessions are set
-/// up before the clock starts and closed after it stops.
+/// Runs `spec.messages` transactions over `spec.concurrency` sessions. Reused sessions
+/// are set up before the clock starts and closed after it stops; with
+/// `spec.per_connection` every message opens and closes its own, inside the clock.
 pub async fn run_load(spec: LoadSpec, gateway_pid: Option<i32>, sink: &Sink) -> PhaseResult {
     let spec = Arc::new(spec);
     let next = Arc::new(AtomicUsize::new(0));
@@ -249,22 +252,15 @@ async fn worker(
         latencies_us: Vec::with_capacity(spec.messages / spec.concurrency + 16),
         ..Default::default()
     };
-    let open = || async {
-        match tokio::time::timeout(SETUP_TIMEOUT, Client::open(spec.target, spec.tls.as_ref()))
-            .await
-        {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(err)) => Err(format!("session setup: {err}")),
-            Err(_) => Err("session setup: timeout".to_string()),
+    // A reused session is set up before the clock starts; with one connection per
+    // message the set-up is part of what is measured.
+    let mut client = None;
+    if !spec.per_connection {
+        match open_session(spec).await {
+            Ok(session) => client = Some(session),
+            Err(err) => result.fail(err),
         }
-    };
-    let mut client = match open().await {
-        Ok(client) => Some(client),
-        Err(err) => {
-            result.fail(err);
-            None
-        }
-    };
+    }
     // Sessions ready; then wait for the counters to be read.
     start.wait().await;
     start.wait().await;
@@ -274,50 +270,10 @@ async fn worker(
             break;
         }
         let item = &spec.pool[n % spec.pool.len()];
-        let session = match client.as_mut() {
-            Some(session) => session,
-            None => match open().await {
-                Ok(session) => client.insert(session),
-                Err(err) => {
-                    result.fail(err);
-                    // Do not spin against a dead gateway.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(
-            TRANSACTION_TIMEOUT,
-            session.transaction(&item.commands, &item.data),
-        )
-        .await;
-        match outcome {
-            Ok(Ok(codes)) => {
-                let elapsed = started.elapsed();
-                if codes == [250, 250, 354, 250] {
-                    result.ok += 1;
-                    result
-                        .latencies_us
-                        .push(elapsed.as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    let steps = ["MAIL", "RCPT", "DATA", "DATA-END"];
-                    let wanted = [250, 250, 354, 250];
-                    let (step, code) = (0..4)
-                        .find(|&i| codes[i] != wanted[i])
-                        .map(|i| (steps[i], codes[i]))
-                        .unwrap_or(("?", 0));
-                    result.fail(format!("{step} {code}"));
-                }
-            }
-            Ok(Err(err)) => {
-                result.fail(format!("I/O: {err}"));
-                client = None;
-            }
-            Err(_) => {
-                result.fail("transaction timeout".into());
-                client = None;
-            }
+        if spec.per_connection {
+            send_on_new_connection(spec, item, &mut result).await;
+        } else {
+            send_on_reused_session(spec, &mut client, item, &mut result).await;
         }
     }
     stop.wait().await;
@@ -325,4 +281,94 @@ async fn worker(
         client.quit().await;
     }
     result
+}
+
+/// Connect, greeting, EHLO (and STARTTLS, EHLO) within [`SETUP_TIMEOUT`].
+async fn open_session(spec: &LoadSpec) -> Result<Client, String> {
+    match tokio::time::timeout(SETUP_TIMEOUT, Client::open(spec.target, spec.tls.as_ref())).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(err)) => Err(format!("session setup: {err}")),
+        Err(_) => Err("session setup: timeout".to_string()),
+    }
+}
+
+/// Records a failed set-up, then pauses so as not to spin against a dead server.
+async fn setup_failed(result: &mut WorkerResult, err: String) {
+    result.fail(err);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// One message over the worker's session, opened again first if a failure closed it.
+async fn send_on_reused_session(
+    spec: &LoadSpec,
+    client: &mut Option<Client>,
+    item: &Prepared,
+    result: &mut WorkerResult,
+) {
+    let session = match client {
+        Some(session) => session,
+        None => match open_session(spec).await {
+            Ok(session) => client.insert(session),
+            Err(err) => return setup_failed(result, err).await,
+        },
+    };
+    if !send_message(session, item, Instant::now(), result).await {
+        *client = None;
+    }
+}
+
+/// One message over a connection of its own: set-up, the transaction, QUIT, close. The
+/// latency counts from the connect.
+async fn send_on_new_connection(spec: &LoadSpec, item: &Prepared, result: &mut WorkerResult) {
+    let started = Instant::now();
+    let mut session = match open_session(spec).await {
+        Ok(session) => session,
+        Err(err) => return setup_failed(result, err).await,
+    };
+    if send_message(&mut session, item, started, result).await {
+        session.quit().await;
+    }
+}
+
+/// One transaction within [`TRANSACTION_TIMEOUT`]; records its outcome (and the latency
+/// since `started` when it was delivered). Returns whether the session is still usable.
+async fn send_message(
+    session: &mut Client,
+    item: &Prepared,
+    started: Instant,
+    result: &mut WorkerResult,
+) -> bool {
+    let outcome = tokio::time::timeout(
+        TRANSACTION_TIMEOUT,
+        session.transaction(&item.commands, &item.data),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(codes)) => {
+            let elapsed = started.elapsed();
+            if codes == [250, 250, 354, 250] {
+                result.ok += 1;
+                result
+                    .latencies_us
+                    .push(elapsed.as_micros().min(u32::MAX as u128) as u32);
+            } else {
+                let steps = ["MAIL", "RCPT", "DATA", "DATA-END"];
+                let wanted = [250, 250, 354, 250];
+                let (step, code) = (0..4)
+                    .find(|&i| codes[i] != wanted[i])
+                    .map(|i| (steps[i], codes[i]))
+                    .unwrap_or(("?", 0));
+                result.fail(format!("{step} {code}"));
+            }
+            true
+        }
+        Ok(Err(err)) => {
+            result.fail(format!("I/O: {err}"));
+            false
+        }
+        Err(_) => {
+            result.fail("transaction timeout".into());
+            false
+        }
+    }
 }

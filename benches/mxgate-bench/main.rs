@@ -20,18 +20,32 @@
 //! CPU per message between modes, and the cost of sealing is compared with the floor of
 //! two RSA-2048 signatures per message, measured in the same run with aws-lc-rs, the library mail-auth signs with.
 //!
+//! Connections: by default each of the `--concurrency` sessions is set up before the
+//! clock starts and reused for many messages, so the figures are per transaction.
+//! `--per-connection` sends every message over a new connection (connect, greeting,
+//! EHLO, with `--tls` STARTTLS and EHLO again, the transaction, QUIT), as MX traffic
+//! arrives; the set-up is then inside the measured loop and in the CPU per message.
+//! `--connection-cost N` measures a connection alone, without mail: N connections
+//! (greeting, EHLO, STARTTLS with `--tls`, QUIT) against a fresh gateway, reported as
+//! the gateway's CPU per connection and connections/s.
+//! `--idle N` holds N connections open against a fresh gateway and reports the memory
+//! they add; `--idle-tls-share F` makes that share of them do STARTTLS, opened after
+//! the plaintext ones so that each kind gets its own figure per connection.
+//!
 //! The modules follow the run: `cli` (options, modes), `bench` (what is set up before
 //! any clock starts), `measure` (the runs, in order), `report` and `summary` (costs,
 //! goals, the JSON line); the parts they drive: `gateway` (config, child process),
 //! `sink`, `load` and `client` (the load generator), `checks` (sender zone, signed
 //! messages, check counters), `rsa` (the sealing floor), `ceiling` and `proxy` (the
-//! relay ceiling), `idle` (idle connections), `procfs` (CPU and memory from /proc).
+//! relay ceiling), `connections` (the cost of a connection), `idle` (idle
+//! connections), `procfs` (CPU and memory from /proc).
 
 mod bench;
 mod ceiling;
 mod checks;
 mod cli;
 mod client;
+mod connections;
 mod gateway;
 mod idle;
 mod load;

@@ -1,16 +1,18 @@
 //! The measurements, in the order they run: the RSA floor, then per mode a fresh
 //! gateway (the first one also measures the direct path and the relay ceiling), warm-up
-//! and measured load, what its checks found; the RSA floor again after `seal`; idle
-//! connections. Prints each figure as it comes. Calls the gateway, the load generator,
-//! the checks' counters, the ceiling, the RSA floor and the idle measurement.
+//! and measured load, what its checks found; the RSA floor again after `seal`; the cost
+//! of a connection; idle connections. Prints each figure as it comes. Calls the gateway,
+//! the load generator, the checks' counters, the ceiling, the RSA floor, the
+//! connection-cost and the idle measurements.
 
 use crate::bench::Bench;
 use crate::ceiling::{Ceiling, measure_ceiling};
 use crate::checks::outcome_counters;
 use crate::cli::Setup;
 use crate::client::{ClientTls, client_tls};
+use crate::connections::{ConnectionCost, ConnectionSpec, measure_connection_cost};
 use crate::gateway::Gateway;
-use crate::idle::{IdleResult, measure_idle};
+use crate::idle::{IdleResult, IdleSpec, measure_idle};
 use crate::load::{LoadSpec, PhaseResult, print_phase, run_load};
 use crate::procfs::proc_status_kb;
 use crate::report::{kb_to_mb, loud};
@@ -25,6 +27,8 @@ pub struct Measurements {
     /// One per mode, in order; the first is the primary.
     pub runs: Vec<GatewayRun>,
     pub idle: Option<IdleResult>,
+    /// What a connection without mail costs (--connection-cost).
+    pub connections: Option<ConnectionCost>,
     /// The RSA floor: before the load, and after the seal run.
     pub rsa: Vec<RsaCost>,
 }
@@ -100,23 +104,27 @@ impl Bench<'_> {
             runs.push(run);
         }
         let Baseline { direct, ceiling } = baseline.expect("direct path measured");
-        let idle = self.measure_idle(tls).await;
+        let connections = self.measure_connections(tls).await;
+        let idle = self.measure_idle().await;
         Ok(Measurements {
             direct,
             ceiling,
             runs,
             idle,
+            connections,
             rsa,
         })
     }
 
-    /// `n` messages from the pool, at the run's concurrency, to `target`.
+    /// `n` messages from the pool, at the run's concurrency, to `target` (one connection
+    /// per message with --per-connection, on every path).
     fn load(&self, target: SocketAddr, tls: Option<ClientTls>, n: usize) -> LoadSpec {
         LoadSpec {
             target,
             tls,
             messages: n,
             concurrency: self.args.concurrency,
+            per_connection: self.args.per_connection,
             pool: self.pool.clone(),
         }
     }
@@ -231,14 +239,46 @@ impl Bench<'_> {
         }
     }
 
-    /// Idle connections, against a fresh gateway (of the first mode) so that neither
-    /// measurement inherits the other's heap.
-    async fn measure_idle(&self, tls: Option<ClientTls>) -> Option<IdleResult> {
-        if self.args.idle == 0 {
+    /// Connections without mail, against a fresh gateway of the first mode (so that the
+    /// load's heap and pools are not in it).
+    async fn measure_connections(&self, tls: Option<ClientTls>) -> Option<ConnectionCost> {
+        let args = self.args;
+        if args.connection_cost == 0 {
             return None;
         }
+        println!();
+        let spec = ConnectionSpec {
+            count: args.connection_cost,
+            concurrency: args.concurrency,
+            warmup: args.warmup,
+            tls,
+        };
         let config = &self.configs[0].1;
-        match measure_idle(self.binary, config, self.dir.path(), self.args.idle, tls).await {
+        match measure_connection_cost(self.binary, config, self.dir.path(), spec).await {
+            Ok(cost) => Some(cost),
+            Err(err) => {
+                loud(&format!("connection-cost measurement failed: {err}"));
+                None
+            }
+        }
+    }
+
+    /// Idle connections, against a fresh gateway (of the first mode) so that neither
+    /// measurement inherits the other's heap; the plaintext ones first, then the
+    /// --idle-tls-share that does STARTTLS.
+    async fn measure_idle(&self) -> Option<IdleResult> {
+        let args = self.args;
+        if args.idle == 0 {
+            return None;
+        }
+        let tls = args.idle_tls_count();
+        let spec = IdleSpec {
+            plain: args.idle - tls,
+            tls,
+        };
+        let cert = self.dir.path().join("cert.pem");
+        let (binary, dir) = (self.binary, self.dir.path());
+        match measure_idle(binary, &self.idle_config, dir, &cert, spec).await {
             Ok(idle) => Some(idle),
             Err(err) => {
                 loud(&format!("idle-connection measurement failed: {err}"));

@@ -4,6 +4,7 @@
 
 use crate::bench::Bench;
 use crate::cli::Setup;
+use crate::connections::ConnectionCost;
 use crate::measure::{GatewayRun, Measurements};
 use crate::summary::Summary;
 
@@ -204,10 +205,22 @@ impl Goals {
     }
 }
 
-/// Failed messages and idle connections that could not be set up, over the whole run.
+/// Failed messages, and connections (idle or connection-cost) that could not be set up,
+/// over the whole run.
 pub fn errors(measured: &Measurements) -> usize {
     let gateway_errors: usize = measured.runs.iter().map(|r| r.phase.errors()).sum();
-    measured.direct.errors() + gateway_errors + measured.idle.as_ref().map_or(0, |i| i.failed)
+    measured.direct.errors()
+        + gateway_errors
+        + measured.idle.as_ref().map_or(0, |i| i.failed)
+        + connection_errors(measured)
+}
+
+/// Connections of the connection-cost measurement that failed.
+pub fn connection_errors(measured: &Measurements) -> usize {
+    measured
+        .connections
+        .as_ref()
+        .map_or(0, ConnectionCost::errors)
 }
 
 /// Costs, goals, errors and the JSON line; returns the exit status.
@@ -221,7 +234,7 @@ pub fn report(bench: &Bench, measured: &Measurements) -> i32 {
     let errors = errors(measured);
     if errors > 0 {
         loud(&format!(
-            "THIS RUN HAD {errors} ERRORS (direct {}, gateway {}, idle connections {}): the figures are NOT valid",
+            "THIS RUN HAD {errors} ERRORS (direct {}, gateway {}, idle connections {}, connection cost {}): the figures are NOT valid",
             measured.direct.errors(),
             measured
                 .runs
@@ -229,7 +242,8 @@ pub fn report(bench: &Bench, measured: &Measurements) -> i32 {
                 .map(|r| format!("{} {}", r.setup.label(), r.phase.errors()))
                 .collect::<Vec<_>>()
                 .join(", "),
-            measured.idle.as_ref().map_or(0, |i| i.failed)
+            measured.idle.as_ref().map_or(0, |i| i.failed),
+            connection_errors(measured)
         ));
     }
     let summary = Summary::of(bench, measured, &costs, &goals);

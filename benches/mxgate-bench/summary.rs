@@ -3,8 +3,9 @@
 
 use crate::bench::Bench;
 use crate::ceiling::Ceiling;
+use crate::connections::ConnectionCost;
 use crate::measure::{GatewayRun, Measurements};
-use crate::report::{Costs, Goals, errors, round};
+use crate::report::{Costs, Goals, connection_errors, errors, round};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -138,6 +139,29 @@ pub struct Summary {
     pub checks_verified: Option<bool>,
     /// Every measured mode, in order.
     runs: Vec<RunSummary>,
+    /// One connection per message (--per-connection): the figures per message include
+    /// the connection's set-up and QUIT.
+    per_connection: bool,
+    /// --connection-cost: connections without mail against a fresh gateway, whether
+    /// they did STARTTLS, their rate and the gateway's CPU per connection (µs);
+    /// `None` when not measured.
+    connection_cost_connections: Option<usize>,
+    connection_cost_tls: Option<bool>,
+    connection_cost_conns_per_s: Option<f64>,
+    connection_cost_cpu_us_per_conn: Option<f64>,
+    connection_cost_cpu_user_us_per_conn: Option<f64>,
+    connection_cost_cpu_system_us_per_conn: Option<f64>,
+    connection_cost_errors: usize,
+    /// --idle-tls-share: the share of idle connections that did STARTTLS (as resolved:
+    /// 1.0 with --tls when not given), how many of each kind were held, the VmRSS after
+    /// the plaintext ones (opened first) and what each kind added per connection (`None`
+    /// when none of that kind was held).
+    idle_tls_share: Option<f64>,
+    idle_plain_connections: Option<usize>,
+    idle_tls_connections: Option<usize>,
+    idle_rss_after_plain_mb: Option<f64>,
+    idle_kb_per_plain_conn: Option<f64>,
+    idle_kb_per_tls_conn: Option<f64>,
 }
 
 impl Summary {
@@ -147,6 +171,8 @@ impl Summary {
         let primary = &measured.runs[0];
         let through = &primary.phase;
         let per_message_us = |seconds: f64| seconds * 1e6 / through.ok.max(1) as f64;
+        let connections = measured.connections.as_ref();
+        let connection_cpu = connections.and_then(ConnectionCost::cpu_us_per_conn);
         let round_opt = |value: Option<f64>, decimals: i32| value.map(|v| round(v, decimals));
         Summary {
             gateway_msgs_per_s: round(through.msgs_per_s(), 1),
@@ -224,6 +250,27 @@ impl Summary {
                 .filter_map(|r| r.verified)
                 .reduce(|a, b| a && b),
             runs: measured.runs.iter().map(RunSummary::of).collect(),
+            per_connection: args.per_connection,
+            connection_cost_connections: connections.map(|c| c.ok),
+            connection_cost_tls: connections.map(|c| c.tls),
+            connection_cost_conns_per_s: connections.map(|c| round(c.per_s(), 1)),
+            connection_cost_cpu_us_per_conn: connection_cpu.map(|(_, _, total)| round(total, 1)),
+            connection_cost_cpu_user_us_per_conn: connection_cpu.map(|(user, _, _)| round(user, 1)),
+            connection_cost_cpu_system_us_per_conn: connection_cpu
+                .map(|(_, system, _)| round(system, 1)),
+            connection_cost_errors: connection_errors(measured),
+            idle_tls_share: idle.as_ref().map(|_| args.idle_tls_share()),
+            idle_plain_connections: idle.as_ref().map(|i| i.plain.opened),
+            idle_tls_connections: idle.as_ref().map(|i| i.tls.opened),
+            idle_rss_after_plain_mb: idle.as_ref().map(|i| round(i.after_plain_mb, 2)),
+            idle_kb_per_plain_conn: idle
+                .as_ref()
+                .and_then(|i| i.plain.kb_per_conn())
+                .map(|v| round(v, 2)),
+            idle_kb_per_tls_conn: idle
+                .as_ref()
+                .and_then(|i| i.tls.kb_per_conn())
+                .map(|v| round(v, 2)),
         }
     }
 }
