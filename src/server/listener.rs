@@ -202,9 +202,18 @@ async fn serve_connection(
     // task holds only the stage it is in: a thousand idle connections must stay cheap,
     // and an inline state machine would be as large as its largest stage.
     // One statement, so that the plain session's box is freed before TLS begins.
+    // Likewise the handshake's box (it holds the whole handshake state) is freed
+    // before the session on the TLS stream begins, and the established stream is
+    // moved into that session's box within one statement: a local that lived across
+    // the session's `.await` would be reserved in this task by every connection.
     let ending = plain_session(tcp, conn, shutdown.clone()).await;
     if let Ending::StartTls(tcp, conn, errors) = ending {
-        Box::pin(start_tls(tcp, conn, errors, shutdown)).await;
+        let session = Box::pin(start_tls(tcp, conn, shutdown.clone()))
+            .await
+            .map(|(stream, conn)| tls_session(stream, conn, errors, shutdown));
+        if let Some(session) = session {
+            let _ = session.await;
+        }
     }
     smtp_metrics::SESSION_SECONDS.observe(started.elapsed().as_secs_f64());
 }
@@ -218,22 +227,20 @@ fn plain_session(
     Box::pin(Session::new(tcp, conn, limits, shutdown).run(true))
 }
 
-/// The TLS handshake after STARTTLS, then the session on the TLS stream.
+/// The TLS handshake after STARTTLS: the stream to go on with, or `None` when the
+/// handshake failed (logged and counted here) or shutdown came first.
 async fn start_tls(
     tcp: TcpStream,
     mut conn: Box<Connection>,
-    errors: u32,
     shutdown: ShutdownListener,
-) {
-    let Some(tls) = &conn.snapshot.tls else {
-        return;
-    };
+) -> Option<(TlsStream<TcpStream>, Connection)> {
+    let tls = conn.snapshot.tls.as_ref()?;
     let acceptor = tls.acceptor.clone();
     let limit = conn.snapshot.limits.timeouts.command;
     let mut stop = shutdown.clone();
     let handshake = tokio::select! {
         result = tokio::time::timeout(limit, acceptor.accept(tcp)) => result,
-        _ = stop.reached(Phase::Forced) => return,
+        _ = stop.reached(Phase::Forced) => return None,
     };
     match handshake {
         Ok(Ok(stream)) => {
@@ -242,19 +249,21 @@ async fn start_tls(
                 .with_label_values(&[info.version_label()])
                 .inc();
             conn.on_tls_established(info);
-            let _ = tls_session(stream, *conn, errors, shutdown).await;
+            Some((stream, *conn))
         }
         Ok(Err(err)) => {
             smtp_metrics::TLS_HANDSHAKES
                 .with_label_values(&["failed"])
                 .inc();
             tracing::info!(client_ip = %conn.client_ip, error = %err, "TLS handshake failed");
+            None
         }
         Err(_) => {
             smtp_metrics::TLS_HANDSHAKES
                 .with_label_values(&["failed"])
                 .inc();
             tracing::info!(client_ip = %conn.client_ip, "TLS handshake timed out");
+            None
         }
     }
 }
