@@ -16,8 +16,11 @@ enum State<T> {
 
 impl<T: Send + 'static> Pending<T> {
     pub fn spawn(future: impl Future<Output = T> + Send + 'static) -> Self {
+        // Boxed, so that the task's own allocation is the size of the result once the
+        // check is done: an idle session keeps its finished checks until MAIL, and a
+        // DNS look-up's state is kilobytes.
         Pending {
-            state: State::Running(tokio::spawn(future)),
+            state: State::Running(tokio::spawn(Box::pin(future))),
         }
     }
 
