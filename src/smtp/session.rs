@@ -136,33 +136,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
     }
 
     /// Runs the session from the 220 greeting (or, after STARTTLS, from the handshake).
-    pub async fn run(mut self, greet: bool) -> Ending<S, H> {
-        if greet {
-            let outcome = self.stages.on_connect();
-            metrics::GREETING_SECONDS.observe(self.stages.started().elapsed().as_secs_f64());
-            match outcome {
-                Ok(()) => {
-                    let greeting = Reply::greeting(self.stages.hostname());
-                    self.reply(greeting);
+    ///
+    /// Not an `async fn` taking `self`: its state would hold the session twice (the
+    /// argument, and the binding the body moves it into), and an idle session must
+    /// stay small. The block below keeps the one it captured, in place.
+    pub fn run(self, greet: bool) -> impl Future<Output = Ending<S, H>> {
+        let mut session = self;
+        async move {
+            if greet && !session.greet().await {
+                return Ending::Closed;
+            }
+            let flow = session.serve().await;
+            // A transaction still open here was not completed: release its backend.
+            session.abort_transaction("disconnect").await;
+            match flow {
+                Flow::StartTls => {
+                    Ending::StartTls(session.io, Box::new(session.stages), session.errors)
                 }
-                Err(reply) => {
-                    metrics::CONNECTIONS_REFUSED
-                        .with_label_values(&["policy"])
-                        .inc();
-                    self.reply(reply);
-                    let _ = self.flush().await;
-                    return Ending::Closed;
+                Flow::Close | Flow::Continue => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), session.io.shutdown()).await;
+                    Ending::Closed
                 }
             }
         }
-        let flow = self.serve().await;
-        // A transaction still open here was not completed: release its backend.
-        self.abort_transaction("disconnect").await;
-        match flow {
-            Flow::StartTls => Ending::StartTls(self.io, Box::new(self.stages), self.errors),
-            Flow::Close | Flow::Continue => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
-                Ending::Closed
+    }
+
+    /// The 220 greeting, or the refusal decided at connect (then `false`: close).
+    async fn greet(&mut self) -> bool {
+        let outcome = self.stages.on_connect();
+        metrics::GREETING_SECONDS.observe(self.stages.started().elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                let greeting = Reply::greeting(self.stages.hostname());
+                self.reply(greeting);
+                true
+            }
+            Err(reply) => {
+                metrics::CONNECTIONS_REFUSED
+                    .with_label_values(&["policy"])
+                    .inc();
+                self.reply(reply);
+                let _ = self.flush().await;
+                false
             }
         }
     }
