@@ -36,12 +36,22 @@ async fn opportunistic_uses_tls_when_offered_and_plaintext_otherwise() {
     .await;
     let gw = Gateway::start(config(&tls_backend, "  tls: opportunistic\n")).await;
     assert_eq!(send(&gw).await.code, 250);
-    {
-        let log = tls_backend.log.lock().unwrap();
+    // A pooled connection the gateway opened at the end (for the next probe) may still
+    // be in its handshake: wait for it, a little.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let (tls, connections) = {
+            let log = tls_backend.log.lock().unwrap();
+            (log.tls_sessions.len(), log.connections)
+        };
+        if tls > 0 && tls == connections {
+            break;
+        }
         assert!(
-            !log.tls_sessions.is_empty() && log.tls_sessions.len() == log.connections,
-            "every connection used STARTTLS"
+            std::time::Instant::now() < deadline,
+            "every connection used STARTTLS: {tls} TLS sessions, {connections} connections"
         );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(tls_backend.messages().len(), 1);
     gw.stop().await;
