@@ -5,7 +5,9 @@
 //! whose owner holds the whole /48 (65,536 /64s): it counts by its /48 at most. A
 //! Teredo address (`2001:0::/32`, RFC 4380) carries its client's public IPv4 address
 //! (inverted) in its last 32 bits, and its /64 is the Teredo *server*, shared by all
-//! that server's clients: it counts as that IPv4 address.
+//! that server's clients: it counts as that IPv4 address. Replies reach a Teredo
+//! client at that embedded address, so a client can no more choose it freely than an
+//! IPv4 client can its own (the port and flags it may vary are not part of the key).
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::fmt;
