@@ -4,6 +4,7 @@
 //! server or the snapshot.
 
 pub mod address;
+pub mod command;
 pub mod data;
 pub mod extensions;
 pub mod metrics;

@@ -380,6 +380,11 @@ impl Reply {
         Reply::with(500, (5, 5, 2), "Command unrecognized")
     }
 
+    /// A command line that ended before its command did (`RCPT TO` with no path).
+    pub fn incomplete_command() -> Self {
+        Reply::with(501, (5, 5, 4), "Syntax error: the command ends too early")
+    }
+
     pub fn line_too_long() -> Self {
         Reply::with(500, (5, 5, 2), "Line too long")
     }

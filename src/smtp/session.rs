@@ -11,6 +11,7 @@
 //! [`SessionLimits`] it was started with.
 
 use super::address;
+use super::command::{Command, CommandReader};
 use super::data::{Anomalies, BdatReader, DataReader, Progress};
 use super::extensions::ehlo_keywords;
 use super::metrics;
@@ -22,7 +23,6 @@ use crate::config::{BareLineEndings, LongLines};
 use crate::shutdown::{Phase, ShutdownListener};
 use crate::spool::{MessageBytes, Spool, SpoolError};
 use smtp_proto::Request;
-use smtp_proto::request::receiver::RequestReceiver;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -90,13 +90,7 @@ pub struct Session<S, H: Stages> {
     rbuf: Vec<u8>,
     rpos: usize,
     wbuf: Vec<u8>,
-    receiver: RequestReceiver,
-    /// The command line received so far when it came in several reads (its length
-    /// counts against the limit; its text tells `<>` from `<postmaster>`, which the
-    /// parser reports alike). Bounded by the line limit.
-    line_head: Vec<u8>,
-    /// Dropping the rest of an overlong line.
-    skipping_line: bool,
+    commands: CommandReader,
     errors: u32,
     shutdown: ShutdownListener,
     /// Whether the first input was looked at for a PROXY header (see `process_command`).
@@ -105,10 +99,6 @@ pub struct Session<S, H: Stages> {
 
 const READ_CHUNK: usize = 16 * 1024;
 const COMMAND_CHUNK: usize = 1024;
-
-/// Longest command line accepted, CRLF included. RFC 5321 section 4.5.3.1.4 sets 512
-/// octets as the minimum a server must accept; parameters push real clients past it.
-const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
 
 impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
     pub fn new(io: S, stages: H, limits: SessionLimits, shutdown: ShutdownListener) -> Self {
@@ -120,9 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
             rbuf: Vec::new(),
             rpos: 0,
             wbuf: Vec::with_capacity(256),
-            receiver: RequestReceiver::default(),
-            line_head: Vec::new(),
-            skipping_line: false,
+            commands: CommandReader::default(),
             errors: 0,
             shutdown,
             first_input_seen: false,
@@ -385,127 +373,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
                 return Flow::Close;
             }
         }
-        let line_end = memchr::memchr(b'\n', input);
-        if self.skipping_line {
-            match line_end {
-                Some(pos) => {
-                    self.rpos += pos + 1;
-                    self.skipping_line = false;
-                }
-                None => self.rpos = self.rbuf.len(),
+        let (used, command) = self.commands.read(input);
+        self.rpos += used;
+        match command {
+            None => Flow::Continue,
+            Some(Command::Request(request)) => self.handle(request).await,
+            Some(Command::NullRecipient(_)) if matches!(self.state, State::Envelope(_)) => {
+                self.reply_flow(Reply::bad_recipient_syntax())
             }
-            return Flow::Continue;
+            // Out of sequence anyway: the state machine gives the reply it gives any RCPT.
+            Some(Command::NullRecipient(request)) => self.handle(request).await,
+            Some(Command::Refused(reply)) => self.reply_flow(reply),
         }
-        let line_len = self.line_head.len() + line_end.map_or(input.len(), |p| p + 1);
-        // The parser refuses a partial line at the limit, so that is already too long.
-        if line_len > MAX_COMMAND_LINE || (line_end.is_none() && line_len >= MAX_COMMAND_LINE) {
-            // Refuse the whole line once, whether it arrived in one piece or several.
-            self.receiver = RequestReceiver::default();
-            self.line_head.clear();
-            match line_end {
-                Some(pos) => self.rpos += pos + 1,
-                None => {
-                    self.rpos = self.rbuf.len();
-                    self.skipping_line = true;
-                }
-            }
-            return self.reply_flow(Reply::line_too_long());
-        }
-        let mut iter = input.iter();
-        let parsed = self.receiver.ingest(&mut iter).map(|r| r.into_owned());
-        let consumed = input.len() - iter.len();
-        match parsed {
-            Ok(request) => {
-                // smtp-proto reports `<>` as `<postmaster>` and ignores what follows
-                // STARTTLS: both need the line itself.
-                let refusal = match &request {
-                    Request::Rcpt { to }
-                        if to.address.is_empty()
-                            && matches!(self.state, State::Envelope(_))
-                            && self.is_null_path(&input[..consumed]) =>
-                    {
-                        Some(Reply::bad_recipient_syntax())
-                    }
-                    Request::StartTls if self.has_arguments(&input[..consumed]) => {
-                        // RFC 3207 4: "501 Syntax error (no parameters allowed)".
-                        Some(Reply::syntax("STARTTLS"))
-                    }
-                    _ => None,
-                };
-                self.rpos += consumed;
-                self.line_head.clear();
-                match refusal {
-                    Some(reply) => self.reply_flow(reply),
-                    None => self.handle(request).await,
-                }
-            }
-            Err(smtp_proto::Error::NeedsMoreData { .. }) => {
-                // The rest of the input is a partial line, kept by the receiver.
-                self.line_head.extend_from_slice(input);
-                self.rpos = self.rbuf.len();
-                Flow::Continue
-            }
-            Err(err) => {
-                let ended = input[..consumed].contains(&b'\n');
-                self.rpos += consumed;
-                self.line_head.clear();
-                // Whatever the parser left of this line is part of the refused command,
-                // never a command of its own.
-                if !ended {
-                    self.receiver = RequestReceiver::default();
-                    match memchr::memchr(b'\n', &self.rbuf[self.rpos..]) {
-                        Some(pos) => self.rpos += pos + 1,
-                        None => {
-                            self.rpos = self.rbuf.len();
-                            self.skipping_line = true;
-                        }
-                    }
-                }
-                let reply = protocol_error_reply(err);
-                self.reply_flow(reply)
-            }
-        }
-    }
-
-    /// `RCPT TO:<>` (a null forward-path, never valid) rather than `<postmaster>`,
-    /// which smtp-proto reports the same way. `tail` is the end of the command line.
-    fn is_null_path(&self, tail: &[u8]) -> bool {
-        let line = self.command_line(tail);
-        let path = match (
-            line.iter().position(|&b| b == b'<'),
-            line.iter().rposition(|&b| b == b'>'),
-        ) {
-            (Some(open), Some(close)) if open < close => &line[open + 1..close],
-            _ => return true,
-        };
-        // Without a source route (`<@relay.test:postmaster>`), quotes and quoted-pairs.
-        let path = match path.first() {
-            Some(b'@') => path
-                .iter()
-                .position(|&b| b == b':')
-                .map_or(&path[..0], |colon| &path[colon + 1..]),
-            _ => path,
-        };
-        let bare: Vec<u8> = path
-            .iter()
-            .copied()
-            .filter(|b| !matches!(b, b'"' | b'\\') && !b.is_ascii_whitespace())
-            .collect();
-        !bare.eq_ignore_ascii_case(b"postmaster")
-    }
-
-    /// Whether anything but white space follows the verb of the command line.
-    fn has_arguments(&self, tail: &[u8]) -> bool {
-        let line = self.command_line(tail);
-        let line = line.trim_ascii();
-        line.iter()
-            .position(u8::is_ascii_whitespace)
-            .is_some_and(|verb_end| !line[verb_end..].trim_ascii().is_empty())
-    }
-
-    /// The whole command line: what earlier reads brought, then `tail`.
-    fn command_line(&self, tail: &[u8]) -> Vec<u8> {
-        [self.line_head.as_slice(), tail].concat()
     }
 
     async fn handle(&mut self, request: Request<String>) -> Flow {
@@ -646,8 +525,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
                 // must not be executed inside the TLS session (CVE-2011-0411).
                 self.rbuf.clear();
                 self.rpos = 0;
-                self.receiver = RequestReceiver::default();
-                self.line_head.clear();
+                self.commands.reset();
                 Flow::StartTls
             }
             _ => self.reply_flow(Reply::bad_sequence("mail transaction in progress")),
@@ -876,21 +754,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
             // Boxed for the same reason as `process_input`: rare, and large.
             Box::pin(self.stages.on_abort(tx, reason)).await;
         }
-    }
-}
-
-/// The reply to a command smtp-proto could not parse.
-fn protocol_error_reply(err: smtp_proto::Error) -> Reply {
-    use smtp_proto::Error as E;
-    match err {
-        E::UnknownCommand => Reply::unknown_command(),
-        E::InvalidSenderAddress => Reply::bad_sender_syntax(),
-        E::InvalidRecipientAddress => Reply::bad_recipient_syntax(),
-        E::SyntaxError { syntax } => Reply::syntax(syntax),
-        E::InvalidParameter { param } => Reply::invalid_parameter(param),
-        E::UnsupportedParameter { param } => Reply::unsupported_parameter(&param),
-        E::ResponseTooLong => Reply::line_too_long(),
-        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reply::unknown_command(),
     }
 }
 

@@ -529,6 +529,20 @@ async fn pipelined_commands_get_their_replies_in_one_flush() {
     assert_eq!(t.flushes() - before, 1, "one flush for the batch");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_malformed_pipelined_command_gets_one_reply_and_the_next_its_own() {
+    // Found by the command_reader fuzz target: smtp-proto read `RCPT TO` on past its
+    // line into the next command and answered both with one reply.
+    let mut t = Transcript::start(limits(), Script::default()).await;
+    t.cmd("EHLO client.test", "250").await;
+    t.send("MAIL FROM:<a@sender.test>\r\nRCPT TO\r\nRCPT TO:<b@mx.test>\r\nRSET\r\n")
+        .await;
+    t.expect("250 2.1.0").await;
+    t.expect("501 5.5.4").await;
+    t.expect("250 2.1.5").await;
+    t.expect("250 2.0.0").await;
+}
+
 // DATA.
 
 #[tokio::test(start_paused = true)]
