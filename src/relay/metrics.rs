@@ -64,7 +64,7 @@ static CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+pub(super) static CACHE_EVICTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "mxgate_backend_recipient_cache_evictions_total",
         "Recipient answers evicted before they expired because relay.recipient_cache.max_entries was reached.",

@@ -180,6 +180,29 @@ mod tests {
     }
 
     #[test]
+    fn a_full_cache_evicts_and_counts_but_stays_bounded() {
+        let cache = cache(60_000, 60_000);
+        let evicted_before = super::metrics::CACHE_EVICTIONS.get();
+        // A client probing random addresses: ten times what the cache holds.
+        for n in 0..1_000 {
+            cache.offer(&alice(), &format!("r{n}@x.test"), &reply(250));
+        }
+        cache.entries.run_pending_tasks();
+        let kept = cache.entries.entry_count();
+        assert!((1..=100).contains(&kept), "{kept} entries kept");
+        assert!(
+            super::metrics::CACHE_EVICTIONS.get() >= evicted_before + 800,
+            "evictions are counted"
+        );
+        // Whatever was evicted is only a miss: asked again, never answered wrongly.
+        let hits = (0..1_000)
+            .filter_map(|n| cache.get(&alice(), &format!("r{n}@x.test")))
+            .inspect(|kept| assert_eq!(kept, &reply(250)))
+            .count();
+        assert!(hits <= 100, "{hits} hits");
+    }
+
+    #[test]
     fn a_refusal_is_kept_for_its_envelope_only() {
         let cache = cache(60_000, 60_000);
         let big = envelope("mallory@attacker.test", Some(50_000_000));

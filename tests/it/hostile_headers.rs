@@ -361,6 +361,54 @@ async fn unanswered_key_lookups_end_at_the_deadline() {
     gw.stop().await;
 }
 
+/// The same deadline for ARC and DMARC: an ARC set whose key never comes, and a From
+/// domain whose DMARC record never comes, end as temperror well before the DNS timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn unanswered_arc_and_dmarc_lookups_end_at_the_deadline() {
+    let dns = TestDns::start().await;
+    zones(&dns);
+    dns.timeout("seal._domainkey.slowarc.test");
+    dns.txt("slowdmarc.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.timeout("_dmarc.slowdmarc.test");
+    let dns_config = format!(
+        "dns:\n  nameservers: [\"{}\"]\n  timeout: 10s\n  attempts: 1\n",
+        dns.addr
+    );
+    let gw = Gateway::start(TestConfig {
+        extra: format!("{dns_config}auth:\n  timeouts:\n    end_of_data: 2s\n"),
+        ..Default::default()
+    })
+    .await;
+
+    // Tags as a sealer writes them, signatures garbage: the key look-up comes first.
+    let body = "Hello.\r\n";
+    let bh = relaxed_body_hash(body);
+    let sealed = format!(
+        "ARC-Seal: i=1; a=rsa-sha256; cv=none; d=slowarc.test; s=seal; t=1700000000;\r\n b=dGhpcyBpcyBub3QgYSBzaWduYXR1cmU=\r\n\
+ARC-Message-Signature: i=1; a=rsa-sha256; c=relaxed/relaxed; d=slowarc.test; s=seal;\r\n t=1700000000; h=from:subject; bh={bh};\r\n b=dGhpcyBpcyBub3QgYSBzaWduYXR1cmU=\r\n\
+ARC-Authentication-Results: i=1; mx.slowarc.test; spf=pass smtp.mailfrom=x@attacker.test\r\n\
+From: x@attacker.test\r\nSubject: sealed\r\n\r\n{body}"
+    );
+    let started = std::time::Instant::now();
+    let reply = send_raw(&gw, "x@attacker.test", sealed.as_bytes()).await;
+    let took = started.elapsed();
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(took < std::time::Duration::from_secs(9), "took {took:?}");
+    assert!(dns.queries_for("seal._domainkey.slowarc.test") >= 1);
+    let ours = our_results(&gw.delivered()[0]);
+    assert!(ours.contains("arc=temperror"), "{ours}");
+
+    let message = "From: x@slowdmarc.test\r\nSubject: s\r\n\r\nHello.\r\n";
+    let started = std::time::Instant::now();
+    let reply = send_raw(&gw, "x@slowdmarc.test", message.as_bytes()).await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(9), "took {took:?}");
+    assert!(dns.queries_for("_dmarc.slowdmarc.test") >= 1);
+    // A DMARC result we could not get is uncertain: the sender retries.
+    assert_eq!(reply.code / 100, 4, "{reply}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_lines_pass_by_default_and_can_be_refused() {
     let dns = TestDns::start().await;
