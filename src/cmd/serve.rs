@@ -6,7 +6,7 @@
 
 use crate::config::{self, Diagnostic, LoadedConfig};
 use crate::limits::Limiter;
-use crate::server::listener::{ConnectionSlots, accept_loop};
+use crate::server::listener::{self, ConnectionSlots, accept_loop};
 use crate::server::reload::{self, Reloader};
 use crate::shutdown::{Phase, Shutdown};
 use crate::snapshot::{self, Mode, Snapshot};
@@ -98,6 +98,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
     reload::note_running(&snapshot);
     let config = &snapshot.loaded.config;
     let listen = config.server.listen.clone();
+    let backlog = config.server.listen_backlog.get();
     let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
     let grace = snapshot.limits.timeouts.shutdown_grace;
     let reload_interval = config
@@ -118,7 +119,7 @@ pub async fn start(config_path: &Path, loaded: LoadedConfig) -> Result<Running, 
 
     let mut listeners = Vec::with_capacity(listen.len());
     for (n, addr) in listen.iter().enumerate() {
-        match TcpListener::bind(addr).await {
+        match listener::bind(*addr, backlog) {
             Ok(listener) => listeners.push(listener),
             Err(err) => return Err(bind_error("listen", Some(n), *addr, err)),
         }

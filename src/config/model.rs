@@ -77,6 +77,12 @@ pub struct ServerConfig {
     /// Open connections per client address; default 20.
     #[serde(default = "defaults::max_connections_per_ip")]
     pub max_connections_per_ip: NonZeroUsize,
+    /// Connections the kernel completes and queues for us before we accept them (the
+    /// listen(2) backlog; Linux caps it at `net.core.somaxconn`); default 1024. Beyond
+    /// it a burst's handshakes are dropped and those clients wait for a greeting that
+    /// never comes.
+    #[serde(default = "defaults::listen_backlog")]
+    pub listen_backlog: NonZeroU32,
     /// Refusals a client may cause before it gets 421 and is disconnected (see
     /// `Reply::counts_as_client_error`).
     #[serde(default = "defaults::max_errors")]
@@ -750,6 +756,11 @@ mod defaults {
     }
     pub fn max_connections_per_ip() -> NonZeroUsize {
         nonzero(20)
+    }
+    pub fn listen_backlog() -> NonZeroU32 {
+        // nginx uses 511 and the kernel's own default cap is 4096: 1024 holds a burst
+        // of a thousand connections while the workers are busy signing.
+        NonZeroU32::new(1024).expect("not 0")
     }
     pub fn max_errors() -> NonZeroU32 {
         // Postfix's smtpd_hard_error_limit: room for a message to a few unknown

@@ -29,6 +29,20 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
+/// The SMTP listener on `addr`, with room for `backlog` connections the kernel has
+/// completed but we have not yet accepted (`server.listen_backlog`). Binding as std
+/// does (address reuse, so a restart does not wait out TIME-WAIT), with our backlog
+/// instead of std's 128.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Open connections in total (per client: [`Limiter`]).
 #[derive(Default)]
 pub struct ConnectionSlots {

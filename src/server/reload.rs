@@ -59,8 +59,14 @@ impl Reloader {
                 for warning in &warnings {
                     tracing::warn!("{warning}");
                 }
-                if snapshot.loaded.config.server.listen != current.loaded.config.server.listen {
-                    tracing::warn!("server.listen changed: listeners change only on restart");
+                let (new, old) = (
+                    &snapshot.loaded.config.server,
+                    &current.loaded.config.server,
+                );
+                if new.listen != old.listen || new.listen_backlog != old.listen_backlog {
+                    tracing::warn!(
+                        "server.listen or listen_backlog changed: listeners change only on restart"
+                    );
                 }
                 if store_settings(&snapshot) != store_settings(&current) {
                     tracing::warn!(

@@ -462,3 +462,53 @@ async fn refusals_are_logged_with_the_client_and_the_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `server.listen_backlog` reaches the kernel. std's listeners queue 128 connections:
+/// in the peer benchmark a burst of 1,000 overflowed that while the workers were busy
+/// signing, and the clients whose completed handshake the kernel dropped waited for a
+/// greeting that never came.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listen_backlog_reaches_the_kernel() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("Linux's somaxconn")
+        .trim()
+        .parse()
+        .unwrap();
+    for (server_extra, backlog) in [("", 1024), ("  listen_backlog: 700\n", 700)] {
+        let gw = Gateway::start(TestConfig {
+            server_extra: server_extra.into(),
+            ..trusted_local()
+        })
+        .await;
+        let Some(queued) = listen_backlog(gw.smtp) else {
+            gw.stop().await;
+            return;
+        };
+        assert_eq!(queued, backlog.min(somaxconn), "{server_extra:?}");
+        // And it still serves.
+        let (mut client, _) = gw.ehlo().await;
+        assert_eq!(client.cmd("QUIT").await.code, 221);
+        gw.stop().await;
+    }
+}
+
+/// The backlog of the listening socket on `addr`, as `ss` reads it (Send-Q of a
+/// listener). `None` (a skip) without `ss`.
+fn listen_backlog(addr: std::net::SocketAddr) -> Option<u32> {
+    let output = match std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) => {
+            support::skip(format!("ss (iproute2) is not installed: {err}"));
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|line| line.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("no listener on {addr} in\n{text}"));
+    Some(line.split_whitespace().nth(2).unwrap().parse().unwrap())
+}
