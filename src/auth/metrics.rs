@@ -34,7 +34,7 @@ pub static DMARC_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static SPF_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "mxgate_spf_errors_total",
-        "SPF permerror and temperror results by check (spf, helo_spf) and reason: multiple_records, syntax, lookup_limit, void_lookup_limit, include_without_record, redirect_without_record, invalid_domain, dns.",
+        "SPF permerror and temperror results by check (spf, helo_spf) and reason: multiple_records, syntax, lookup_limit, void_lookup_limit, include_without_record, redirect_without_record, invalid_domain, dns, timeout.",
         &["check", "reason"],
     )
 });
