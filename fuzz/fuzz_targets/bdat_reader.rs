@@ -9,6 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mxgate_fuzz::cuts;
 use mxgate::smtp::data::{Anomalies, BdatReader};
 
 fuzz_target!(|input: &[u8]| {
@@ -18,7 +19,7 @@ fuzz_target!(|input: &[u8]| {
     let expected = reference(data);
     let whole = run(&[data]);
     let bytewise = run(&data.chunks(1).collect::<Vec<_>>());
-    let cut = run(&cuts(data, seed));
+    let cut = run(&cuts(data, seed, 0));
     for (name, got) in [("whole", &whole), ("bytewise", &bytewise), ("cut", &cut)] {
         assert_eq!(
             got.0, expected.0,
@@ -41,20 +42,6 @@ fn run(reads: &[&[u8]]) -> (Vec<u8>, Anomalies) {
     (out, reader.anomalies())
 }
 
-/// Reads of pseudo-random sizes (0..=63: an empty chunk is legal) from `seed`.
-fn cuts(data: &[u8], seed: u8) -> Vec<&[u8]> {
-    let mut state = u32::from(seed) | 0x100;
-    let mut reads = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let size = (((state >> 16) % 64) as usize).min(rest.len());
-        let (read, tail) = rest.split_at(size);
-        reads.push(read);
-        rest = tail;
-    }
-    reads
-}
 
 fn reference(data: &[u8]) -> (Vec<u8>, Anomalies) {
     let mut anomalies = Anomalies::default();

@@ -11,6 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mxgate_fuzz::cuts;
 use mxgate::smtp::command::{Command, CommandReader};
 
 fuzz_target!(|input: &[u8]| {
@@ -27,7 +28,7 @@ fuzz_target!(|input: &[u8]| {
 
     let whole = run(&[data]);
     let bytewise = run(&data.chunks(1).collect::<Vec<_>>());
-    let cut = run(&cuts(data, seed));
+    let cut = run(&cuts(data, seed, 1));
     assert_eq!(
         whole.len(),
         lines,
@@ -72,17 +73,3 @@ fn run(reads: &[&[u8]]) -> Vec<Command> {
     commands
 }
 
-/// The reads a client might make of `data`: 1 to 64 bytes each, from `seed`.
-fn cuts(data: &[u8], seed: u8) -> Vec<&[u8]> {
-    let mut state = u32::from(seed) | 0x100;
-    let mut reads = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let size = (((state >> 16) % 64) as usize + 1).min(rest.len());
-        let (read, tail) = rest.split_at(size);
-        reads.push(read);
-        rest = tail;
-    }
-    reads
-}

@@ -14,6 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mxgate_fuzz::cuts;
 use mxgate::smtp::data::{Anomalies, DataReader, Progress, dot_stuff_into};
 
 fuzz_target!(|input: &[u8]| {
@@ -29,7 +30,7 @@ fuzz_target!(|input: &[u8]| {
 
     let whole = run(&[&data]);
     let bytewise = run(&data.chunks(1).collect::<Vec<_>>());
-    let cut = run(&cuts(&data, seed));
+    let cut = run(&cuts(&data, seed, 1));
     for (name, got) in [("whole", &whole), ("bytewise", &bytewise), ("cut", &cut)] {
         assert_eq!(
             got.0,
@@ -78,20 +79,6 @@ fn run(reads: &[&[u8]]) -> (Option<usize>, Vec<u8>, Anomalies) {
     (None, out, reader.anomalies())
 }
 
-/// Reads of pseudo-random sizes (1..=64) from `seed`.
-fn cuts(data: &[u8], seed: u8) -> Vec<&[u8]> {
-    let mut state = u32::from(seed) | 0x100;
-    let mut reads = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let size = (((state >> 16) % 64) as usize + 1).min(rest.len());
-        let (read, tail) = rest.split_at(size);
-        reads.push(read);
-        rest = tail;
-    }
-    reads
-}
 
 /// Where `.` CRLF ends the data: the first `CRLF . CRLF`, with the CRLF of the DATA
 /// command in front of the content. Returns the length of the content part (which

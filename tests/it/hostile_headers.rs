@@ -322,6 +322,20 @@ async fn only_the_first_signatures_are_verified() {
     gw.stop().await;
 }
 
+/// A gateway whose DNS queries wait 10 s for an answer and whose end-of-data checks
+/// have 2 s: only the deadline can end the checks soon.
+async fn gateway_with_a_short_deadline(dns: &TestDns) -> Gateway {
+    let dns_config = format!(
+        "dns:\n  nameservers: [\"{}\"]\n  timeout: 10s\n  attempts: 1\n",
+        dns.addr
+    );
+    Gateway::start(TestConfig {
+        extra: format!("{dns_config}auth:\n  timeouts:\n    end_of_data: 2s\n"),
+        ..Default::default()
+    })
+    .await
+}
+
 /// Issue 11 item 4: signatures whose keys never come were looked up one after another
 /// (10 signatures, 20 s). Now they share one deadline and end as temperror.
 #[tokio::test(flavor = "multi_thread")]
@@ -331,16 +345,7 @@ async fn unanswered_key_lookups_end_at_the_deadline() {
     for n in 0..10 {
         dns.timeout(&format!("s{n}._domainkey.slow.test"));
     }
-    // Each query waits 10 s for an answer, so only the deadline can end the checks soon.
-    let dns_config = format!(
-        "dns:\n  nameservers: [\"{}\"]\n  timeout: 10s\n  attempts: 1\n",
-        dns.addr
-    );
-    let gw = Gateway::start(TestConfig {
-        extra: format!("{dns_config}auth:\n  timeouts:\n    end_of_data: 2s\n"),
-        ..Default::default()
-    })
-    .await;
+    let gw = gateway_with_a_short_deadline(&dns).await;
     let message = signed(10, "slow.test", "Hello.\r\n");
     let started = std::time::Instant::now();
     let reply = send_raw(&gw, "x@attacker.test", message.as_bytes()).await;
@@ -370,15 +375,7 @@ async fn unanswered_arc_and_dmarc_lookups_end_at_the_deadline() {
     dns.timeout("seal._domainkey.slowarc.test");
     dns.txt("slowdmarc.test", "v=spf1 ip4:127.0.0.1 -all");
     dns.timeout("_dmarc.slowdmarc.test");
-    let dns_config = format!(
-        "dns:\n  nameservers: [\"{}\"]\n  timeout: 10s\n  attempts: 1\n",
-        dns.addr
-    );
-    let gw = Gateway::start(TestConfig {
-        extra: format!("{dns_config}auth:\n  timeouts:\n    end_of_data: 2s\n"),
-        ..Default::default()
-    })
-    .await;
+    let gw = gateway_with_a_short_deadline(&dns).await;
 
     // Tags as a sealer writes them, signatures garbage: the key look-up comes first.
     let body = "Hello.\r\n";
