@@ -511,8 +511,8 @@ impl Relay {
                     };
                     let started = tokio::time::Instant::now();
                     let result = match opened {
-                        Ok(transaction::Opened::Ready(lease)) => {
-                            transaction::send(lease, rcpts, message).await
+                        Ok(transaction::Opened::Ready(lease, data_reply)) => {
+                            transaction::send(lease, rcpts, message, data_reply).await
                         }
                         Ok(transaction::Opened::Refused(delivery)) => Ok(delivery),
                         Err(err) => Err(err),

@@ -1026,7 +1026,10 @@ async fn a_connection_whose_data_was_refused_is_reset_before_reuse() {
 
 /// The backend refuses at delivery a recipient it accepted when it was verified (its
 /// directory changed meanwhile): no `250` for a subset (there is no local queue), so the
-/// whole message gets `451 4.3.0`, nothing is stored, and the connection is reset.
+/// whole message gets `451 4.3.0` and nothing is stored. Without PIPELINING the
+/// connection is reset before DATA; with it, DATA went with the RCPTs and got `354`, so
+/// no content follows and the connection is closed, which ends the backend's
+/// transaction.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recipient_refused_at_delivery_defers_the_whole_message() {
     for pipelining in [true, false] {
@@ -1056,12 +1059,35 @@ async fn a_recipient_refused_at_delivery_defers_the_whole_message() {
         assert!(reply.text().contains("<carol@example.test>"), "{reply}");
         assert!(backend.messages().is_empty(), "pipelining {pipelining}");
         let commands = backend.commands();
-        assert!(!commands.iter().any(|c| c == "DATA"), "{commands:?}");
-        assert_eq!(
-            commands.last().map(String::as_str),
-            Some("RSET"),
-            "{commands:?}"
+        let last = commands.last().map(String::as_str);
+        if pipelining {
+            assert_eq!(last, Some("DATA"), "{commands:?}");
+        } else {
+            assert!(!commands.iter().any(|c| c == "DATA"), "{commands:?}");
+            assert_eq!(last, Some("RSET"), "{commands:?}");
+        }
+        // The next message must not meet a backend session left waiting for content.
+        let connections = backend.connections();
+        backend.set(|b| b.rcpt_replies.clear());
+        let replies = transaction(&mut client, &["bob@example.test", "carol@example.test"]).await;
+        assert!(replies.iter().all(|r| r.code == 250), "{replies:?}");
+        assert_eq!(client.cmd("DATA").await.code, 354);
+        client.send(b"Subject: y\r\n\r\ny\r\n.\r\n").await;
+        let reply = client.read_reply().await;
+        assert_eq!(reply.code, 250, "pipelining {pipelining}: {reply}");
+        let messages = backend.messages();
+        assert_eq!(messages.len(), 1, "pipelining {pipelining}");
+        assert!(
+            messages[0].text().contains("Subject: y"),
+            "{}",
+            messages[0].text()
         );
+        if pipelining {
+            assert!(
+                backend.connections() > connections,
+                "the closed connection was reused"
+            );
+        }
         gw.stop().await;
     }
 }
