@@ -398,11 +398,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
                         self.state = State::Ready;
                         self.reply_flow(Reply::bad_sender_syntax())
                     }
-                    State::Ready if let Err(reply) = self.stages.allow_message().await => {
+                    State::Ready
+                        if let Err(reply) = Box::pin(self.stages.allow_message()).await =>
+                    {
                         self.state = State::Ready;
                         self.reply_flow(reply)
                     }
-                    State::Ready => match self.stages.on_mail(from).await {
+                    State::Ready => match Box::pin(self.stages.on_mail(from)).await {
                         Ok(tx) => {
                             self.state = State::Envelope(Box::new(tx));
                             self.reply_flow(Reply::mail_ok())
@@ -427,10 +429,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
                     if !address::has_valid_domain(&to.address) {
                         return self.reply_flow(Reply::bad_recipient_syntax());
                     }
-                    if let Err(reply) = self.stages.allow_recipient().await {
+                    if let Err(reply) = Box::pin(self.stages.allow_recipient()).await {
                         return self.reply_flow(reply);
                     }
-                    let reply = self.stages.on_rcpt(tx, to).await;
+                    let reply = Box::pin(self.stages.on_rcpt(tx, to)).await;
                     self.reply_flow(reply)
                 } else {
                     self.reply_flow(Reply::bad_sequence("need MAIL before RCPT"))
@@ -662,7 +664,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
             .take()
             .or_else(|| message.spool.overflowed().then(Reply::message_too_big));
         if let Some(reply) = failure {
-            let reply = self.stages.refuse_message(message.tx, reply).await;
+            let reply = Box::pin(self.stages.refuse_message(message.tx, reply)).await;
             return self.reply_flow(reply);
         }
         if !last {
@@ -699,44 +701,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
         self.reply_flow(reply)
     }
 
+    /// The reply to a message that arrived in full. The stages' futures are boxed here
+    /// and at MAIL and RCPT: they are the large ones (checks, relay), and unboxed they
+    /// would make `process_input`'s future, built anew for every read, that large too.
     async fn finish_message(
         &mut self,
         tx: H::Transaction,
         spool: Spool,
         anomalies: Anomalies,
     ) -> Reply {
+        let reply = match self.message_bytes(spool, &anomalies) {
+            Ok(bytes) => Box::pin(self.stages.on_message(tx, bytes)).await,
+            Err(refusal) => return Box::pin(self.stages.refuse_message(tx, refusal)).await,
+        };
+        if reply.is_positive() {
+            self.stages.message_accepted();
+        }
+        reply
+    }
+
+    /// The message's bytes, or the reply that refuses it before any check.
+    fn message_bytes(&self, spool: Spool, anomalies: &Anomalies) -> Result<MessageBytes, Reply> {
         if anomalies.any() && self.limits.bare_line_endings == BareLineEndings::Reject {
-            return self
-                .stages
-                .refuse_message(tx, Reply::bare_line_ending())
-                .await;
+            return Err(Reply::bare_line_ending());
         }
         if self.limits.long_lines == LongLines::Reject && anomalies.longest_line > MAX_TEXT_LINE {
             tracing::info!(
                 longest_line = anomalies.longest_line,
                 "message refused: a text line is longer than RFC 5321 allows (server.long_lines: reject)"
             );
-            let reply = Reply::line_too_long_in_message(anomalies.longest_line);
-            return self.stages.refuse_message(tx, reply).await;
+            return Err(Reply::line_too_long_in_message(anomalies.longest_line));
         }
-        let bytes: MessageBytes = match spool.finish() {
-            Ok(bytes) => bytes,
-            Err(SpoolError::TooBig) => {
-                return self
-                    .stages
-                    .refuse_message(tx, Reply::message_too_big())
-                    .await;
-            }
-            Err(SpoolError::Io(err)) => {
+        spool.finish().map_err(|err| match err {
+            SpoolError::TooBig => Reply::message_too_big(),
+            SpoolError::Io(err) => {
                 tracing::error!(error = %err, "cannot spool message");
-                return self.stages.refuse_message(tx, Reply::spool_error()).await;
+                Reply::spool_error()
             }
-        };
-        let reply = self.stages.on_message(tx, bytes).await;
-        if reply.is_positive() {
-            self.stages.message_accepted();
-        }
-        reply
+        })
     }
 
     /// Ends a transaction that did not reach the end of data.
