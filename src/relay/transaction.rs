@@ -26,7 +26,8 @@ pub(super) enum Opened {
     /// MAIL and every RCPT were accepted: the content may go. With the backend's reply
     /// to DATA when DATA was pipelined with them.
     Ready(Lease, Option<BackendReply>),
-    /// The backend refused the envelope; its session is reset, nothing was sent.
+    /// The backend refused the envelope; nothing was sent, and its session is reset (or,
+    /// after a pipelined DATA got `354`, the connection closed).
     Refused(Delivery),
 }
 
