@@ -24,6 +24,9 @@ pub struct RecipientCache {
     entries: moka::sync::Cache<String, Kept>,
     ttl_accept: Duration,
     ttl_reject: Duration,
+    /// Set once a refusal has been kept: until then no refusal key can match, and the
+    /// look-up at RCPT (every message) skips building one.
+    refusals_kept: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -63,15 +66,19 @@ impl RecipientCache {
             entries,
             ttl_accept: config.ttl_accept,
             ttl_reject: config.ttl_reject,
+            refusals_kept: AtomicBool::new(false),
         }
     }
 
     /// The kept answer for this recipient under this envelope, if any (counted as a hit
     /// or a miss).
     pub fn get(&self, envelope: &Envelope, rcpt: &str) -> Option<BackendReply> {
-        let kept = self
-            .entries
-            .get(&refusal_key(envelope, rcpt))
+        // A refusal under this envelope wins over an acceptance of the recipient.
+        let refused = match self.refusals_kept.load(Ordering::Acquire) {
+            true => self.entries.get(&refusal_key(envelope, rcpt)),
+            false => None,
+        };
+        let kept = refused
             .or_else(|| self.entries.get(rcpt))
             .map(|kept| kept.reply);
         metrics::recipient_cache_lookup(kept.is_some());
@@ -87,6 +94,10 @@ impl RecipientCache {
         };
         if ttl.is_zero() {
             return;
+        }
+        if reply.code >= 500 {
+            // Before the insert, so a reader that sees the entry sees the flag.
+            self.refusals_kept.store(true, Ordering::Release);
         }
         self.entries.insert(
             key,
@@ -218,5 +229,16 @@ mod tests {
         // An acceptance holds for every envelope (delivery asks again anyway).
         cache.offer(&alice(), "carol@x.test", &reply(250));
         assert_eq!(cache.get(&big, "carol@x.test"), Some(reply(250)));
+    }
+
+    #[test]
+    fn a_refusal_under_one_envelope_wins_over_an_acceptance() {
+        let cache = cache(60_000, 60_000);
+        let big = envelope("alice@sender.test", Some(50_000_000));
+        // The acceptance came first, so the cache had kept no refusal until now.
+        cache.offer(&alice(), "bob@x.test", &reply(250));
+        cache.offer(&big, "bob@x.test", &reply(552));
+        assert_eq!(cache.get(&big, "bob@x.test"), Some(reply(552)));
+        assert_eq!(cache.get(&alice(), "bob@x.test"), Some(reply(250)));
     }
 }
