@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mail_auth::AuthenticatedMessage;
-use mxgate::auth::reading::{from_header, reads_alike};
+use mxgate::auth::reading::{reads_alike, written_froms};
 use mxgate::rewrite::section::{SectionLimits, read_section};
 
 const LIMITS: SectionLimits = SectionLimits {
@@ -33,10 +33,11 @@ fuzz_target!(|message: &[u8]| {
     assert!(at <= section.body_offset && section.body_offset <= message.len());
 
     let parsed = AuthenticatedMessage::parse(message);
-    let ours = from_header(&section, message);
-    if !reads_alike(&section, message, parsed.as_ref(), &ours) {
+    let froms = written_froms(&section, message);
+    if !reads_alike(&section, message, parsed.as_ref(), &froms) {
         return; // refused at end of data
     }
+    let ours = froms.header();
     let mut mine: Vec<String> = ours
         .addresses
         .iter()

@@ -295,7 +295,7 @@ impl Authenticator {
     /// `max_dkim_signatures` signatures, ARC and the DMARC record look-up all start at
     /// once; DMARC itself needs SPF (done at MAIL) and DKIM. Whatever has not finished
     /// by `end_of_data` (DKIM and ARC: by four fifths of it) is a temperror. `from` is
-    /// our reading of the From fields (`reading::from_header`); DMARC is evaluated on it.
+    /// our reading of the From fields (`reading::WrittenFroms::header`); DMARC is evaluated on it.
     pub async fn verify_message<'m>(
         &'m self,
         message: &'m AuthenticatedMessage<'m>,

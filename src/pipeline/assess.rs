@@ -90,7 +90,7 @@ fn lost_spf(domain: &str, identity: String) -> SpfCheck {
 
 /// Runs the message checks and assembles the report. `parsed` is `None` for a message
 /// without a header section, which has no From field and so cannot pass DMARC. `from`
-/// is our reading of the From fields (`auth::reading::from_header`).
+/// is our reading of the From fields (`auth::reading::WrittenFroms::header`).
 pub async fn assess<'m>(
     auth: &'m Authenticator,
     parsed: Option<&'m AuthenticatedMessage<'m>>,

@@ -116,8 +116,8 @@ pub async fn evaluate<'m>(
         .parsed
         .get_or_init(|| AuthenticatedMessage::parse(input.raw))
         .as_ref();
-    let from = reading::from_header(section, input.raw);
-    if !reading::reads_alike(section, input.raw, parsed, &from) {
+    let froms = reading::written_froms(section, input.raw);
+    if !reading::reads_alike(section, input.raw, parsed, &froms) {
         return Evaluation::unchecked(
             Unchecked::ReadDifferently,
             Verdict::refuse(
@@ -126,6 +126,7 @@ pub async fn evaluate<'m>(
             ),
         );
     }
+    let from = froms.header();
     let envelope = sources.envelope_checks(auth).await;
     let (report, verification) = assess(auth, parsed, from, envelope, snapshot.auth_budget).await;
     let hit = sources.policy_at_data(Some(&report));
