@@ -14,11 +14,11 @@ use mail_auth::hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use mail_auth::{MX, MessageAuthenticator, RecordSet, ResolverCache, Txt};
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 static CACHE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -177,6 +177,12 @@ pub struct TtlCache<K, V> {
     /// what lets `insert` find the miss that `get` recorded.
     pending: moka::sync::Cache<u64, Instant>,
     kind: &'static str,
+    /// This cache's children of the look-up metrics, made on first use: the vectors'
+    /// `with_label_values` costs a hash and a lock on each of the ~6 look-ups per message.
+    hits: OnceLock<IntCounter>,
+    misses: OnceLock<IntCounter>,
+    answered: OnceLock<IntCounter>,
+    seconds: OnceLock<Histogram>,
 }
 
 #[derive(Clone)]
@@ -229,6 +235,10 @@ where
                 })
                 .build(),
             kind,
+            hits: OnceLock::new(),
+            misses: OnceLock::new(),
+            answered: OnceLock::new(),
+            seconds: OnceLock::new(),
         }
     }
 
@@ -250,11 +260,15 @@ where
     {
         match self.entries.get(name) {
             Some(timed) if timed.valid_until > Instant::now() => {
-                CACHE_REQUESTS.with_label_values(&[self.kind, "hit"]).inc();
+                self.hits
+                    .get_or_init(|| CACHE_REQUESTS.with_label_values(&[self.kind, "hit"]))
+                    .inc();
                 Some(timed.value)
             }
             _ => {
-                CACHE_REQUESTS.with_label_values(&[self.kind, "miss"]).inc();
+                self.misses
+                    .get_or_init(|| CACHE_REQUESTS.with_label_values(&[self.kind, "miss"]))
+                    .inc();
                 self.pending.insert(key_hash(name), Instant::now());
                 None
             }
@@ -270,10 +284,12 @@ where
     }
 
     fn insert(&self, key: K, value: V, valid_until: Instant) {
-        LOOKUPS.with_label_values(&[self.kind, "answered"]).inc();
+        self.answered
+            .get_or_init(|| LOOKUPS.with_label_values(&[self.kind, "answered"]))
+            .inc();
         if let Some(started) = self.pending.remove(&key_hash(&key)) {
-            LOOKUP_SECONDS
-                .with_label_values(&[self.kind])
+            self.seconds
+                .get_or_init(|| LOOKUP_SECONDS.with_label_values(&[self.kind]))
                 .observe(started.elapsed().as_secs_f64());
         }
         self.entries.insert(key, Timed { value, valid_until });

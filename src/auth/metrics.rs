@@ -1,8 +1,8 @@
 //! Authentication metrics: results by check and result word, and check latency.
 
 use crate::findings::AuthResult;
-use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
-use prometheus::{HistogramVec, IntCounterVec};
+use crate::metrics::{Children, LATENCY_BUCKETS, counter_vec, histogram_vec};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -67,10 +67,38 @@ pub fn init() {
     super::dns::init_metrics();
 }
 
+/// The checks `check` is called with, in the order of their children below.
+const CHECKS: [&str; 6] = ["iprev", "helo_spf", "spf", "dkim", "arc", "dmarc"];
+const RESULT_KINDS: usize = 7;
+
+static RESULT_CHILDREN: Children<IntCounter, { CHECKS.len() * RESULT_KINDS }> = Children::new();
+static SECONDS_CHILDREN: Children<Histogram, { CHECKS.len() }> = Children::new();
+
+fn result_index(result: AuthResult) -> usize {
+    match result {
+        AuthResult::Pass => 0,
+        AuthResult::Fail => 1,
+        AuthResult::SoftFail => 2,
+        AuthResult::Neutral => 3,
+        AuthResult::None => 4,
+        AuthResult::TempError => 5,
+        AuthResult::PermError => 6,
+    }
+}
+
 pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
-    RESULTS.with_label_values(&[name, result.as_str()]).inc();
-    CHECK_SECONDS
-        .with_label_values(&[name])
+    // A name outside CHECKS gets an index past the end: counted all the same.
+    let at = CHECKS
+        .iter()
+        .position(|c| *c == name)
+        .unwrap_or(CHECKS.len());
+    RESULT_CHILDREN
+        .get(at * RESULT_KINDS + result_index(result), || {
+            RESULTS.with_label_values(&[name, result.as_str()])
+        })
+        .inc();
+    SECONDS_CHILDREN
+        .get(at, || CHECK_SECONDS.with_label_values(&[name]))
         .observe(elapsed.as_secs_f64());
 }
 

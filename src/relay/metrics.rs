@@ -117,8 +117,14 @@ pub fn probe(backend: &str, result: &'static str) {
 }
 
 pub fn recipient_cache_lookup(hit: bool) {
-    let result = if hit { "hit" } else { "miss" };
-    CACHE_LOOKUPS.with_label_values(&[result]).inc();
+    // Children made on first use; one look-up per recipient of every message.
+    static HIT: LazyLock<IntCounter> = LazyLock::new(|| CACHE_LOOKUPS.with_label_values(&["hit"]));
+    static MISS: LazyLock<IntCounter> =
+        LazyLock::new(|| CACHE_LOOKUPS.with_label_values(&["miss"]));
+    match hit {
+        true => HIT.inc(),
+        false => MISS.inc(),
+    }
 }
 
 pub fn recipient_cache_evicted() {

@@ -2,9 +2,9 @@
 //! (from the config, bounded), reply class, reject reason, PROXY header result, TLS
 //! version.
 
-use crate::metrics::{LATENCY_BUCKETS, counter_vec, gauge, histogram};
+use crate::metrics::{Children, LATENCY_BUCKETS, counter_vec, gauge, histogram};
 use crate::smtp::reply::Reply;
-use prometheus::{Histogram, IntCounterVec, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use std::sync::LazyLock;
 
 static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -132,7 +132,7 @@ pub fn init() {
     LazyLock::force(&GREETING_SECONDS);
     // Known label values exist from the start at 0, so rate() and increase() see the
     // first event (a series born at 1 has no increase to show).
-    for class in ["2xx", "3xx", "4xx", "5xx"] {
+    for class in REPLY_CLASSES {
         REPLIES.with_label_values(&[class]);
     }
     for reason in crate::smtp::reply::RejectReason::ALL {
@@ -155,8 +155,17 @@ pub fn init() {
     }
 }
 
+const REPLY_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+static REPLY_CHILDREN: Children<IntCounter, { REPLY_CLASSES.len() }> = Children::new();
+
 pub fn reply(reply: &Reply) {
-    REPLIES.with_label_values(&[reply.class_label()]).inc();
+    let class = reply.class_label();
+    let at = REPLY_CLASSES.iter().position(|c| *c == class);
+    REPLY_CHILDREN
+        .get(at.unwrap_or(REPLY_CLASSES.len()), || {
+            REPLIES.with_label_values(&[class])
+        })
+        .inc();
     if reply.code() >= 400 {
         REJECTIONS
             .with_label_values(&[reply.reason().as_label()])
