@@ -92,10 +92,14 @@ pub fn check(name: &str, result: AuthResult, elapsed: Duration) {
         .iter()
         .position(|c| *c == name)
         .unwrap_or(CHECKS.len());
+    // A result beyond RESULT_KINDS (a variant added without raising it) must not take
+    // the next check's slot: it goes past the end, counted all the same.
+    let slot = match result_index(result) {
+        r if r < RESULT_KINDS => at * RESULT_KINDS + r,
+        _ => usize::MAX,
+    };
     RESULT_CHILDREN
-        .get(at * RESULT_KINDS + result_index(result), || {
-            RESULTS.with_label_values(&[name, result.as_str()])
-        })
+        .get(slot, || RESULTS.with_label_values(&[name, result.as_str()]))
         .inc();
     SECONDS_CHILDREN
         .get(at, || CHECK_SECONDS.with_label_values(&[name]))

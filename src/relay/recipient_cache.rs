@@ -74,7 +74,7 @@ impl RecipientCache {
     /// or a miss).
     pub fn get(&self, envelope: &Envelope, rcpt: &str) -> Option<BackendReply> {
         // A refusal under this envelope wins over an acceptance of the recipient.
-        let refused = match self.refusals_kept.load(Ordering::Acquire) {
+        let refused = match self.refusals_kept.load(Ordering::Relaxed) {
             true => self.entries.get(&refusal_key(envelope, rcpt)),
             false => None,
         };
@@ -96,8 +96,10 @@ impl RecipientCache {
             return;
         }
         if reply.code >= 500 {
-            // Before the insert, so a reader that sees the entry sees the flag.
-            self.refusals_kept.store(true, Ordering::Release);
+            // Set before the insert. A `get` racing with this insert may miss the new
+            // refusal either way (the flag or the entry not seen yet), just as if it had
+            // run first; the flag only ever goes from false to true.
+            self.refusals_kept.store(true, Ordering::Relaxed);
         }
         self.entries.insert(
             key,
