@@ -24,9 +24,6 @@ pub struct RecipientCache {
     entries: moka::sync::Cache<String, Kept>,
     ttl_accept: Duration,
     ttl_reject: Duration,
-    /// Set once a refusal has been kept: until then no refusal key can match, and the
-    /// look-up at RCPT (every message) skips building one.
-    refusals_kept: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -66,7 +63,6 @@ impl RecipientCache {
             entries,
             ttl_accept: config.ttl_accept,
             ttl_reject: config.ttl_reject,
-            refusals_kept: AtomicBool::new(false),
         }
     }
 
@@ -74,11 +70,9 @@ impl RecipientCache {
     /// or a miss).
     pub fn get(&self, envelope: &Envelope, rcpt: &str) -> Option<BackendReply> {
         // A refusal under this envelope wins over an acceptance of the recipient.
-        let refused = match self.refusals_kept.load(Ordering::Relaxed) {
-            true => self.entries.get(&refusal_key(envelope, rcpt)),
-            false => None,
-        };
-        let kept = refused
+        let kept = self
+            .entries
+            .get(&refusal_key(envelope, rcpt))
             .or_else(|| self.entries.get(rcpt))
             .map(|kept| kept.reply);
         metrics::recipient_cache_lookup(kept.is_some());
@@ -94,12 +88,6 @@ impl RecipientCache {
         };
         if ttl.is_zero() {
             return;
-        }
-        if reply.code >= 500 {
-            // Set before the insert. A `get` racing with this insert may miss the new
-            // refusal either way (the flag or the entry not seen yet), just as if it had
-            // run first; the flag only ever goes from false to true.
-            self.refusals_kept.store(true, Ordering::Relaxed);
         }
         self.entries.insert(
             key,
@@ -237,7 +225,7 @@ mod tests {
     fn a_refusal_under_one_envelope_wins_over_an_acceptance() {
         let cache = cache(60_000, 60_000);
         let big = envelope("alice@sender.test", Some(50_000_000));
-        // The acceptance came first, so the cache had kept no refusal until now.
+        // The acceptance came first.
         cache.offer(&alice(), "bob@x.test", &reply(250));
         cache.offer(&big, "bob@x.test", &reply(552));
         assert_eq!(cache.get(&big, "bob@x.test"), Some(reply(552)));
