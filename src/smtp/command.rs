@@ -84,6 +84,11 @@ impl CommandReader {
                     {
                         Command::NullRecipient(request)
                     }
+                    Request::Bdat { chunk_size, .. }
+                        if !self.chunk_size_as_written(&input[..consumed], *chunk_size) =>
+                    {
+                        Command::Refused(Reply::syntax("BDAT chunk-size [LAST]"))
+                    }
                     Request::StartTls if self.has_arguments(&input[..consumed]) => {
                         // RFC 3207 4: "501 Syntax error (no parameters allowed)".
                         Command::Refused(Reply::syntax("STARTTLS"))
@@ -153,6 +158,22 @@ impl CommandReader {
             .filter(|b| !matches!(b, b'"' | b'\\') && !b.is_ascii_whitespace())
             .collect();
         !bare.eq_ignore_ascii_case(b"postmaster")
+    }
+
+    /// Whether BDAT's chunk-size, as written on the line, is plain digits of the value
+    /// smtp-proto read. The parser wraps a number of more than 19 digits round to a
+    /// small one (twenty 9s and a 5 read as 5) and skips a CR inside it (`1<CR>2` read
+    /// as 12): the chunk would then end where no other reader of the stream sees it end.
+    fn chunk_size_as_written(&self, tail: &[u8], chunk_size: usize) -> bool {
+        let line = self.command_line(tail);
+        let mut words = line
+            .trim_ascii_end()
+            .split(u8::is_ascii_whitespace)
+            .filter(|word| !word.is_empty());
+        let written = words.nth(1).unwrap_or_default();
+        !written.is_empty()
+            && written.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(written).is_ok_and(|digits| digits.parse() == Ok(chunk_size))
     }
 
     /// Whether anything but white space follows the verb of the command line.
@@ -262,6 +283,31 @@ mod tests {
             matches!(got[1], Command::Request(Request::Rcpt { .. })),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_bdat_size_is_read_as_written_or_refused() {
+        let wrapped = format!("BDAT {}5 LAST\r\n", "9".repeat(20));
+        for (line, size) in [
+            (wrapped.as_str(), None),
+            ("BDAT 1\r2 LAST\r\n", None),
+            ("BDAT 18446744073709551616\r\n", None),
+            ("BDAT 12 LAST\r\n", Some(12)),
+            ("BDAT 007\r\n", Some(7)),
+            ("BDAT  5   LAST \r\n", Some(5)),
+        ] {
+            for piece in [1, 4, line.len()] {
+                let got = commands(line.as_bytes(), piece);
+                let expected = match size {
+                    Some(chunk_size) => Command::Request(Request::Bdat {
+                        chunk_size,
+                        is_last: line.contains("LAST"),
+                    }),
+                    None => Command::Refused(Reply::syntax("BDAT chunk-size [LAST]")),
+                };
+                assert_eq!(got, vec![expected], "{line:?} in pieces of {piece}");
+            }
+        }
     }
 
     #[test]
