@@ -16,7 +16,7 @@ use super::data::{Anomalies, BdatReader, DataReader, Progress};
 use super::extensions::ehlo_keywords;
 use super::metrics;
 use super::proxy_header;
-use super::reply::Reply;
+use super::reply::{RejectReason, Reply};
 use super::session_limits::{SessionLimits, Tls};
 use super::stages::Stages;
 use crate::config::{BareLineEndings, LongLines};
@@ -318,6 +318,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
         false
     }
 
+    /// Answers RCPT. A recipient refused for a limit (`452 4.5.3` past
+    /// `server.max_recipients`, `450 4.7.1` past `limits.recipients_per_minute`) is not
+    /// an error: a client with a long list is told to send the rest later. But that RCPT
+    /// did nothing, so it counts as junk, or a client could go on sending them at wire
+    /// speed, each one a rate-store call, without ever reaching `max_errors`.
+    fn recipient_reply(&mut self, reply: Reply) -> Flow {
+        if reply.reason() == RejectReason::RecipientLimit {
+            self.junk_reply(reply)
+        } else {
+            self.reply_flow(reply)
+        }
+    }
+
     /// Answers a command that did nothing (`limits.max_junk_commands`): past the limit
     /// each one counts as an error, so an endless stream of them ends the session.
     fn junk_reply(&mut self, reply: Reply) -> Flow {
@@ -430,10 +443,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Stages> Session<S, H> {
                         return self.reply_flow(Reply::bad_recipient_syntax());
                     }
                     if let Err(reply) = Box::pin(self.stages.allow_recipient()).await {
-                        return self.reply_flow(reply);
+                        return self.recipient_reply(reply);
                     }
                     let reply = Box::pin(self.stages.on_rcpt(tx, to)).await;
-                    self.reply_flow(reply)
+                    self.recipient_reply(reply)
                 } else {
                     self.reply_flow(Reply::bad_sequence("need MAIL before RCPT"))
                 }

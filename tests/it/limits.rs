@@ -408,6 +408,65 @@ async fn refused_mail_counts_as_an_error() {
     gw.stop().await;
 }
 
+/// A RCPT refused for a limit (`452 4.5.3` past `server.max_recipients`, `450 4.7.1`
+/// past `limits.recipients_per_minute`) is not an error, yet it does nothing: each one
+/// counts as junk, so a client that keeps sending them is disconnected like one that
+/// keeps sending NOOP. Before, they never counted, and an endless pipelined stream of
+/// them was answered at wire speed, each one a rate-store call.
+#[tokio::test(flavor = "multi_thread")]
+async fn recipients_refused_for_a_limit_count_as_junk() {
+    for (limit, server_extra, limits_extra, refused) in [
+        (
+            "max_recipients",
+            "  max_recipients: 1\n",
+            "",
+            (452, "4.5.3"),
+        ),
+        (
+            "recipients_per_minute",
+            "",
+            "  recipients_per_minute: 1\n",
+            (450, "4.7.1"),
+        ),
+    ] {
+        let gw = Gateway::start(TestConfig {
+            server_extra: format!("  max_errors: 2\n{server_extra}"),
+            extra: format!(
+                "auth:\n  enabled: false\nlimits:\n  max_junk_commands: 4\n{limits_extra}"
+            ),
+            ..Default::default()
+        })
+        .await;
+        let (mut client, _) = gw.ehlo().await;
+        assert_eq!(client.cmd("MAIL FROM:<a@sender.test>").await.code, 250);
+        assert_eq!(client.cmd("RCPT TO:<u0@example.test>").await.code, 250);
+        // Four are junk within the limit, the fifth is the first error, the sixth the
+        // second: it is answered, then `421` closes the session.
+        for n in 1..=6 {
+            let reply = client.cmd(&format!("RCPT TO:<u{n}@example.test>")).await;
+            assert_eq!(
+                (reply.code, reply.status()),
+                refused,
+                "{limit}: RCPT {n}: {reply}"
+            );
+            if n < 6 {
+                assert!(
+                    client.pending().is_empty(),
+                    "{limit}: closed after RCPT {n}"
+                );
+            }
+        }
+        let reply = client.read_reply().await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (421, "4.7.0"),
+            "{limit}: {reply}"
+        );
+        assert!(client.is_closed().await, "{limit}");
+        gw.stop().await;
+    }
+}
+
 /// Each refusal is logged with the client's address and the limit's name, once per
 /// client and window for the refusals a flood repeats.
 #[tokio::test(flavor = "multi_thread")]
