@@ -13,6 +13,7 @@ use crate::config::{
 use crate::policy::Policy;
 use crate::relay::{Relay, RelaySettings};
 use crate::rewrite::arc::{Sealer, SigningKeyPair};
+use crate::smtp::reply::Reply;
 use crate::tls;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -102,17 +103,50 @@ impl Snapshot {
     /// recipient-domain rule, for RCPT and for `explain`. `<postmaster>` without a
     /// domain must be accepted (RFC 5321 section 4.5.1); smtp-proto reports it as an
     /// empty address. It goes to the postmaster of our first domain.
-    pub fn local_recipient(&self, address: &str) -> Option<String> {
+    pub fn local_recipient(&self, address: &str) -> Result<String, NotLocal> {
         if address.is_empty() || address.eq_ignore_ascii_case("postmaster") {
-            let domain = self.loaded.config.server.domains.first()?;
-            return Some(format!("postmaster@{domain}"));
+            let domain = self.loaded.config.server.domains.first();
+            return domain
+                .map(|d| format!("postmaster@{d}"))
+                .ok_or(NotLocal::Domain);
         }
-        let (local, domain) = address.rsplit_once('@')?;
+        let (local, domain) = address.rsplit_once('@').ok_or(NotLocal::Domain)?;
         if local.is_empty() {
-            return None;
+            return Err(NotLocal::Domain);
         }
-        let domain = idna::domain_to_ascii(domain.trim_end_matches('.')).ok()?;
-        self.accepts_domain(&domain).then(|| address.to_string())
+        let domain =
+            idna::domain_to_ascii(domain.trim_end_matches('.')).map_err(|_| NotLocal::Domain)?;
+        if !self.accepts_domain(&domain) {
+            return Err(NotLocal::Domain);
+        }
+        // The backend trusts us to send only its own mail, and many mail servers still
+        // route on these: Postfix rewrites `user%evil.test@ours` (allow_percent_hack)
+        // and `evil.test!user@ours` (swap_bangpath) to `user@evil.test` and relays it
+        // for a trusted client. Postfix at an MX refuses them for the same reason.
+        if local.contains(['%', '!', '@']) {
+            return Err(NotLocal::RoutedLocalPart);
+        }
+        Ok(address.to_string())
+    }
+}
+
+/// Why a recipient is not one we accept mail for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotLocal {
+    /// Its domain is not one of `server.domains`.
+    Domain,
+    /// Its local part holds `%`, `!` or `@`, which mail servers behind us may read as a
+    /// route to another domain.
+    RoutedLocalPart,
+}
+
+impl NotLocal {
+    /// The refusal at RCPT (and in `explain`).
+    pub fn reply(self, rcpt: &str) -> Reply {
+        match self {
+            NotLocal::Domain => Reply::relay_denied(rcpt),
+            NotLocal::RoutedLocalPart => Reply::routed_recipient(rcpt),
+        }
     }
 }
 

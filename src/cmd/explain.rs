@@ -14,7 +14,7 @@ use crate::policy::RuleAction;
 use crate::rewrite::auth_results::unfolded;
 use crate::smtp::data::BdatReader;
 use crate::smtp::reply::Reply;
-use crate::snapshot::{self, Mode, Snapshot};
+use crate::snapshot::{self, Mode, NotLocal, Snapshot};
 use serde::Serialize;
 use std::future::Future;
 use std::net::IpAddr;
@@ -330,20 +330,24 @@ async fn explain(snapshot: &Snapshot, request: &Request, message: &[u8]) {
     for rcpt in &request.rcpts {
         // `--rcpt ""` is `RCPT TO:<>`, which the session refuses as syntax; the empty
         // address `local_recipient` takes as the postmaster is smtp-proto's `<postmaster>`.
-        let local_address = (!rcpt.is_empty())
-            .then(|| snapshot.local_recipient(rcpt))
-            .flatten();
-        match local_address {
-            Some(address) => local.push(address),
-            None if rcpt.is_empty() => refused.push(RcptRefusal::new(
+        if rcpt.is_empty() {
+            refused.push(RcptRefusal::new(
                 rcpt,
                 &Reply::bad_recipient_syntax(),
                 "the null path <> is not a recipient".into(),
-            )),
-            None => refused.push(RcptRefusal::new(
+            ));
+            continue;
+        }
+        match snapshot.local_recipient(rcpt) {
+            Ok(address) => local.push(address),
+            Err(not_local) => refused.push(RcptRefusal::new(
                 rcpt,
-                &Reply::relay_denied(rcpt),
-                "not in server.domains".into(),
+                &not_local.reply(rcpt),
+                match not_local {
+                    NotLocal::Domain => "not in server.domains",
+                    NotLocal::RoutedLocalPart => "% ! or @ in the local part routes elsewhere",
+                }
+                .into(),
             )),
         }
     }

@@ -113,9 +113,12 @@ impl Connection {
         if tx.rcpts.len() >= self.snapshot.limits.max_recipients {
             return Reply::too_many_recipients();
         }
-        let Some(address) = self.snapshot.local_recipient(&rcpt.address) else {
-            tx.record.rejected_rcpts += 1;
-            return Reply::relay_denied(&rcpt.address);
+        let address = match self.snapshot.local_recipient(&rcpt.address) {
+            Ok(address) => address,
+            Err(not_local) => {
+                tx.record.rejected_rcpts += 1;
+                return not_local.reply(&rcpt.address);
+            }
         };
         if let Some(reply) = self.policy_at_rcpt(tx, &address) {
             tx.record.rejected_rcpts += 1;

@@ -453,6 +453,18 @@ impl Reply {
         .because(RejectReason::RelayDenied)
     }
 
+    pub fn routed_recipient(rcpt: &str) -> Self {
+        Reply::with(
+            550,
+            (5, 7, 1),
+            format!(
+                "<{}>: Relay access denied: % ! or @ in the local part routes elsewhere",
+                clean(rcpt)
+            ),
+        )
+        .because(RejectReason::RelayDenied)
+    }
+
     pub fn too_many_recipients() -> Self {
         Reply::with(452, (4, 5, 3), "Too many recipients").because(RejectReason::RecipientLimit)
     }

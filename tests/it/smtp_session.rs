@@ -174,6 +174,36 @@ async fn only_our_domains_are_accepted() {
     gw.stop().await;
 }
 
+/// A local part that names another domain is refused, even in our domain: the backend
+/// trusts us, and Postfix there rewrites `user%evil.test@example.test`
+/// (`allow_percent_hack`) and `evil.test!user@example.test` (`swap_bangpath`) to
+/// `user@evil.test` and relays it for a trusted client, which would make the pair an
+/// open relay.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_parts_that_route_elsewhere_are_refused() {
+    let gw = Gateway::start(trusted_local()).await;
+    let (mut client, _) = gw.ehlo().await;
+    assert_eq!(client.cmd("MAIL FROM:<a@b.test>").await.code, 250);
+    for rcpt in [
+        "user%evil.test@example.test",
+        "evil.test!user@example.test",
+        "\"user@evil.test\"@example.test",
+    ] {
+        let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert_eq!(
+            (reply.code, reply.status()),
+            (550, "5.7.1"),
+            "{rcpt}: {reply}"
+        );
+        assert!(reply.text().contains("routes elsewhere"), "{rcpt}: {reply}");
+    }
+    for rcpt in ["first.last+tag@example.test", "o'brien@example.test"] {
+        let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert_eq!(reply.code, 250, "{rcpt}: {reply}");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn recipient_limit() {
     let gw = Gateway::start(TestConfig {
