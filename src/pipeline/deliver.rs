@@ -382,7 +382,10 @@ fn fold_per_recipient(replies: &[(String, BackendReply)]) -> Reply {
         .filter(|(_, r)| !r.is_positive())
         .map(|(rcpt, _)| rcpt.clone())
         .collect();
-    if replies.iter().any(|(_, r)| r.is_transient()) {
+    // A failure that is not a clean 5xx (a 4xx, or a code no final reply may carry) is
+    // uncertain for its recipient: the sender must retry, so the message is deferred.
+    let uncertain = |r: &BackendReply| !r.is_positive() && !(500..600).contains(&r.code);
+    if replies.iter().any(|(_, r)| uncertain(r)) {
         return Reply::partial_delivery_retry(&failed);
     }
     let delivered: Vec<String> = replies
@@ -441,6 +444,15 @@ mod tests {
         assert!(r.text().contains("<r1@x.test>"), "{r}");
         let r = lmtp(&[250, 550, 451]);
         assert_eq!(r.code(), 451);
+        // A code no final reply may carry is uncertain, never a permanent failure.
+        for odd in [199, 334, 650] {
+            let r = lmtp(&[250, odd]);
+            assert_eq!(
+                (r.code(), r.status()),
+                (451, Some(Status(4, 3, 0))),
+                "{odd}: {r}"
+            );
+        }
         let r = lmtp(&[250, 552]);
         assert_eq!(r.code(), 552);
         assert!(
