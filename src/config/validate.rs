@@ -23,7 +23,28 @@ pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
     check_arc(loaded, &root.key("arc"), &mut out);
     check_limits(loaded, &root.key("limits"), &mut out);
     check_log(loaded, &root.key("log"), &mut out);
+    check_reload_intervals(loaded, &root, &mut out);
     out
+}
+
+/// Shortest interval between checks of the watched files: each check reads the
+/// metadata of every config, policy and certificate file, and `0s` would do so at
+/// every timer tick for the life of the process.
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+fn check_reload_intervals(loaded: &LoadedConfig, root: &YamlPath, out: &mut Vec<Diagnostic>) {
+    let config = &loaded.config;
+    for (path, interval) in [
+        (root.key("policy"), config.policy.reload_interval),
+        (
+            root.key("tls"),
+            config.tls.as_ref().map(|t| t.reload_interval),
+        ),
+    ] {
+        if interval.is_some_and(|i| i < MIN_RELOAD_INTERVAL) {
+            out.push(loaded.error(&path.key("reload_interval"), "must be at least 100ms"));
+        }
+    }
 }
 
 fn check_server(loaded: &LoadedConfig, server: &YamlPath, out: &mut Vec<Diagnostic>) {
@@ -287,6 +308,23 @@ mod tests {
     #[test]
     fn minimal_config_loads() {
         load(MINIMAL).unwrap();
+    }
+
+    #[test]
+    fn reload_intervals_are_checked() {
+        let text = format!(
+            "{MINIMAL}tls:\n  certificate: c.pem\n  private_key: k.pem\n  reload_interval: 0s\npolicy:\n  reload_interval: 10ms\n"
+        );
+        let errors = load(&text).unwrap_err();
+        let expected = [
+            "mxgate.yaml:12:20: must be at least 100ms",
+            "mxgate.yaml:10:20: must be at least 100ms",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, want) in errors.iter().zip(expected) {
+            assert!(error.starts_with(want), "{want:?}: {errors:#?}");
+        }
+        load(&format!("{MINIMAL}policy:\n  reload_interval: 100ms\n")).unwrap();
     }
 
     #[test]
