@@ -240,7 +240,7 @@ impl RuleCompiler<'_> {
         {
             self.error(
                 self.at.key("match"),
-                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, dmarc: pass, client_ip, client_host, spf_record, or spf: pass together with envelope_from; own_domain is not evidence), or set `unauthenticated: true` to accept that risk",
+                "an `accept` rule that matches only on addresses or names anyone can forge would let anyone spoof this sender; add evidence (dkim_domain, client_ip, client_host, spf_record, dmarc: pass together with header_from or own_domain, or spf: pass together with an envelope_from that names the sender's own domains; own_domain is not evidence), or set `unauthenticated: true` to accept that risk",
             );
         }
     }

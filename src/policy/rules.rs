@@ -262,14 +262,23 @@ impl Condition {
     /// Whether these conditions of one rule together authenticate the sender (what an
     /// `accept` rule needs besides addresses). `spf: pass` proves only that the MAIL
     /// FROM domain, whichever the sender chose, allows the client: it counts only
-    /// beside an `envelope_from` that names that domain, never for a `header_from`
-    /// or a `helo` on its own.
+    /// beside an `envelope_from` that names that domain (not `*.com`: anyone can
+    /// register one and publish SPF for it), never for a `header_from` or a `helo` on
+    /// its own. Likewise `dmarc: pass` proves only the header From domain, whichever the
+    /// sender wrote: it counts beside a `header_from` or `own_domain`, never for an
+    /// `envelope_from` or a `helo` on its own.
     pub fn authenticate_sender(conditions: &[Condition]) -> bool {
-        let names_envelope = conditions
+        let names_envelope = conditions.iter().any(|c| {
+            matches!(c, Condition::EnvelopeFrom(patterns)
+                if patterns.iter().all(|p| !matches!(p,
+                    AddressPattern::Domain(NamePattern::Below(suffix)) if !suffix.contains('.'))))
+        });
+        let names_author = conditions
             .iter()
-            .any(|c| matches!(c, Condition::EnvelopeFrom(_)));
+            .any(|c| matches!(c, Condition::HeaderFrom(_) | Condition::OwnDomain(true)));
         conditions.iter().any(|c| match c {
             Condition::Spf(_) => names_envelope && c.is_evidence(),
+            Condition::Dmarc(_) => names_author && c.is_evidence(),
             _ => c.is_evidence(),
         })
     }
@@ -767,9 +776,36 @@ mod tests {
         ]));
         assert!(!Condition::authenticate_sender(&[helo, spf.clone()]));
         assert!(Condition::authenticate_sender(&[envelope_from, spf]));
+        let dmarc = Condition::Dmarc(vec![AuthResult::Pass]);
         assert!(Condition::authenticate_sender(&[
             header_from,
-            Condition::Dmarc(vec![AuthResult::Pass])
+            dmarc.clone()
+        ]));
+        assert!(Condition::authenticate_sender(&[
+            Condition::OwnDomain(true),
+            dmarc.clone()
+        ]));
+        // DMARC passes for whatever From the sender wrote: it says nothing of the
+        // envelope or the HELO.
+        assert!(!Condition::authenticate_sender(&[
+            Condition::EnvelopeFrom(vec![AddressPattern::Address("billing@partner.test".into())]),
+            dmarc.clone()
+        ]));
+        assert!(!Condition::authenticate_sender(&[
+            Condition::Helo(vec![]),
+            dmarc
+        ]));
+        // Anyone can register a name under a top-level domain and publish SPF for it.
+        let any_com = AddressPattern::Domain(NamePattern::Below("com".into()));
+        let bank = AddressPattern::Domain(NamePattern::Below("bank.test".into()));
+        let spf = Condition::Spf(vec![AuthResult::Pass]);
+        assert!(!Condition::authenticate_sender(&[
+            Condition::EnvelopeFrom(vec![bank.clone(), any_com]),
+            spf.clone()
+        ]));
+        assert!(Condition::authenticate_sender(&[
+            Condition::EnvelopeFrom(vec![bank]),
+            spf
         ]));
     }
 }

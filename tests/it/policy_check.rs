@@ -134,6 +134,36 @@ async fn spf_pass_is_evidence_only_for_the_envelope_sender() {
     assert!(!stderr.contains("envelope-spf"), "{stderr}");
 }
 
+/// `dmarc: pass` passes for whatever From domain the sender wrote: it proves nothing
+/// about an envelope sender or a HELO, only about a From the rule names. And `spf: pass`
+/// beside an envelope sender anyone can register (`*.com`) proves nothing either.
+#[tokio::test(flavor = "multi_thread")]
+async fn dmarc_pass_is_evidence_only_for_the_header_from() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: envelope-dmarc\n    match: { envelope_from: billing@partner.test, dmarc: pass }\n    action: accept\n  - name: helo-dmarc\n    match: { helo: mail.partner.test, dmarc: pass }\n    action: accept\n  - name: any-com-spf\n    match: { envelope_from: \"*.com\", spf: pass }\n    action: accept\n  - name: from-dmarc\n    match: { header_from: billing@partner.test, dmarc: pass }\n    action: accept\n  - name: own-dmarc\n    match: { own_domain: true, dmarc: pass }\n    action: accept\n",
+    );
+    let config = config(dir.path(), "");
+    let (ok, stderr) = check(&config).await;
+    assert!(!ok, "{stderr}");
+    let a = dir.path().join("policies/a.yaml").display().to_string();
+    for want in [
+        format!("{a}:3:12: rule `envelope-dmarc`: an `accept` rule that matches only on addresses"),
+        format!("{a}:6:12: rule `helo-dmarc`: an `accept` rule that matches only on addresses"),
+        format!("{a}:9:12: rule `any-com-spf`: an `accept` rule that matches only on addresses"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    for fine in ["from-dmarc", "own-dmarc"] {
+        assert!(!stderr.contains(fine), "{stderr}");
+    }
+}
+
 /// Evidence anyone can obtain is no evidence: a name under a top-level domain can be
 /// registered by anyone, an address in 0.0.0.0/0 is everyone's. Each such `accept` rule
 /// is refused at the pattern, and none of them is reported twice.
