@@ -442,6 +442,13 @@ fn address_pattern(text: &str) -> Result<AddressPattern, String> {
             if local.is_empty() || local.contains(['<', '>', ' ', ',']) {
                 return Err(format!("`{text}` is not an email address"));
             }
+            // Read literally it would match only the address whose local part is `*`:
+            // a rule that silently never matches.
+            if local.contains('*') {
+                return Err(format!(
+                    "`{text}` is not a pattern: write `{domain}` for every address in the domain, `*.{domain}` for its subdomains"
+                ));
+            }
             let domain = DomainName::parse(domain)
                 .map_err(|_| format!("`{text}` is not an email address"))?;
             Ok(AddressPattern::Address(format!("{local}@{domain}")))

@@ -116,7 +116,7 @@ async fn spf_pass_is_evidence_only_for_the_envelope_sender() {
     write(
         dir.path(),
         "a.yaml",
-        "rules:\n  - name: from-spf\n    match: { header_from: ceo@bank.test, spf: pass }\n    action: accept\n  - name: helo-spf\n    match: { helo: mail.bank.test, spf: pass }\n    action: accept\n  - name: envelope-spf\n    match: { envelope_from: \"*@bank.test\", spf: pass }\n    action: accept\n",
+        "rules:\n  - name: from-spf\n    match: { header_from: ceo@bank.test, spf: pass }\n    action: accept\n  - name: helo-spf\n    match: { helo: mail.bank.test, spf: pass }\n    action: accept\n  - name: envelope-spf\n    match: { envelope_from: bank.test, spf: pass }\n    action: accept\n",
     );
     let config = config(dir.path(), "");
     let (ok, stderr) = check(&config).await;
@@ -164,6 +164,28 @@ async fn dmarc_pass_is_evidence_only_for_the_header_from() {
     }
 }
 
+/// `*@bank.test` reads as a pattern but would match only the address whose local part is
+/// `*`: a rule that never matches. It is refused with the spelling that works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_star_local_part_is_refused_with_the_pattern_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        "rules:\n  - name: block-bank\n    match: { header_from: \"*@bank.test\" }\n    action: reject\n",
+    );
+    let (ok, stderr) = check(&config(dir.path(), "")).await;
+    assert!(!ok, "{stderr}");
+    let a = dir.path().join("policies/a.yaml").display().to_string();
+    let want = format!(
+        "{a}:3:27: rule `block-bank`: `*@bank.test` is not a pattern: write `bank.test` for every address in the domain, `*.bank.test` for its subdomains"
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with(want.as_str())),
+        "missing {want:?} in:\n{stderr}"
+    );
+}
+
 /// Evidence anyone can obtain is no evidence: a name under a top-level domain can be
 /// registered by anyone, an address in 0.0.0.0/0 is everyone's. Each such `accept` rule
 /// is refused at the pattern, and none of them is reported twice.
@@ -173,7 +195,7 @@ async fn evidence_anyone_can_obtain_is_refused() {
     write(
         dir.path(),
         "a.yaml",
-        "rules:\n  - name: any-com-signer\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n  - name: any-com-host\n    match:\n      header_from: \"*@bank.test\"\n      client_host: [mail.bank.test, \"*.com\"]\n    action: accept\n  - name: everyone\n    match: { own_domain: true, client_ip: [192.0.2.0/24, 0.0.0.0/0, \"::/0\"] }\n    action: accept\n  - name: narrow\n    match: { own_domain: true, dkim_domain: \"*.mail.bank.test\", client_ip: 3.0.0.0/8 }\n    action: accept\n  - name: broad-reject-is-fine\n    match: { client_ip: 0.0.0.0/0, header_from: \"*@bank.test\" }\n    action: reject\n  - name: risk-taken\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n    unauthenticated: true\n",
+        "rules:\n  - name: any-com-signer\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n  - name: any-com-host\n    match:\n      header_from: bank.test\n      client_host: [mail.bank.test, \"*.com\"]\n    action: accept\n  - name: everyone\n    match: { own_domain: true, client_ip: [192.0.2.0/24, 0.0.0.0/0, \"::/0\"] }\n    action: accept\n  - name: narrow\n    match: { own_domain: true, dkim_domain: \"*.mail.bank.test\", client_ip: 3.0.0.0/8 }\n    action: accept\n  - name: broad-reject-is-fine\n    match: { client_ip: 0.0.0.0/0, header_from: bank.test }\n    action: reject\n  - name: risk-taken\n    match: { own_domain: true, dkim_domain: \"*.com\" }\n    action: accept\n    unauthenticated: true\n",
     );
     let config = config(dir.path(), "");
     let (ok, stderr) = check(&config).await;
