@@ -406,6 +406,15 @@ impl Relay {
         }
     }
 
+    /// After a reload installed a newer relay: see [`Pool::retire`].
+    pub fn retire(&self) {
+        for backend in &self.backends {
+            if let BackendKind::Remote(pool) = &backend.kind {
+                pool.retire();
+            }
+        }
+    }
+
     /// Checks that each backend answers (a pooled connection and NOOP, or a writable
     /// Maildir) and records the time of success, which `/readyz` reads.
     pub async fn probe(&self) {

@@ -7,6 +7,10 @@
 //! lasts depends on the backend, not on the client.
 //! A connection is only returned to the pool when its SMTP session is known to be clean
 //! (after a final reply or RSET); anything else is dropped, which closes it.
+//! A reload builds new pools; the old ones are retired: their idle connections are
+//! closed at once and the ones still leased are closed when handed back, so the backend
+//! sees at most the new pool's connections plus the transactions still in flight on the
+//! old configuration, not one idle pool per generation.
 
 use super::client::ClientConn;
 use super::{RelayError, RelaySettings};
@@ -19,8 +23,15 @@ pub struct Pool {
     port: u16,
     lmtp: bool,
     settings: Arc<RelaySettings>,
-    idle: Mutex<Vec<ClientConn>>,
+    idle: Mutex<Idle>,
     permits: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct Idle {
+    conns: Vec<ClientConn>,
+    /// A newer configuration has its own pool: keep nothing idle here.
+    retired: bool,
 }
 
 impl Pool {
@@ -31,7 +42,7 @@ impl Pool {
             lmtp,
             permits: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idle::default()),
         }
     }
 
@@ -68,16 +79,40 @@ impl Pool {
         })
     }
 
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn pop_idle(&self) -> Option<ClientConn> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        self.idle().conns.pop()
     }
 
     fn put_idle(&self, mut conn: ClientConn) {
         conn.idle_since = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        let mut idle = self.idle();
+        if idle.retired {
+            drop(idle);
+            tokio::spawn(conn.quit());
+        } else {
+            idle.conns.push(conn);
+        }
+    }
+
+    /// A reload replaced this pool: closes its idle connections now and every other one
+    /// when it is handed back. Transactions on the old configuration still get
+    /// connections (fresh ones), within its `max_connections`.
+    pub fn retire(&self) {
+        let conns = {
+            let mut idle = self.idle();
+            idle.retired = true;
+            std::mem::take(&mut idle.conns)
+        };
+        // Outside a runtime (a reload run by a tool) dropping the connection closes it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for conn in conns {
+                runtime.spawn(conn.quit());
+            }
+        }
     }
 }
 

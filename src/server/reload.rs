@@ -77,6 +77,9 @@ impl Reloader {
                 let changes = describe_changes(&current, &snapshot);
                 note_running(&snapshot);
                 self.snapshots.store(Arc::new(snapshot));
+                // Sessions on the old snapshot still deliver through its pools, but
+                // nothing stays idle there: the backend's connection limit is for us all.
+                current.relay.retire();
                 metrics::reloaded(true);
                 tracing::info!(generation, reason, changes = %changes, "configuration reloaded");
                 Ok(generation)

@@ -326,6 +326,62 @@ async fn connections_are_pooled_between_messages() {
     gw.stop().await;
 }
 
+/// A reload builds new pools. The old ones keep nothing idle: their idle connections get
+/// QUIT at once, and a session still on the old configuration gets a fresh connection
+/// that is closed after its transaction. Before, every generation kept its own idle
+/// pool, and a backend sized for `relay.max_connections` saw a multiple of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_closes_the_old_pools_idle_connections() {
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(config(vec![backend.url()])).await;
+    let quits = || backend.commands().iter().filter(|c| *c == "QUIT").count();
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..100 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}");
+    }
+    let mail = |n: usize| format!("Subject: {n}\n\nx\n");
+    let (mut old_session, _) = gw.ehlo().await;
+    let reply = old_session
+        .send_mail("alice@sender.test", &["bob@example.test"], &mail(1))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(quits(), 0, "{:?}", backend.commands());
+    let before_reload = backend.connections();
+
+    gw.running.as_ref().unwrap().reload().expect("reload");
+    until("the old pool's idle connections are closed", || {
+        quits() == before_reload
+    })
+    .await;
+
+    // The session accepted before the reload still delivers, on a connection that is
+    // not kept.
+    let reply = old_session
+        .send_mail("alice@sender.test", &["bob@example.test"], &mail(2))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    until("the old pool's new connection is closed after use", || {
+        quits() == before_reload + 1
+    })
+    .await;
+
+    // A new session uses the new pool, which keeps its connection.
+    let (mut new_session, _) = gw.ehlo().await;
+    let reply = new_session
+        .send_mail("alice@sender.test", &["bob@example.test"], &mail(3))
+        .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(quits(), before_reload + 1, "{:?}", backend.commands());
+    assert_eq!(backend.messages().len(), 3);
+    gw.stop().await;
+}
+
 /// A pooled connection whose backend timed out while it idled (Postfix says 421 and
 /// closes) is replaced by a fresh one, with or without PIPELINING; the client never
 /// sees the stale 421.
