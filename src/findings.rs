@@ -93,6 +93,9 @@ pub struct ArcCheck {
     /// The newest ARC-Authentication-Results, as that sealer wrote it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sealer_results: Option<String>,
+    /// `d=` of the newest ARC-Message-Signature: whose key validation looks up first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -148,6 +151,12 @@ pub struct IprevCheck {
     pub ptr: Vec<String>,
     /// PTR names whose A/AAAA records lead back to the client: forward-confirmed.
     pub confirmed: Vec<String>,
+    /// On a temperror: names that may be the client's but could not be confirmed for
+    /// DNS trouble (a PTR name whose address look-up failed; with the PTR look-up
+    /// itself failed, a name the policy trusts whose addresses hold the client's or
+    /// could not be looked up). A policy condition on them is a temperror, not false.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unsure: Vec<String>,
 }
 
 /// The header From as the DMARC check sees it (RFC 7489 section 6.6.1).

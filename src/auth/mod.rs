@@ -33,6 +33,20 @@ use std::time::Instant;
 /// How many PTR names are tried for forward confirmation.
 const MAX_PTR_NAMES: usize = 4;
 
+/// How many of the policy's host names are looked up when the PTR look-up failed.
+const MAX_TRUSTED_HOSTS: usize = 8;
+
+/// A forward look-up of a host name, for iprev.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Forward {
+    /// The name's addresses include the client's.
+    Confirmed,
+    /// They do not, or the name has none.
+    Elsewhere,
+    /// DNS trouble: a failed or unfinished look-up.
+    Trouble,
+}
+
 pub struct Authenticator {
     resolver: MessageAuthenticator,
     caches: DnsCaches,
@@ -104,7 +118,10 @@ impl Authenticator {
     }
 
     /// iprev (RFC 8601 section 3): PTR, then A/AAAA of those names back to the client.
-    pub async fn iprev(&self, ip: IpAddr) -> IprevCheck {
+    /// `trusted_hosts` are the exact host names the policy trusts (`client_host`): when
+    /// the check ends in a temperror, they are the names it may still be (see
+    /// [`IprevCheck::unsure`]).
+    pub async fn iprev(&self, ip: IpAddr, trusted_hosts: &[String]) -> IprevCheck {
         let started = Instant::now();
         let output = self.resolver.verify_iprev(self.caches.parameters(ip)).await;
         let ptr: Vec<String> = output
@@ -118,25 +135,35 @@ impl Authenticator {
             })
             .unwrap_or_default();
         let mut confirmed = Vec::new();
-        if matches!(output.result, IprevResult::Pass) {
-            for name in ptr.iter().take(MAX_PTR_NAMES) {
-                let found = self
-                    .resolver
-                    .ip_lookup(
-                        &format!("{name}."),
-                        match ip {
-                            IpAddr::V4(_) => mail_auth::IpLookupStrategy::Ipv4Only,
-                            IpAddr::V6(_) => mail_auth::IpLookupStrategy::Ipv6Only,
-                        },
-                        32,
-                        Some(&self.caches.ipv4),
-                        Some(&self.caches.ipv6),
-                    )
-                    .await;
-                if found.is_ok_and(|ips| ips.contains(&ip)) {
-                    confirmed.push(name.clone());
+        let mut unsure = Vec::new();
+        match (&output.result, &output.ptr) {
+            (IprevResult::Pass, _) => {
+                for name in ptr.iter().take(MAX_PTR_NAMES) {
+                    if self.forward(name, ip).await == Forward::Confirmed {
+                        confirmed.push(name.clone());
+                    }
                 }
             }
+            // A PTR name whose address look-up failed: mail-auth tries two.
+            (IprevResult::TempError(_), Some(_)) => {
+                for name in ptr.iter().take(2) {
+                    if self.forward(name, ip).await == Forward::Trouble {
+                        unsure.push(name.clone());
+                    }
+                }
+            }
+            // The PTR look-up failed: whoever runs the client's reverse zone (an attacker
+            // for his own addresses) decides that, so the client may be a trusted host
+            // only if that host's own addresses (its owner's zone) say so, or cannot be
+            // looked up.
+            (IprevResult::TempError(_), None) => {
+                for name in trusted_hosts.iter().take(MAX_TRUSTED_HOSTS) {
+                    if self.forward(name, ip).await != Forward::Elsewhere {
+                        unsure.push(name.clone());
+                    }
+                }
+            }
+            _ => {}
         }
         let check = IprevCheck {
             result: match output.result {
@@ -148,9 +175,32 @@ impl Authenticator {
             },
             ptr,
             confirmed,
+            unsure,
         };
         metrics::check("iprev", check.result, started.elapsed());
         check
+    }
+
+    /// Whether `name`'s addresses (of the client's family) include `ip`.
+    async fn forward(&self, name: &str, ip: IpAddr) -> Forward {
+        let found = self
+            .resolver
+            .ip_lookup(
+                &format!("{}.", name.trim_end_matches('.')),
+                match ip {
+                    IpAddr::V4(_) => mail_auth::IpLookupStrategy::Ipv4Only,
+                    IpAddr::V6(_) => mail_auth::IpLookupStrategy::Ipv6Only,
+                },
+                32,
+                Some(&self.caches.ipv4),
+                Some(&self.caches.ipv6),
+            )
+            .await;
+        match found {
+            Ok(ips) if ips.contains(&ip) => Forward::Confirmed,
+            Err(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(_))) => Forward::Trouble,
+            _ => Forward::Elsewhere,
+        }
     }
 
     /// The addresses `name` resolves to (A records, else AAAA), for `mxgate check`'s
@@ -333,6 +383,23 @@ impl Authenticator {
         });
         let dkim: Vec<DkimCheck> = dkim_outputs.iter().map(dkim_check).collect();
         let mut arc = arc_check(&arc_output);
+        if arc_unfinished {
+            // Who the chain says sealed last, unverified: a trusted sealer's unfinished
+            // chain defers rather than refuses (`verdict::trusted_sealer_override`).
+            arc.instances = message.as_headers.len() as u32;
+            arc.sealer = message
+                .as_headers
+                .last()
+                .map(|h| h.header.d.to_ascii_lowercase());
+            arc.signer = message
+                .ams_headers
+                .last()
+                .map(|h| h.header.d.to_ascii_lowercase());
+            arc.sealer_results = message
+                .aar_headers
+                .last()
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
+        }
         // mail-auth reports `none` when there is no ARC-Message-Signature, even if ARC-Seal
         // or ARC-Authentication-Results are present, and a neutral result without sets
         // when an ARC header field does not parse (`cv=bogus`): both are broken chains.
@@ -491,6 +558,7 @@ fn arc_check(output: &ArcOutput<'_>) -> ArcCheck {
         result,
         instances: output.sets().len() as u32,
         sealer: last.map(|set| set.seal.header.d.to_ascii_lowercase()),
+        signer: last.map(|set| set.signature.header.d.to_ascii_lowercase()),
         sealer_results: last.map(|set| {
             String::from_utf8_lossy(set.results.value)
                 .trim()

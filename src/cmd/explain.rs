@@ -7,10 +7,12 @@ use crate::auth::Authenticator;
 use crate::config;
 use crate::findings::AuthReport;
 use crate::pipeline::evaluate::{Input, Sources, Unchecked, evaluate};
-use crate::pipeline::rules::{DataFacts, DnsFacts, PolicyHit, full_facts, spf_record_results};
+use crate::pipeline::rules::{
+    DataFacts, DnsFacts, PolicyDecision, PolicyHit, full_facts, spf_record_results,
+};
 use crate::pipeline::verdict::{Action, Verdict};
 use crate::pipeline::{EnvelopeChecks, Evaluation};
-use crate::policy::RuleAction;
+use crate::policy::{RuleAction, Truth};
 use crate::rewrite::auth_results::unfolded;
 use crate::smtp::data::BdatReader;
 use crate::smtp::reply::Reply;
@@ -129,6 +131,9 @@ struct RuleView {
 struct ConditionView {
     condition: String,
     result: bool,
+    /// The condition could hold, but DNS trouble kept it from being decided.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    temperror: bool,
 }
 
 /// Recipients a rule refuses at RCPT (reject or tempfail), with that rule: as live, they
@@ -139,6 +144,11 @@ fn rcpt_refusals(snapshot: &Snapshot, facts: &DataFacts, rcpts: &[String]) -> Ve
         .filter_map(|rcpt| {
             let evaluation =
                 crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts.at_rcpt(rcpt));
+            // As live: a rule DNS trouble left undecided holds the decision back to the
+            // end of data.
+            if !evaluation.temperror.is_empty() {
+                return None;
+            }
             let rule = evaluation.decision?;
             let (RuleAction::Reject(reply) | RuleAction::Tempfail(reply)) = &rule.action else {
                 return None;
@@ -188,12 +198,10 @@ impl RcptRefusal {
 }
 
 /// Evaluates every rule on complete facts: the decision and the trace.
-fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, Vec<RuleView>) {
+fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (PolicyDecision, Vec<RuleView>) {
     let facts = facts.facts();
     let evaluation = crate::policy::evaluate(snapshot.policy.disposition_rules(), &facts);
-    let hit = evaluation
-        .decision
-        .map(|rule| crate::pipeline::rules::hit(rule, &rule.action, crate::policy::Stage::Data));
+    let decision = crate::pipeline::rules::at_data(&evaluation);
     let trace = snapshot
         .policy
         .rules
@@ -202,9 +210,13 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
             let conditions: Vec<ConditionView> = rule
                 .conditions
                 .iter()
-                .map(|c| ConditionView {
-                    condition: c.to_string(),
-                    result: c.test_for(&facts, &rule.action).unwrap_or(false),
+                .map(|c| {
+                    let truth = c.test_for(&facts, &rule.action);
+                    ConditionView {
+                        condition: c.to_string(),
+                        result: truth == Some(Truth::True),
+                        temperror: truth == Some(Truth::Temperror),
+                    }
                 })
                 .collect();
             RuleView {
@@ -217,7 +229,7 @@ fn policy_trace(snapshot: &Snapshot, facts: &DataFacts) -> (Option<PolicyHit>, V
             }
         })
         .collect();
-    (hit, trace)
+    (decision, trace)
 }
 
 #[derive(Serialize)]
@@ -452,7 +464,13 @@ impl Sources for Offline<'_> {
         async move {
             let request = self.request;
             let (envelope, records) = tokio::join!(
-                EnvelopeChecks::run(&auth, self.ip, &request.helo, &request.mail_from),
+                EnvelopeChecks::run(
+                    &auth,
+                    self.ip,
+                    &request.helo,
+                    &request.mail_from,
+                    &self.snapshot.policy.trusted_hosts
+                ),
                 spf_record_results(
                     &auth,
                     self.ip,
@@ -466,7 +484,7 @@ impl Sources for Offline<'_> {
         }
     }
 
-    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> Option<PolicyHit> {
+    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> PolicyDecision {
         let request = self.request;
         let facts_for = |rcpts: &[String]| {
             full_facts(
@@ -487,17 +505,18 @@ impl Sources for Offline<'_> {
             .filter(|r| !refused.iter().any(|x| &x.rcpt == *r))
             .cloned()
             .collect();
-        let (hit, trace) = policy_trace(self.snapshot, &facts_for(&remaining));
+        let (mut decision, trace) = policy_trace(self.snapshot, &facts_for(&remaining));
         // Every recipient refused at RCPT: the message never gets to its data.
-        let hit = match (remaining.is_empty(), refused.first()) {
-            (true, Some(first)) => first.hit.clone(),
-            _ => hit,
+        if let (true, Some(first)) = (remaining.is_empty(), refused.first()) {
+            decision = PolicyDecision::decided(first.hit.clone());
         }
-        .map(|hit| at_connect(self.snapshot, self.ip, hit));
+        decision.hit = decision
+            .hit
+            .map(|hit| at_connect(self.snapshot, self.ip, hit));
         self.trace = trace;
         self.refused = refused;
-        self.hit = hit.clone();
-        hit
+        self.hit = decision.hit.clone();
+        decision
     }
 }
 
@@ -632,7 +651,14 @@ fn print_text(e: &Explanation<'_>) {
         for condition in &rule.conditions {
             println!(
                 "              {:<5} {}",
-                condition.result, condition.condition
+                if condition.temperror {
+                    "temperror"
+                } else if condition.result {
+                    "true"
+                } else {
+                    "false"
+                },
+                condition.condition
             );
         }
     }

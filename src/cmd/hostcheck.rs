@@ -66,7 +66,7 @@ async fn problem(auth: &Authenticator, name: &str) -> Option<String> {
     }
     let mut named = Vec::new();
     for ip in addresses.iter().take(MAX_ADDRESSES) {
-        let iprev = auth.iprev(*ip).await;
+        let iprev = auth.iprev(*ip, &[]).await;
         if iprev.confirmed.iter().any(|c| c.eq_ignore_ascii_case(name)) {
             return None;
         }

@@ -19,15 +19,17 @@ pub struct EnvelopeChecks {
 
 impl EnvelopeChecks {
     /// Runs the envelope checks one after another (for `explain`; the SMTP path starts
-    /// them as early as the protocol allows).
+    /// them as early as the protocol allows). `trusted_hosts`: the policy's
+    /// (`Policy::trusted_hosts`).
     pub async fn run(
         auth: &Authenticator,
         ip: std::net::IpAddr,
         helo: &str,
         mail_from: &str,
+        trusted_hosts: &[String],
     ) -> Self {
         let (iprev, helo_spf, spf) = tokio::join!(
-            auth.iprev(ip),
+            auth.iprev(ip, trusted_hosts),
             auth.spf_helo(ip, helo),
             auth.spf_mail_from(ip, helo, mail_from)
         );
@@ -52,6 +54,7 @@ impl Connection {
             result: AuthResult::TempError,
             ptr: Vec::new(),
             confirmed: Vec::new(),
+            unsure: Vec::new(),
         });
         let helo_spf = match &mut self.helo_spf {
             Some(pending) => pending.get().await.cloned(),
@@ -125,6 +128,7 @@ pub async fn assess<'m>(
                 instances: 0,
                 sealer: None,
                 sealer_results: None,
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {

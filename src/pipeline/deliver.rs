@@ -4,7 +4,7 @@
 use super::assess::EnvelopeChecks;
 use super::evaluate::{Evaluation, Input, Sources, Unchecked, evaluate};
 use super::record::Outcome;
-use super::rules::PolicyHit;
+use super::rules::PolicyDecision;
 use super::verdict::{Action, Verdict};
 use super::{Connection, Transaction, metrics};
 use crate::auth::{Authenticator, MessageVerification};
@@ -268,7 +268,7 @@ impl Sources for Live<'_> {
         self.conn.envelope_checks(self.tx)
     }
 
-    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> Option<PolicyHit> {
+    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> PolicyDecision {
         self.conn.policy_at_data(self.tx, report)
     }
 }
@@ -299,6 +299,14 @@ fn record_checks(tx: &mut Transaction, report: &AuthReport, verdict: &Verdict) {
     ));
     record.action = Some(verdict.action().as_str());
     record.rule = verdict.rule().map(|r| r.to_string());
+    if let Some(unsure) = &verdict.why().temperror {
+        tracing::info!(
+            id = %tx.id,
+            unsure = %unsure,
+            reason = %verdict.reason(),
+            "refusal deferred: DNS trouble kept evidence that would have let the message through from being checked"
+        );
+    }
     let guard_refused = own_domain_record(tx, verdict);
     let label = match (report.dmarc.result, verdict.action()) {
         // The own-domain guard refused, not DMARC (counted as reason `own_domain`).

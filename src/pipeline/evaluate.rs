@@ -9,7 +9,7 @@
 //! after the verdict (seal, rewrite, relay, records) is the caller's.
 
 use super::assess::{EnvelopeChecks, assess};
-use super::rules::PolicyHit;
+use super::rules::PolicyDecision;
 use super::verdict::{self, Verdict};
 use crate::auth::reading;
 use crate::auth::{Authenticator, MessageVerification};
@@ -43,7 +43,7 @@ pub trait Sources {
 
     /// The policy's decision at end of data on every fact (a decision made at an
     /// earlier stage stands); `report` is `None` when sender checks are disabled.
-    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> Option<PolicyHit>;
+    fn policy_at_data(&mut self, report: Option<&AuthReport>) -> PolicyDecision;
 }
 
 /// Why the sender checks did not run.
@@ -105,8 +105,8 @@ pub async fn evaluate<'m>(
         );
     }
     let Some(auth) = &snapshot.auth else {
-        let hit = sources.policy_at_data(None);
-        let mut verdict = verdict::decide(&snapshot.dmarc, None, hit.as_ref());
+        let decision = sources.policy_at_data(None);
+        let mut verdict = verdict::decide_policy(&snapshot.dmarc, None, &decision);
         if verdict.rule().is_none() {
             verdict.why_mut().reason = "sender checks are disabled (auth.enabled: false)".into();
         }
@@ -129,8 +129,8 @@ pub async fn evaluate<'m>(
     let from = froms.header();
     let envelope = sources.envelope_checks(auth).await;
     let (report, verification) = assess(auth, parsed, from, envelope, snapshot.auth_budget).await;
-    let hit = sources.policy_at_data(Some(&report));
-    let verdict = verdict::decide(&snapshot.dmarc, Some(&report), hit.as_ref());
+    let decision = sources.policy_at_data(Some(&report));
+    let verdict = verdict::decide_policy(&snapshot.dmarc, Some(&report), &decision);
     let results = matches!(verdict, Verdict::Deliver { .. }).then(|| {
         results_value(&ResultsInput {
             authserv_id: &snapshot.hostname,

@@ -54,7 +54,7 @@ pub struct Connection {
     iprev: Option<Pending<IprevCheck>>,
     helo_spf: Option<Pending<SpfCheck>>,
     /// Results of the SPF records the policy refers to, for the client IP.
-    spf_records: Option<Pending<std::collections::HashMap<String, bool>>>,
+    spf_records: Option<Pending<std::collections::HashMap<String, crate::findings::AuthResult>>>,
     /// A policy decision made at connect (it holds for every transaction).
     policy_hit: Option<rules::PolicyHit>,
     /// Shadow rules already counted for this connection.

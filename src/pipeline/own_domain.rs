@@ -14,7 +14,7 @@
 //! Pure: no I/O. The caller logs and counts what the guard decided.
 
 use super::rules::PolicyHit;
-use super::verdict::{Verdict, trusted_sealer_override};
+use super::verdict::{Action, Proof, Verdict, deferred, trusted_sealer_override};
 use crate::config::DmarcSettings;
 use crate::findings::{AuthReport, AuthResult};
 use crate::policy::RuleAction;
@@ -92,10 +92,14 @@ pub fn apply(
         why.own_domain = note("not_applied", "the message is refused anyway".into());
         return verdict;
     }
-    if let Some(why) = proof(settings, report, policy, &domain) {
-        verdict.why_mut().own_domain = note("pass", why);
-        return verdict;
-    }
+    let unsure = match proof(settings, report, policy, &domain) {
+        Proof::Holds(why) => {
+            verdict.why_mut().own_domain = note("pass", why);
+            return verdict;
+        }
+        Proof::Temperror(what) => Some(what),
+        Proof::Missing => None,
+    };
     let rule = verdict.rule().cloned();
     let mut refused = if report.dmarc.result == AuthResult::TempError {
         let mut v = Verdict::refuse(
@@ -123,53 +127,87 @@ pub fn apply(
         v
     };
     refused.why_mut().rule = rule;
-    refused
+    match unsure {
+        // Already a 4xx when DMARC itself could not be evaluated.
+        Some(what) if refused.action() == Action::Reject => {
+            deferred(refused, "the sender's authentication", what)
+        }
+        _ => refused,
+    }
 }
 
-/// What lets a message From our `domain` through, if anything.
+/// What lets a message From our `domain` through, if anything; `Temperror` when only
+/// DNS trouble kept a proof from holding: an SPF or DKIM check for an identifier
+/// aligned with our domain (so a look-up in our own zone, or a key our own domain
+/// publishes), or a trusted sealer's chain (see `trusted_sealer_override`).
 fn proof(
     settings: &DmarcSettings,
     report: &AuthReport,
     policy: Option<&PolicyHit>,
     domain: &str,
-) -> Option<String> {
+) -> Proof<String> {
     if let Some(hit) = policy
         && hit.action == RuleAction::Accept
         && hit.evidence
     {
-        return Some(format!("policy rule `{}` accepts on evidence", hit.rule));
+        return Proof::Holds(format!("policy rule `{}` accepts on evidence", hit.rule));
     }
     // Several From domains: the DMARC result is a summary (the strictest failure, or
     // one of the passes), which cannot vouch for each domain.
     if report.from.domains.len() != 1 {
-        return None;
+        return Proof::Missing;
     }
+    let mut unsure = None;
     match report.dmarc.result {
-        AuthResult::Pass => return Some("dmarc=pass".into()),
+        AuthResult::Pass => return Proof::Holds("dmarc=pass".into()),
         // No usable DMARC record of ours: alignment is judged here, relaxed, with the
         // configured domain as the organizational domain.
         AuthResult::None | AuthResult::PermError => {
-            let base = own_base(domain, &settings.own_domains)?;
-            if report.spf.result == AuthResult::Pass && at_or_below(&report.spf.domain, base) {
-                return Some(format!(
+            let Some(base) = own_base(domain, &settings.own_domains) else {
+                return Proof::Missing;
+            };
+            let spf_aligned = at_or_below(&report.spf.domain, base);
+            if report.spf.result == AuthResult::Pass && spf_aligned {
+                return Proof::Holds(format!(
                     "no DMARC record; spf=pass for {} is aligned",
                     report.spf.domain
                 ));
             }
-            if let Some(dkim) = report
-                .dkim
-                .iter()
-                .find(|d| d.result == AuthResult::Pass && at_or_below(&d.domain, base))
-            {
-                return Some(format!(
+            let dkim = |result| {
+                report
+                    .dkim
+                    .iter()
+                    .find(move |d| d.result == result && at_or_below(&d.domain, base))
+            };
+            if let Some(dkim) = dkim(AuthResult::Pass) {
+                return Proof::Holds(format!(
                     "no DMARC record; dkim=pass for d={} is aligned",
+                    dkim.domain
+                ));
+            }
+            if report.spf.result == AuthResult::TempError && spf_aligned {
+                unsure = Some(format!(
+                    "no DMARC record; spf for {} is aligned but could not be evaluated",
+                    report.spf.domain
+                ));
+            } else if let Some(dkim) = dkim(AuthResult::TempError) {
+                unsure = Some(format!(
+                    "no DMARC record; dkim for d={} is aligned but could not be verified",
                     dkim.domain
                 ));
             }
         }
         _ => {}
     }
-    trusted_sealer_override(settings, report).map(|note| note.reason)
+    match (trusted_sealer_override(settings, report), unsure) {
+        (Proof::Holds(note), _) => Proof::Holds(note.reason),
+        (_, Some(what)) => Proof::Temperror(what),
+        (Proof::Temperror(note), None) => Proof::Temperror(format!(
+            "{}, but its chain could not be validated",
+            note.reason
+        )),
+        (Proof::Missing, None) => Proof::Missing,
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +244,7 @@ mod tests {
                 result: AuthResult::None,
                 ptr: vec![],
                 confirmed: vec![],
+                unsure: vec![],
             },
             helo_spf: spf.clone(),
             spf,
@@ -215,6 +254,7 @@ mod tests {
                 instances: 0,
                 sealer: None,
                 sealer_results: None,
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {

@@ -5,7 +5,7 @@
 use super::{Connection, Pending, Transaction};
 use crate::auth::Authenticator;
 use crate::findings::{AuthReport, AuthResult};
-use crate::policy::{Facts, Policy, Rule, RuleAction, Stage, evaluate, metrics};
+use crate::policy::{Facts, Policy, Rule, RuleAction, RuleMatch, Stage, evaluate, metrics};
 use crate::smtp::reply::Reply;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,12 +21,31 @@ pub struct PolicyHit {
     pub evidence: bool,
 }
 
+/// The policy's decision at the end of data, with the rules before it that DNS trouble
+/// left undecided (each could have been the decision instead).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyDecision {
+    pub hit: Option<PolicyHit>,
+    pub temperror: Vec<PolicyHit>,
+}
+
+impl PolicyDecision {
+    pub fn decided(hit: Option<PolicyHit>) -> Self {
+        PolicyDecision {
+            hit,
+            temperror: Vec::new(),
+        }
+    }
+}
+
 /// Facts that need DNS, gathered at MAIL for the rules that use them.
 #[derive(Clone, Debug, Default)]
 pub struct DnsFacts {
     pub hosts: Option<Vec<String>>,
+    /// Host names DNS trouble kept from being confirmed (`IprevCheck::unsure`).
+    pub unsure_hosts: Vec<String>,
     pub iprev: Option<AuthResult>,
-    pub spf_records: Option<HashMap<String, bool>>,
+    pub spf_records: Option<HashMap<String, AuthResult>>,
     pub spf: Option<AuthResult>,
 }
 
@@ -93,6 +112,7 @@ impl Connection {
         let facts = Facts {
             client_ip: Some(self.client_ip),
             client_hosts: dns.hosts.as_deref(),
+            unsure_hosts: &dns.unsure_hosts,
             helo: self.helo.as_deref(),
             spf_records: dns.spf_records.as_ref(),
             envelope_from: Some(&tx.mail_from),
@@ -102,7 +122,10 @@ impl Connection {
             ..Facts::default()
         };
         let mut seen = std::mem::take(&mut tx.shadow_seen);
-        let tls_rule = decide(policy.tls_rules(), &facts, &mut seen);
+        // A TLS rule DNS trouble left undecided is passed over, as one that does not
+        // match: TLS rules decide only whether STARTTLS is needed, which the client can
+        // give.
+        let tls_rule = count_shadow(evaluate(policy.tls_rules(), &facts), &mut seen).decision;
         let required = match tls_rule.map(|r| &r.action) {
             Some(RuleAction::RequireTls) => true,
             Some(RuleAction::AllowPlaintext) => false,
@@ -147,6 +170,7 @@ impl Connection {
         let facts = Facts {
             client_ip: Some(self.client_ip),
             client_hosts: dns.hosts.as_deref(),
+            unsure_hosts: &dns.unsure_hosts,
             helo: self.helo.as_deref(),
             spf_records: dns.spf_records.as_ref(),
             envelope_from: Some(&tx.mail_from),
@@ -174,33 +198,40 @@ impl Connection {
         &mut self,
         tx: &mut Transaction,
         report: Option<&AuthReport>,
-    ) -> Option<PolicyHit> {
+    ) -> PolicyDecision {
         if let Some(hit) = self.policy_hit.clone().or_else(|| tx.policy_hit.clone()) {
-            return Some(hit);
+            return PolicyDecision::decided(Some(hit));
         }
-        let policy = self.policy()?;
+        let Some(policy) = self.policy() else {
+            return PolicyDecision::default();
+        };
         let facts = data_facts(self, tx, report);
         let mut seen = std::mem::take(&mut tx.shadow_seen);
-        let decided = decide(policy.disposition_rules(), &facts.facts(), &mut seen).map(|rule| {
-            metrics::hit(rule);
-            hit(rule, &rule.action, Stage::Data)
-        });
+        let evaluation = count_shadow(
+            evaluate(policy.disposition_rules(), &facts.facts()),
+            &mut seen,
+        );
         tx.shadow_seen = seen;
-        decided
+        let decision = at_data(&evaluation);
+        if let Some(rule) = evaluation.decision {
+            metrics::hit(rule);
+        }
+        decision
     }
 
     async fn gather_dns_facts(&mut self, policy: &Policy, tx: &mut Transaction) -> DnsFacts {
         let mut facts = DnsFacts::default();
         if policy.needs_hosts {
             // No pending check: sender checks are off (none); a check that died: temperror.
-            let (hosts, result) = match &mut self.iprev {
+            let (hosts, unsure, result) = match &mut self.iprev {
                 Some(pending) => match pending.get().await {
-                    Some(iprev) => (iprev.confirmed.clone(), iprev.result),
-                    None => (Vec::new(), AuthResult::TempError),
+                    Some(iprev) => (iprev.confirmed.clone(), iprev.unsure.clone(), iprev.result),
+                    None => (Vec::new(), Vec::new(), AuthResult::TempError),
                 },
-                None => (Vec::new(), AuthResult::None),
+                None => (Vec::new(), Vec::new(), AuthResult::None),
             };
             facts.hosts = Some(hosts);
+            facts.unsure_hosts = unsure;
             facts.iprev = Some(result);
         }
         if !policy.spf_records.is_empty() {
@@ -230,11 +261,13 @@ pub struct DataFacts {
     envelope_from: String,
     rcpts: Vec<String>,
     hosts: Vec<String>,
-    spf_records: HashMap<String, bool>,
+    unsure_hosts: Vec<String>,
+    spf_records: HashMap<String, AuthResult>,
     spf: AuthResult,
     iprev: AuthResult,
     header_from: Vec<String>,
     dkim_pass: Vec<String>,
+    dkim_temperror: Vec<String>,
     dmarc: AuthResult,
     arc: AuthResult,
     own_domain: bool,
@@ -259,6 +292,7 @@ impl DataFacts {
         Facts {
             client_ip: Some(self.client_ip),
             client_hosts: Some(&self.hosts),
+            unsure_hosts: &self.unsure_hosts,
             helo: Some(self.helo.as_deref().unwrap_or("")),
             spf_records: Some(&self.spf_records),
             envelope_from: Some(&self.envelope_from),
@@ -268,6 +302,7 @@ impl DataFacts {
             iprev: Some(self.iprev),
             header_from: Some(&self.header_from),
             dkim_pass: Some(&self.dkim_pass),
+            dkim_temperror: &self.dkim_temperror,
             dmarc: Some(self.dmarc),
             arc: Some(self.arc),
             own_domain: Some(self.own_domain),
@@ -317,22 +352,29 @@ pub fn full_facts(
             .map(|r| r.iprev.confirmed.clone())
             .or_else(|| dns.hosts.clone())
             .unwrap_or_default(),
+        unsure_hosts: report.map_or_else(|| dns.unsure_hosts.clone(), |r| r.iprev.unsure.clone()),
         spf_records: dns.spf_records.clone().unwrap_or_default(),
         spf: report.map_or(AuthResult::None, |r| r.spf.result),
         iprev: report.map_or(AuthResult::None, |r| r.iprev.result),
         header_from,
-        dkim_pass: report
-            .map(|r| {
-                r.dkim
-                    .iter()
-                    .filter(|d| d.result == AuthResult::Pass)
-                    .map(|d| d.domain.clone())
-                    .collect()
-            })
-            .unwrap_or_default(),
+        dkim_pass: dkim_domains(report, AuthResult::Pass),
+        dkim_temperror: dkim_domains(report, AuthResult::TempError),
         dmarc: report.map_or(AuthResult::None, |r| r.dmarc.result),
         arc: report.map_or(AuthResult::None, |r| r.arc.result),
     }
+}
+
+/// The `d=` of the DKIM signatures with this result.
+fn dkim_domains(report: Option<&AuthReport>, result: AuthResult) -> Vec<String> {
+    report
+        .map(|r| {
+            r.dkim
+                .iter()
+                .filter(|d| d.result == result)
+                .map(|d| d.domain.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What is known at connect, before waiting for DNS: the client IP.
@@ -343,43 +385,67 @@ pub fn connect_facts(client_ip: std::net::IpAddr) -> Facts<'static> {
     }
 }
 
-/// Whether each SPF record the rules refer to authorises the client, with the same
-/// identities as the MAIL FROM SPF check: for the SMTP path (started at MAIL) and
-/// `explain` alike.
+/// The SPF result of each record the rules refer to for the client (`pass`: it
+/// authorises the client; `temperror`: DNS trouble), with the same identities as the
+/// MAIL FROM SPF check: for the SMTP path (started at MAIL) and `explain` alike.
 pub async fn spf_record_results(
     auth: &Authenticator,
     ip: std::net::IpAddr,
     records: &[String],
     helo: &str,
     mail_from: &str,
-) -> HashMap<String, bool> {
+) -> HashMap<String, AuthResult> {
     let mut results = HashMap::with_capacity(records.len());
     for record in records {
-        let authorised = auth
+        let result = auth
             .spf_record_authorizes(ip, record, helo, mail_from)
-            .await
-            == AuthResult::Pass;
-        results.insert(record.clone(), authorised);
+            .await;
+        results.insert(record.clone(), result);
     }
     results
 }
 
-/// Evaluates `rules`, counting shadow matches once per transaction; the caller counts
-/// the decision when it applies it.
-fn decide<'p>(
-    rules: impl Iterator<Item = &'p Rule>,
-    facts: &Facts<'_>,
-    seen: &mut Vec<Arc<str>>,
-) -> Option<&'p Rule> {
-    let evaluation = evaluate(rules, facts);
-    for rule in evaluation.shadow {
+/// Counts and logs the shadow rules that matched, once per transaction; the caller
+/// counts the decision when it applies it.
+fn count_shadow<'p>(evaluation: RuleMatch<'p>, seen: &mut Vec<Arc<str>>) -> RuleMatch<'p> {
+    for rule in &evaluation.shadow {
         if !seen.contains(&rule.name) {
             seen.push(rule.name.clone());
             metrics::hit(rule);
             tracing::info!(rule = %rule.name, action = rule.action.name(), origin = %rule.origin, "shadow rule matched (not applied)");
         }
     }
-    evaluation.decision
+    evaluation
+}
+
+/// Evaluates `rules` at a stage before the end of data. A rule that DNS trouble left
+/// undecided holds the decision back to the end of data, where the verdict can weigh
+/// what it would have decided (see `at_data`).
+fn decide<'p>(
+    rules: impl Iterator<Item = &'p Rule>,
+    facts: &Facts<'_>,
+    seen: &mut Vec<Arc<str>>,
+) -> Option<&'p Rule> {
+    let evaluation = count_shadow(evaluate(rules, facts), seen);
+    if evaluation.temperror.is_empty() {
+        evaluation.decision
+    } else {
+        None
+    }
+}
+
+/// The decision at the end of data, with the rules DNS trouble left undecided.
+pub fn at_data(evaluation: &RuleMatch<'_>) -> PolicyDecision {
+    PolicyDecision {
+        hit: evaluation
+            .decision
+            .map(|rule| hit(rule, &rule.action, Stage::Data)),
+        temperror: evaluation
+            .temperror
+            .iter()
+            .map(|rule| hit(rule, &rule.action, Stage::Data))
+            .collect(),
+    }
 }
 
 pub fn hit(rule: &Rule, action: &RuleAction, stage: Stage) -> PolicyHit {

@@ -25,7 +25,10 @@ impl Connection {
         self.policy_at_connect()?;
         if let Some(auth) = self.auth.clone() {
             let ip = self.client_ip;
-            self.iprev = Some(Pending::spawn(async move { auth.iprev(ip).await }));
+            let policy = self.snapshot.policy.clone();
+            self.iprev = Some(Pending::spawn(async move {
+                auth.iprev(ip, &policy.trusted_hosts).await
+            }));
         }
         Ok(())
     }

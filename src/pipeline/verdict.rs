@@ -1,7 +1,7 @@
 //! The decision for a message, from the checks' results and the configuration: deliver,
 //! quarantine, reject or tempfail. Pure: no I/O, no clock.
 
-use super::rules::PolicyHit;
+use super::rules::{PolicyDecision, PolicyHit};
 use crate::config::{DmarcSettings, TempErrorAction};
 use crate::findings::{AuthReport, AuthResult, DmarcPolicy};
 use crate::policy::RuleAction;
@@ -59,6 +59,19 @@ pub struct Why {
     pub rule: Option<Arc<str>>,
     /// What the own-domain guard decided, when From is one of our domains.
     pub own_domain: Option<super::own_domain::GuardNote>,
+    /// A refusal for good deferred because DNS trouble kept evidence that would have
+    /// spared the message from being checked: which evidence.
+    pub temperror: Option<String>,
+}
+
+/// Evidence that lets a message through, three-valued like the policy's conditions
+/// (`policy::Truth`): it holds, it could not be checked for DNS trouble, or it is
+/// missing. What it carries says what the evidence is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proof<T> {
+    Holds(T),
+    Temperror(T),
+    Missing,
 }
 
 impl Verdict {
@@ -177,6 +190,55 @@ impl Verdict {
     }
 }
 
+/// Decides with the policy's whole decision at the end of data: a refusal for good that
+/// one of the rules DNS trouble left undecided would have spared (had it matched, the
+/// verdict would not have been a 5xx) becomes a `451 4.7.5`. The sender retries, and
+/// the rule is decided again then. A rule that cannot spare anything (a `reject`, or an
+/// `accept` whose message is refused anyway) changes nothing.
+pub fn decide_policy(
+    settings: &DmarcSettings,
+    report: Option<&AuthReport>,
+    decision: &PolicyDecision,
+) -> Verdict {
+    let verdict = decide(settings, report, decision.hit.as_ref());
+    if verdict.action() != Action::Reject {
+        return verdict;
+    }
+    let spared = decision
+        .temperror
+        .iter()
+        .find(|doubt| decide(settings, report, Some(doubt)).action() != Action::Reject);
+    match spared {
+        Some(doubt) => deferred(
+            verdict,
+            "the sender's allowlist evidence",
+            format!("policy rule `{}` could not be decided", doubt.rule),
+        ),
+        None => verdict,
+    }
+}
+
+/// `refused` as a `451 4.7.5`: evidence that would have spared it could not be checked.
+/// `what` is for the client (no rule or host names), `why` for logs and `explain`.
+pub fn deferred(refused: Verdict, what: &str, why: String) -> Verdict {
+    let mut verdict = Verdict::refuse(
+        Reply::evidence_temperror(what),
+        format!("{}; deferred: {why} (DNS temperror)", refused.reason()),
+    );
+    let mut own_domain = refused.own_domain().cloned();
+    if let Some(note) = &mut own_domain
+        && note.decision == "refuse"
+    {
+        note.decision = "tempfail";
+        note.reason = format!("{}; deferred: {why} (DNS temperror)", note.reason);
+    }
+    let out = verdict.why_mut();
+    out.rule = refused.rule().cloned();
+    out.own_domain = own_domain;
+    out.temperror = Some(why);
+    verdict
+}
+
 /// Decides what happens to a message: a policy rule's decision first, then DMARC on
 /// the checks' `report` (absent when sender checks did not run), then the own-domain
 /// guard.
@@ -201,6 +263,17 @@ fn decide_policy_and_dmarc(
         };
     };
     let rule = format!("policy rule `{}`", hit.rule);
+    // A rule decides whether the sender may be believed, not whether From can be read:
+    // a From DMARC refuses (RFC 7489 6.6.1, and more than 10 domains whatever the
+    // configuration) is refused after an accept or a quarantine too.
+    if matches!(hit.action, RuleAction::Accept | RuleAction::Quarantine(_))
+        && let Some(report) = report
+        && let Some(refused) = from_refusal(settings, report)
+    {
+        let mut refused = refused;
+        refused.why_mut().rule = Some(hit.rule.clone());
+        return refused;
+    }
     let mut verdict = match &hit.action {
         RuleAction::Reject(reply) => Verdict::refuse(reply.clone(), format!("{rule} rejects")),
         RuleAction::Tempfail(reply) => Verdict::refuse(reply.clone(), format!("{rule} defers")),
@@ -216,11 +289,25 @@ fn decide_policy_and_dmarc(
                 verdict
             }
         }
-        RuleAction::Quarantine(to) => Verdict::quarantine(
-            format!("{rule} quarantines"),
-            settings.quarantine_header.clone(),
-            to.clone(),
-        ),
+        RuleAction::Quarantine(to) => {
+            let verdict = Verdict::quarantine(
+                format!("{rule} quarantines"),
+                settings.quarantine_header.clone(),
+                to.clone(),
+            );
+            // Delivered although DMARC asked for a rejection: say so, as for an accept.
+            if report.is_some_and(|r| {
+                r.dmarc.result == AuthResult::Fail && r.dmarc.applied_policy == DmarcPolicy::Reject
+            }) {
+                verdict.with_override(OverrideNote {
+                    reason: rule.clone(),
+                    kind: "local_policy",
+                    sealer: None,
+                })
+            } else {
+                verdict
+            }
+        }
         RuleAction::Tag(name, value) => {
             let mut verdict = match report {
                 Some(report) => decide_dmarc(settings, report),
@@ -242,15 +329,22 @@ fn decide_policy_and_dmarc(
     verdict
 }
 
-fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
+/// The refusal of a From that cannot be evaluated (RFC 7489 6.6.1), if it is one.
+fn from_refusal(settings: &DmarcSettings, report: &AuthReport) -> Option<Verdict> {
     // Too many author domains is a bound, not a matter of taste: refused either way.
-    if (settings.reject_invalid_from || report.from.too_many_domains())
-        && let Some(problem) = report.from.problem()
-    {
-        return Verdict::refuse(
-            Reply::from_header_invalid(problem),
-            format!("From header field: {problem}"),
-        );
+    if !(settings.reject_invalid_from || report.from.too_many_domains()) {
+        return None;
+    }
+    let problem = report.from.problem()?;
+    Some(Verdict::refuse(
+        Reply::from_header_invalid(problem),
+        format!("From header field: {problem}"),
+    ))
+}
+
+fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
+    if let Some(refused) = from_refusal(settings, report) {
+        return refused;
     }
     let dmarc = &report.dmarc;
     match dmarc.result {
@@ -272,9 +366,11 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
                     dmarc.domain
                 ));
             }
-            if dmarc.applied_policy != DmarcPolicy::None
-                && let Some(note) = trusted_sealer_override(settings, report)
-            {
+            let sealer = match dmarc.applied_policy {
+                DmarcPolicy::None => Proof::Missing,
+                _ => trusted_sealer_override(settings, report),
+            };
+            if let Proof::Holds(note) = sealer {
                 return Verdict::deliver(format!(
                     "DMARC failed for {} ({failure}) but {}",
                     dmarc.domain, note.reason
@@ -282,10 +378,20 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
                 .with_override(note);
             }
             match dmarc.applied_policy {
-                DmarcPolicy::Reject => Verdict::refuse(
-                    Reply::dmarc_reject(&dmarc.domain, failure),
-                    format!("DMARC p=reject failed for {} ({failure})", dmarc.domain),
-                ),
+                DmarcPolicy::Reject => {
+                    let refused = Verdict::refuse(
+                        Reply::dmarc_reject(&dmarc.domain, failure),
+                        format!("DMARC p=reject failed for {} ({failure})", dmarc.domain),
+                    );
+                    match sealer {
+                        Proof::Temperror(note) => deferred(
+                            refused,
+                            "a trusted ARC sealer's chain",
+                            format!("{}, but its chain could not be validated", note.reason),
+                        ),
+                        _ => refused,
+                    }
+                }
                 DmarcPolicy::Quarantine => Verdict::quarantine(
                     format!("DMARC p=quarantine failed for {} ({failure})", dmarc.domain),
                     settings.quarantine_header.clone(),
@@ -309,13 +415,35 @@ fn decide_dmarc(settings: &DmarcSettings, report: &AuthReport) -> Verdict {
 ///   sealed himself ends with his own domain);
 /// - that sealer's ARC-Authentication-Results says DMARC passed for this From domain,
 ///   or SPF or DKIM passed for an identifier aligned with it.
+///
+/// `Temperror` when the last two hold but validation ended in a temperror (DNS trouble,
+/// or unfinished at `auth.timeouts.end_of_data`), and only when the newest
+/// ARC-Message-Signature is the sealer's own: validation looks up its key first and the
+/// newest seal's next, both in the sealer's zone, so a chain an attacker forged in the
+/// sealer's name fails there, and cannot end in a temperror through a key of his own.
 pub fn trusted_sealer_override(
     settings: &DmarcSettings,
     report: &AuthReport,
-) -> Option<OverrideNote> {
-    if report.arc.result != AuthResult::Pass {
-        return None;
+) -> Proof<OverrideNote> {
+    let Some(note) = sealer_record(settings, report) else {
+        return Proof::Missing;
+    };
+    let signed_by_sealer = report
+        .arc
+        .signer
+        .as_deref()
+        .zip(report.arc.sealer.as_deref())
+        .is_some_and(|(signer, sealer)| signer.eq_ignore_ascii_case(sealer));
+    match report.arc.result {
+        AuthResult::Pass => Proof::Holds(note),
+        AuthResult::TempError if signed_by_sealer => Proof::Temperror(note),
+        _ => Proof::Missing,
     }
+}
+
+/// What the newest ARC set says, if it is a trusted sealer's and records a pass for our
+/// From domain; whether the chain validates is for the caller.
+fn sealer_record(settings: &DmarcSettings, report: &AuthReport) -> Option<OverrideNote> {
     let sealer = report.arc.sealer.as_deref()?;
     if !settings
         .trusted_sealers
@@ -413,6 +541,7 @@ mod tests {
                 result: AuthResult::None,
                 ptr: vec![],
                 confirmed: vec![],
+                unsure: vec![],
             },
             helo_spf: spf.clone(),
             spf,
@@ -422,6 +551,7 @@ mod tests {
                 instances: 0,
                 sealer: None,
                 sealer_results: None,
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {
@@ -565,6 +695,7 @@ mod override_tests {
                 result: AuthResult::None,
                 ptr: vec![],
                 confirmed: vec![],
+                unsure: vec![],
             },
             helo_spf: spf.clone(),
             spf,
@@ -574,6 +705,7 @@ mod override_tests {
                 instances: 1,
                 sealer: Some(sealer.into()),
                 sealer_results: Some(aar.into()),
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {
@@ -783,6 +915,7 @@ mod policy_tests {
                 result: AuthResult::Pass,
                 ptr: vec![],
                 confirmed: vec![],
+                unsure: vec![],
             },
             helo_spf: spf.clone(),
             spf,
@@ -792,6 +925,7 @@ mod policy_tests {
                 instances: 0,
                 sealer: None,
                 sealer_results: None,
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {

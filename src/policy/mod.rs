@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod rules;
 
-pub use rules::{Facts, Rule, RuleAction, RuleMatch, Stage, evaluate};
+pub use rules::{Facts, Rule, RuleAction, RuleMatch, Stage, Truth, evaluate};
 use std::path::PathBuf;
 
 #[derive(Debug, Default)]
@@ -24,19 +24,35 @@ pub struct Policy {
     pub needs_hosts: bool,
     /// Whether any rule needs the MAIL FROM SPF result before the end of data.
     pub needs_spf: bool,
+    /// The exact host names of `client_host` conditions: when the client's PTR look-up
+    /// fails, iprev looks them up to tell which the client may still be.
+    pub trusted_hosts: Vec<String>,
 }
 
 impl Policy {
     pub fn new(rules: Vec<Rule>, files: Vec<PathBuf>) -> Self {
         let mut spf_records = Vec::new();
+        let mut trusted_hosts = Vec::new();
         for rule in &rules {
             for condition in &rule.conditions {
-                if let rules::Condition::SpfRecord(records) = condition {
-                    for record in records {
-                        if !spf_records.contains(record) {
-                            spf_records.push(record.clone());
+                match condition {
+                    rules::Condition::SpfRecord(records) => {
+                        for record in records {
+                            if !spf_records.contains(record) {
+                                spf_records.push(record.clone());
+                            }
                         }
                     }
+                    rules::Condition::ClientHost(names) => {
+                        for name in names {
+                            if let rules::NamePattern::Exact(name) = name
+                                && !trusted_hosts.contains(name)
+                            {
+                                trusted_hosts.push(name.clone());
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -46,6 +62,7 @@ impl Policy {
                 .any(|r| r.uses("client_host") || r.uses("iprev")),
             needs_spf: rules.iter().any(|r| r.uses("spf")),
             spf_records,
+            trusted_hosts,
             rules,
             files,
         }

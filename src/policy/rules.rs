@@ -148,15 +148,63 @@ impl Stage {
     }
 }
 
+/// A known condition's value: three-valued, so that DNS trouble is never mistaken for a
+/// clean "no". `Temperror`: the condition could hold, but a look-up it depends on failed
+/// or did not finish (a PTR that timed out, an SPF record that SERVFAILed, a DKIM key
+/// that never came). A permanent answer (`fail`, no such record) is `False`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Truth {
+    True,
+    False,
+    Temperror,
+}
+
+impl Truth {
+    /// The first of `items` that holds decides; otherwise any temperror; otherwise false.
+    fn any<T>(items: impl IntoIterator<Item = T>, mut test: impl FnMut(T) -> Truth) -> Truth {
+        let mut found = Truth::False;
+        for item in items {
+            match test(item) {
+                Truth::True => return Truth::True,
+                Truth::Temperror => found = Truth::Temperror,
+                Truth::False => {}
+            }
+        }
+        found
+    }
+
+    /// A fact that holds, or failed only for DNS trouble, or did not.
+    fn of(holds: bool, temperror: bool) -> Truth {
+        match (holds, temperror) {
+            (true, _) => Truth::True,
+            (false, true) => Truth::Temperror,
+            (false, false) => Truth::False,
+        }
+    }
+
+    /// The word `explain` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Truth::True => "true",
+            Truth::False => "false",
+            Truth::Temperror => "temperror",
+        }
+    }
+}
+
 /// What is known about a message at some stage; `None` means "not known yet".
 #[derive(Clone, Debug, Default)]
 pub struct Facts<'a> {
     pub client_ip: Option<IpAddr>,
     /// Forward-confirmed host names.
     pub client_hosts: Option<&'a [String]>,
+    /// Host names that may be the client's but could not be confirmed for DNS trouble
+    /// (`IprevCheck::unsure`).
+    pub unsure_hosts: &'a [String],
     pub helo: Option<&'a str>,
-    /// For each SPF record name the policy uses: does it authorise the client IP?
-    pub spf_records: Option<&'a HashMap<String, bool>>,
+    /// For each SPF record name the policy uses: its result for the client IP (`pass`:
+    /// authorised).
+    pub spf_records: Option<&'a HashMap<String, AuthResult>>,
     pub envelope_from: Option<&'a str>,
     /// At RCPT, the recipient being decided; at the end of data, all of them (an `rcpt`
     /// condition of an `accept` must hold for each, of any other action for one).
@@ -168,33 +216,46 @@ pub struct Facts<'a> {
     pub header_from: Option<&'a [String]>,
     /// Domains with a passing DKIM signature.
     pub dkim_pass: Option<&'a [String]>,
+    /// Domains of DKIM signatures whose verification ended in a temperror (a key
+    /// look-up that failed or did not finish).
+    pub dkim_temperror: &'a [String],
     pub dmarc: Option<AuthResult>,
     pub arc: Option<AuthResult>,
     /// Every From address is in one of our own domains.
     pub own_domain: Option<bool>,
 }
 
-fn any<T>(known: Option<T>, test: impl FnOnce(T) -> bool) -> Option<bool> {
-    known.map(test)
+fn any<T>(known: Option<T>, test: impl FnOnce(T) -> bool) -> Option<Truth> {
+    known.map(|k| if test(k) { Truth::True } else { Truth::False })
+}
+
+/// A result-word condition: a temperror it does not name itself could have been any
+/// other result, so the condition's truth is unknown.
+fn result_in(known: Option<AuthResult>, results: &[AuthResult]) -> Option<Truth> {
+    known.map(|r| Truth::of(results.contains(&r), r == AuthResult::TempError))
 }
 
 impl Condition {
-    /// `Some(true/false)` when the facts it needs are known, `None` otherwise.
-    pub fn test(&self, facts: &Facts<'_>) -> Option<bool> {
+    /// `Some(truth)` when the facts it needs are known, `None` otherwise.
+    pub fn test(&self, facts: &Facts<'_>) -> Option<Truth> {
         match self {
             Condition::ClientIp(nets) => {
                 any(facts.client_ip, |ip| nets.iter().any(|n| n.contains(&ip)))
             }
-            Condition::ClientHost(patterns) => any(facts.client_hosts, |hosts| {
-                hosts.iter().any(|h| patterns.iter().any(|p| p.matches(h)))
+            Condition::ClientHost(patterns) => facts.client_hosts.map(|hosts| {
+                let matches =
+                    |list: &[String]| list.iter().any(|h| patterns.iter().any(|p| p.matches(h)));
+                Truth::of(matches(hosts), matches(facts.unsure_hosts))
             }),
             Condition::Helo(patterns) => {
                 any(facts.helo, |helo| patterns.iter().any(|p| p.matches(helo)))
             }
-            Condition::SpfRecord(records) => any(facts.spf_records, |known| {
-                records
-                    .iter()
-                    .any(|r| known.get(r).copied().unwrap_or(false))
+            Condition::SpfRecord(records) => facts.spf_records.map(|known| {
+                Truth::any(records, |r| match known.get(r) {
+                    Some(AuthResult::Pass) => Truth::True,
+                    Some(AuthResult::TempError) => Truth::Temperror,
+                    _ => Truth::False,
+                })
             }),
             Condition::EnvelopeFrom(patterns) => any(facts.envelope_from, |from| {
                 patterns.iter().any(|p| p.matches(from))
@@ -204,15 +265,15 @@ impl Condition {
                 // must not ride on an allowlisted one.
                 !froms.is_empty() && froms.iter().all(|f| patterns.iter().any(|p| p.matches(f)))
             }),
-            Condition::DkimDomain(patterns) => any(facts.dkim_pass, |domains| {
-                domains
-                    .iter()
-                    .any(|d| patterns.iter().any(|p| p.matches(d)))
+            Condition::DkimDomain(patterns) => facts.dkim_pass.map(|domains| {
+                let matches =
+                    |list: &[String]| list.iter().any(|d| patterns.iter().any(|p| p.matches(d)));
+                Truth::of(matches(domains), matches(facts.dkim_temperror))
             }),
-            Condition::Spf(results) => any(facts.spf, |r| results.contains(&r)),
-            Condition::Dmarc(results) => any(facts.dmarc, |r| results.contains(&r)),
-            Condition::Arc(results) => any(facts.arc, |r| results.contains(&r)),
-            Condition::Iprev(results) => any(facts.iprev, |r| results.contains(&r)),
+            Condition::Spf(results) => result_in(facts.spf, results),
+            Condition::Dmarc(results) => result_in(facts.dmarc, results),
+            Condition::Arc(results) => result_in(facts.arc, results),
+            Condition::Iprev(results) => result_in(facts.iprev, results),
             // Any recipient (see `test_for` for `accept`).
             Condition::Rcpt(patterns) => any(facts.rcpts, |rcpts| {
                 rcpts.iter().any(|r| patterns.iter().any(|p| p.matches(r)))
@@ -229,7 +290,7 @@ impl Condition {
     /// every recipient matches, so one mailbox that takes everything (abuse@) cannot
     /// lift the checks for the others; a restriction (tag, quarantine, reject) holds
     /// when any does, so adding a recipient cannot dodge it.
-    pub fn test_for(&self, facts: &Facts<'_>, action: &RuleAction) -> Option<bool> {
+    pub fn test_for(&self, facts: &Facts<'_>, action: &RuleAction) -> Option<Truth> {
         match (self, action) {
             (Condition::Rcpt(patterns), RuleAction::Accept) => any(facts.rcpts, |rcpts| {
                 !rcpts.is_empty() && rcpts.iter().all(|r| patterns.iter().any(|p| p.matches(r)))
@@ -389,18 +450,25 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// `Some(false)` as soon as one known condition fails; `Some(true)` when all are
-    /// known and hold; `None` otherwise.
-    pub fn test(&self, facts: &Facts<'_>) -> Option<bool> {
+    /// `Some(False)` as soon as one known condition fails; `Some(True)` when all are
+    /// known and hold; `Some(Temperror)` when all are known and none fails, but one
+    /// could not be decided for DNS trouble; `None` otherwise.
+    pub fn test(&self, facts: &Facts<'_>) -> Option<Truth> {
         let mut unknown = false;
+        let mut temperror = false;
         for condition in &self.conditions {
             match condition.test_for(facts, &self.action) {
-                Some(false) => return Some(false),
-                Some(true) => {}
+                Some(Truth::False) => return Some(Truth::False),
+                Some(Truth::True) => {}
+                Some(Truth::Temperror) => temperror = true,
                 None => unknown = true,
             }
         }
-        if unknown { None } else { Some(true) }
+        match (unknown, temperror) {
+            (true, _) => None,
+            (false, true) => Some(Truth::Temperror),
+            (false, false) => Some(Truth::True),
+        }
     }
 
     pub fn uses(&self, key: &str) -> bool {
@@ -412,28 +480,36 @@ impl Rule {
 /// evaluation.
 #[derive(Debug, Default)]
 pub struct RuleMatch<'p> {
-    /// The first rule (in order) that matched, if every rule before it is known not to.
+    /// The first rule (in order) that matched, if every rule before it is known not to
+    /// (or could not be decided for DNS trouble: see `temperror`).
     pub decision: Option<&'p Rule>,
     /// An earlier rule could still match once more facts are known: decide later.
     pub undecided: bool,
+    /// Rules before the decision that could not be decided for DNS trouble: each could
+    /// have been the decision. The caller must not refuse for good what one of them
+    /// would have let through.
+    pub temperror: Vec<&'p Rule>,
     /// Shadow rules that matched (counted and logged, not applied).
     pub shadow: Vec<&'p Rule>,
 }
 
 /// First match wins, in order. A rule whose facts are not all known yet stops the
 /// evaluation (unless a known condition already rules it out), because it could still
-/// match and it comes first. Shadow rules never stop anything.
+/// match and it comes first. A rule undecided for DNS trouble does not stop it (no later
+/// fact will decide it): it is noted, and evaluation goes on. Shadow rules never stop
+/// anything.
 pub fn evaluate<'p>(rules: impl IntoIterator<Item = &'p Rule>, facts: &Facts<'_>) -> RuleMatch<'p> {
     let mut found = RuleMatch::default();
     for rule in rules {
         match rule.test(facts) {
-            Some(false) => {}
-            Some(true) if rule.shadow => found.shadow.push(rule),
-            None if rule.shadow => {}
-            Some(true) => {
+            Some(Truth::False) => {}
+            Some(Truth::True) if rule.shadow => found.shadow.push(rule),
+            Some(Truth::Temperror) | None if rule.shadow => {}
+            Some(Truth::True) => {
                 found.decision = Some(rule);
                 return found;
             }
+            Some(Truth::Temperror) => found.temperror.push(rule),
             None => {
                 found.undecided = true;
                 return found;
@@ -489,9 +565,9 @@ mod tests {
     #[test]
     fn condition_table() {
         let hosts = vec!["smtp.od.visma.fi".to_string()];
-        let records: HashMap<String, bool> = [
-            ("_spf.netigate.se".to_string(), true),
-            ("_spf.ntgt.de".to_string(), false),
+        let records: HashMap<String, AuthResult> = [
+            ("_spf.netigate.se".to_string(), AuthResult::Pass),
+            ("_spf.ntgt.de".to_string(), AuthResult::Fail),
         ]
         .into();
         let froms = vec!["noreply@netvisor.fi".to_string()];
@@ -504,6 +580,7 @@ mod tests {
         let full = Facts {
             client_ip: Some("89.45.227.221".parse().unwrap()),
             client_hosts: Some(&hosts),
+            unsure_hosts: &[],
             helo: Some("mail.netigate.se"),
             spf_records: Some(&records),
             envelope_from: Some("survey@netigate.se"),
@@ -513,6 +590,7 @@ mod tests {
             iprev: Some(AuthResult::Pass),
             header_from: Some(&froms),
             dkim_pass: Some(&dkim),
+            dkim_temperror: &[],
             dmarc: Some(AuthResult::Fail),
             arc: Some(AuthResult::None),
             own_domain: Some(false),
@@ -593,7 +671,11 @@ mod tests {
             (Condition::TlsVersion(vec!["1.3".into()]), true),
         ];
         for (condition, expected) in &cases {
-            assert_eq!(condition.test(&full), Some(*expected), "{condition}");
+            assert_eq!(
+                condition.test(&full),
+                Some(Truth::of(*expected, false)),
+                "{condition}"
+            );
             assert_eq!(
                 condition.test(&Facts::default()),
                 None,
@@ -608,7 +690,7 @@ mod tests {
             Condition::HeaderFrom(vec![AddressPattern::Address("noreply@netvisor.fi".into())]);
         assert_eq!(
             netvisor.test(&mixed),
-            Some(false),
+            Some(Truth::False),
             "a second From address must not ride along"
         );
         let two_rcpts = vec![
@@ -622,7 +704,7 @@ mod tests {
         };
         assert_eq!(
             abuse.test_for(&both, &RuleAction::Accept),
-            Some(false),
+            Some(Truth::False),
             "an accept for one recipient must not decide for the others"
         );
         assert_eq!(
@@ -633,21 +715,21 @@ mod tests {
                 },
                 &RuleAction::Accept
             ),
-            Some(true)
+            Some(Truth::True)
         );
         assert_eq!(
             abuse.test_for(&both, &RuleAction::Quarantine(None)),
-            Some(true),
+            Some(Truth::True),
             "another recipient must not dodge a restriction"
         );
         let plaintext = Facts {
             tls: Some(None),
             ..Facts::default()
         };
-        assert_eq!(Condition::Tls(false).test(&plaintext), Some(true));
+        assert_eq!(Condition::Tls(false).test(&plaintext), Some(Truth::True));
         assert_eq!(
             Condition::TlsVersion(vec!["1.3".into()]).test(&plaintext),
-            Some(false)
+            Some(Truth::False)
         );
     }
 

@@ -256,6 +256,7 @@ mod tests {
                 result: AuthResult::Pass,
                 ptr: vec!["mail.sender.test".into()],
                 confirmed: vec!["mail.sender.test".into()],
+                unsure: vec![],
             },
             helo_spf: SpfCheck {
                 result: AuthResult::None,
@@ -286,6 +287,7 @@ mod tests {
                 instances: 0,
                 sealer: None,
                 sealer_results: None,
+                signer: None,
                 reason: None,
             },
             dmarc: DmarcCheck {

@@ -39,6 +39,7 @@ pub enum RejectReason {
     BackendUnavailable,
     Dmarc,
     DmarcTemperror,
+    EvidenceTemperror,
     InvalidFrom,
     OwnDomain,
     Policy,
@@ -70,6 +71,7 @@ impl RejectReason {
         RejectReason::BackendUnavailable,
         RejectReason::Dmarc,
         RejectReason::DmarcTemperror,
+        RejectReason::EvidenceTemperror,
         RejectReason::InvalidFrom,
         RejectReason::OwnDomain,
         RejectReason::Policy,
@@ -101,6 +103,7 @@ impl RejectReason {
             RejectReason::BackendUnavailable => "backend_unavailable",
             RejectReason::Dmarc => "dmarc",
             RejectReason::DmarcTemperror => "dmarc_temperror",
+            RejectReason::EvidenceTemperror => "evidence_temperror",
             RejectReason::InvalidFrom => "invalid_from",
             RejectReason::OwnDomain => "own_domain",
             RejectReason::Policy => "policy",
@@ -861,6 +864,22 @@ impl Reply {
         .because(RejectReason::DmarcTemperror)
     }
 
+    /// A refusal for good that evidence DNS trouble kept us from checking would have
+    /// spared (an `accept` rule's forward-confirmed host, SPF record or DKIM key, a
+    /// trusted sealer's chain, an aligned pass for our own domain): the sender retries.
+    /// `what` names the evidence, never the failing name.
+    pub fn evidence_temperror(what: &str) -> Self {
+        Reply::with(
+            451,
+            (4, 7, 5),
+            format!(
+                "Temporary DNS error while checking {}, try again later",
+                clean(what)
+            ),
+        )
+        .because(RejectReason::EvidenceTemperror)
+    }
+
     /// The own-domain guard (`dmarc.protect_own_domains`): mail from outside in the name
     /// of one of our own domains, without DMARC's proof or a policy rule's evidence.
     pub fn own_domain_spoof(domain: &str) -> Self {
@@ -938,7 +957,7 @@ mod tests {
             RejectReason::ALL.iter().map(|r| r.as_label()).collect();
         assert_eq!(labels.len(), RejectReason::ALL.len());
         // Adding a variant without listing it in ALL fails here: the count is that of the match.
-        assert_eq!(RejectReason::ALL.len(), 26);
+        assert_eq!(RejectReason::ALL.len(), 27);
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod deploy;
 mod dkim_rsa_sha1;
 mod dns_cache;
 mod e2e_postfix;
+mod evidence_temperror;
 mod explain;
 mod explain_agrees;
 mod haproxy;

@@ -731,3 +731,57 @@ async fn iprev_rules_decide_at_mail() {
     }
     gw.stop().await;
 }
+
+/// An accept decides whether the sender may be believed, not whether From can be read:
+/// a From naming more than 10 domains, or two From fields, is refused after it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_accepted_sender_still_needs_a_readable_from() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let (gw, _) = gateway(&dns, POLICY, "").await;
+    let many: Vec<String> = (0..11).map(|n| format!("a@d{n}.customer.test")).collect();
+    let eleven = mail::message("x@customer.test", "many")
+        .from_lines(&format!("From: {}\n", many.join(", ")))
+        .id_domain("x.test")
+        .text();
+    let reply = send(&gw, "192.0.2.20", "jane.doe@customer.test", &eleven).await;
+    assert_eq!((reply.code, reply.status()), (550, "5.7.1"), "{reply}");
+    let two = mail::message("x@customer.test", "two")
+        .from_lines("From: jane.doe@customer.test\nFrom: ceo@customer.test\n")
+        .id_domain("x.test")
+        .text();
+    let reply = send(&gw, "192.0.2.20", "jane.doe@customer.test", &two).await;
+    assert_eq!((reply.code, reply.status()), (550, "5.7.1"), "{reply}");
+    assert!(gw.delivered().is_empty());
+    gw.stop().await;
+}
+
+/// A p=reject failure a rule quarantines is delivered: Authentication-Results says the
+/// policy was overridden, as for an accept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantined_reject_failure_is_recorded_as_overridden() {
+    let dns = TestDns::start().await;
+    zone(&dns);
+    let policy = r#"rules:
+  - name: visma-quarantine
+    match:
+      client_host: smtp.od.visma.fi
+    action: quarantine
+"#;
+    let (gw, _) = gateway(&dns, policy, "").await;
+    let reply = send(
+        &gw,
+        "192.0.2.20",
+        "jane.doe@customer.test",
+        &message("jane.doe@customer.test", "q"),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let ar = results(&gw, 0);
+    assert!(
+        ar.contains("overridden by local policy: policy rule `visma-quarantine`")
+            && ar.contains("policy.override=local_policy"),
+        "{ar}"
+    );
+    gw.stop().await;
+}
