@@ -145,10 +145,14 @@ impl Authenticator {
                 }
             }
             // A PTR name whose address look-up failed: mail-auth tries two.
+            // Asked again, a name may now answer (the first try timed out while the
+            // resolver was still recursing): then it counts as what it says.
             (IprevResult::TempError(_), Some(_)) => {
                 for name in ptr.iter().take(2) {
-                    if self.forward(name, ip).await == Forward::Trouble {
-                        unsure.push(name.clone());
+                    match self.forward(name, ip).await {
+                        Forward::Confirmed => confirmed.push(name.clone()),
+                        Forward::Trouble => unsure.push(name.clone()),
+                        Forward::Elsewhere => {}
                     }
                 }
             }
@@ -156,9 +160,14 @@ impl Authenticator {
             // for his own addresses) decides that, so the client may be a trusted host
             // only if that host's own addresses (its owner's zone) say so, or cannot be
             // looked up.
+            // All at once: a dead zone among them costs one look-up's time, not eight.
             (IprevResult::TempError(_), None) => {
-                for name in trusted_hosts.iter().take(MAX_TRUSTED_HOSTS) {
-                    if self.forward(name, ip).await != Forward::Elsewhere {
+                let names = &trusted_hosts[..trusted_hosts.len().min(MAX_TRUSTED_HOSTS)];
+                let forwards =
+                    bounded::join_all(names.iter().map(|name| self.forward(name, ip)).collect())
+                        .await;
+                for (name, forward) in names.iter().zip(forwards) {
+                    if forward != Forward::Elsewhere {
                         unsure.push(name.clone());
                     }
                 }

@@ -112,7 +112,8 @@ fn is_fws(c: char) -> bool {
 
 /// RFC 8301 section 3.1: verifiers MUST NOT consider `rsa-sha1` signatures valid. A
 /// passing rsa-sha1 signature is turned into a failure (for DMARC too); the reason is
-/// what `dkim=fail` shows.
+/// what `dkim=fail` shows. So is one whose key look-up failed: it could not pass with
+/// the key in hand either, so DNS trouble must not make it count as undecided evidence.
 pub const RSA_SHA1_REFUSED: &str = "rsa-sha1 is not accepted (RFC 8301)";
 
 pub fn refuse_rsa_sha1<'m>(outputs: &mut [DkimOutput<'m>], message: &'m AuthenticatedMessage<'m>) {
@@ -121,7 +122,7 @@ pub fn refuse_rsa_sha1<'m>(outputs: &mut [DkimOutput<'m>], message: &'m Authenti
         let refused = output
             .signature()
             .is_some_and(|s| s.a == Algorithm::RsaSha1)
-            && matches!(output.result(), DkimResult::Pass);
+            && matches!(output.result(), DkimResult::Pass | DkimResult::TempError(_));
         if !refused {
             continue;
         }

@@ -236,7 +236,13 @@ impl Connection {
         }
         if !policy.spf_records.is_empty() {
             facts.spf_records = Some(match &mut self.spf_records {
-                Some(pending) => pending.get().await.cloned().unwrap_or_default(),
+                // A check that died is a temperror for every record, not a "no".
+                Some(pending) => match pending.get().await {
+                    Some(results) => results.clone(),
+                    None => (policy.spf_records.iter())
+                        .map(|record| (record.clone(), AuthResult::TempError))
+                        .collect(),
+                },
                 None => HashMap::new(),
             });
         }

@@ -24,8 +24,9 @@ pub struct Policy {
     pub needs_hosts: bool,
     /// Whether any rule needs the MAIL FROM SPF result before the end of data.
     pub needs_spf: bool,
-    /// The exact host names of `client_host` conditions: when the client's PTR look-up
-    /// fails, iprev looks them up to tell which the client may still be.
+    /// The exact host names of `client_host` conditions of accept and quarantine rules:
+    /// when the client's PTR look-up fails, iprev looks them up to tell which the client
+    /// may still be.
     pub trusted_hosts: Vec<String>,
 }
 
@@ -43,7 +44,11 @@ impl Policy {
                             }
                         }
                     }
-                    rules::Condition::ClientHost(names) => {
+                    // Only a rule that could spare a refusal is weighed when DNS
+                    // trouble leaves it undecided (see `RuleAction::could_spare`).
+                    rules::Condition::ClientHost(names)
+                        if rule.action.could_spare() && !rule.shadow =>
+                    {
                         for name in names {
                             if let rules::NamePattern::Exact(name) = name
                                 && !trusted_hosts.contains(name)

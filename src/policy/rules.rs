@@ -415,6 +415,12 @@ pub enum RuleAction {
 }
 
 impl RuleAction {
+    /// Whether this action, had its rule matched, could let through a message that is
+    /// otherwise refused for good: what a rule undecided for DNS trouble is weighed by.
+    pub fn could_spare(&self) -> bool {
+        matches!(self, RuleAction::Accept | RuleAction::Quarantine(_))
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             RuleAction::Accept => "accept",
@@ -509,7 +515,11 @@ pub fn evaluate<'p>(rules: impl IntoIterator<Item = &'p Rule>, facts: &Facts<'_>
                 found.decision = Some(rule);
                 return found;
             }
-            Some(Truth::Temperror) => found.temperror.push(rule),
+            Some(Truth::Temperror) if rule.action.could_spare() => found.temperror.push(rule),
+            // Only an accept or a quarantine could spare a refusal; any other rule left
+            // undecided is passed over as if it did not match, as before, so it cannot
+            // hold back per-recipient decisions that rules after it make.
+            Some(Truth::Temperror) => {}
             None => {
                 found.undecided = true;
                 return found;
@@ -813,6 +823,45 @@ mod tests {
         let evaluation = evaluate(&rules, &facts);
         assert_eq!(evaluation.shadow.len(), 1);
         assert_eq!(evaluation.decision.unwrap().name.as_ref(), "all");
+    }
+
+    /// A rule DNS trouble left undecided is weighed only if it could spare a refusal
+    /// (accept, quarantine); any other is passed over, so a recipient rule after it
+    /// still decides (and at RCPT, for that recipient alone).
+    #[test]
+    fn only_an_undecided_rule_that_could_spare_is_kept() {
+        let iprev_fail = || Condition::Iprev(vec![AuthResult::Fail]);
+        let former = || {
+            rule(
+                "former",
+                vec![Condition::Rcpt(vec![AddressPattern::Address(
+                    "former@example.test".into(),
+                )])],
+                RuleAction::Reject(Reply::policy_reject_default("x")),
+            )
+        };
+        let rcpts = vec!["former@example.test".to_string()];
+        let facts = Facts {
+            iprev: Some(AuthResult::TempError),
+            rcpts: Some(&rcpts),
+            ..Facts::default()
+        };
+        for (action, kept) in [
+            (RuleAction::Reject(Reply::policy_reject_default("y")), false),
+            (RuleAction::Tag("X-A".into(), "b".into()), false),
+            (RuleAction::Accept, true),
+            (RuleAction::Quarantine(None), true),
+        ] {
+            let name = action.name();
+            let rules = vec![rule(name, vec![iprev_fail()], action), former()];
+            let evaluation = evaluate(&rules, &facts);
+            assert_eq!(
+                evaluation.decision.unwrap().name.as_ref(),
+                "former",
+                "{name}"
+            );
+            assert_eq!(evaluation.temperror.len(), usize::from(kept), "{name}");
+        }
     }
 
     #[test]
