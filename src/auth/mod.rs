@@ -70,7 +70,11 @@ impl Authenticator {
         Ok((
             Authenticator {
                 resolver,
-                caches: DnsCaches::new(config.cache_entries.get(), config.timeout),
+                caches: DnsCaches::new(
+                    config.cache_max_bytes.get(),
+                    config.cache_entries.get(),
+                    config.timeout,
+                ),
                 host_domain: host_domain.to_string(),
                 dns_config: config.clone(),
                 spf_timeout_ms: std::sync::atomic::AtomicU64::new(

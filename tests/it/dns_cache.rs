@@ -1,6 +1,7 @@
 //! The shared DNS cache: answers are reused for their TTL, expired ones are asked
-//! again, and negative answers are cached too. One test function, because it reads the
-//! process-wide metrics.
+//! again, SPF's negative answers are cached too, and the cache is bounded in bytes: an
+//! answer over the per-entry cap is asked again, and many large ones evict each other.
+//! One test function, because it reads the process-wide metrics.
 
 use mxgate_test_kit as support;
 
@@ -24,8 +25,23 @@ async fn answers_are_cached_for_their_ttl_positive_and_negative() {
     dns.ttl("short._domainkey.sender.test", 1);
     // nodmarc.test publishes SPF but no DMARC record (NXDOMAIN for _dmarc).
     dns.txt("nodmarc.test", "v=spf1 ip4:127.0.0.0/8 -all");
+    // Large answers: SPF's raw TXT cache gets 15% of 1 MiB, each answer here is 12 KiB
+    // (under the 16 KiB cap) but for huge.test's 40 KiB.
+    let padding = "v".repeat(12 * 1024);
+    for i in 0..40 {
+        dns.txt(&format!("s{i}.big.test"), "v=spf1 ip4:127.0.0.0/8 -all");
+        dns.txt(
+            &format!("s{i}.big.test"),
+            &format!("verification={padding}"),
+        );
+    }
+    dns.txt("huge.test", "v=spf1 ip4:127.0.0.0/8 -all");
+    dns.txt(
+        "huge.test",
+        &format!("verification={}", "v".repeat(40 * 1024)),
+    );
     let gw = Gateway::start(TestConfig {
-        extra: dns.config(),
+        extra: dns.config() + "  cache_max_bytes: 1048576\n",
         ..Default::default()
     })
     .await;
@@ -87,17 +103,62 @@ async fn answers_are_cached_for_their_ttl_positive_and_negative() {
         "a live answer must not"
     );
 
-    // Negative answers are cached too (NXDOMAIN for _dmarc.nodmarc.test).
+    // SPF's negative answers are cached too (NXDOMAIN for the HELO name's TXT);
+    // mail-auth's are not (hickory's cache is off: it cannot be bounded in bytes).
     let reply = send("b@nodmarc.test", message("b@nodmarc.test")).await;
     assert_eq!(reply.code, 250, "{reply}");
-    let nx_asked = dns.queries_for("_dmarc.nodmarc.test");
+    let nx_asked = dns.queries_for("client.test");
     assert!(nx_asked >= 1);
     let reply = send("b@nodmarc.test", message("b@nodmarc.test")).await;
     assert_eq!(reply.code, 250, "{reply}");
     assert_eq!(
-        dns.queries_for("_dmarc.nodmarc.test"),
+        dns.queries_for("client.test"),
         nx_asked,
-        "NXDOMAIN re-asked within its negative TTL"
+        "HELO's NXDOMAIN re-asked within its negative TTL"
+    );
+
+    // An answer over the per-entry cap is used but not kept: asked again.
+    // (Each look-up is two queries: UDP, truncated, then TCP.)
+    let reply = send("c@huge.test", message("c@huge.test")).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let huge_asked = dns.queries_for("huge.test");
+    assert!(huge_asked >= 1);
+    let reply = send("c@huge.test", message("c@huge.test")).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(
+        dns.queries_for("huge.test"),
+        2 * huge_asked,
+        "a 40 KiB answer was kept"
+    );
+    // 40 answers of 12 KiB do not fit SPF's 154 KiB share: asked again, some of them.
+    let senders: Vec<&'static str> = (0..40)
+        .map(|i| &*format!("d@s{i}.big.test").leak())
+        .collect();
+    let big_asked = || -> usize {
+        (0..40)
+            .map(|i| dns.queries_for(&format!("s{i}.big.test")))
+            .sum()
+    };
+    let mut asked = Vec::new();
+    for round in 0..2 {
+        for from in &senders {
+            let reply = send(from, message(from)).await;
+            assert_eq!(reply.code, 250, "round {round}: {reply}");
+        }
+        asked.push(big_asked());
+    }
+    // About 12 fit: most of the 40 are asked again.
+    assert!(
+        asked[1] - asked[0] >= asked[0] / 2,
+        "queries {asked:?}: the large answers were all kept"
+    );
+    let metrics = mxgate::metrics::render();
+    assert!(
+        counter(
+            &metrics,
+            "mxgate_dns_cache_not_kept_total{cache=\"spf\",reason=\"too_large\"}"
+        ) >= 2,
+        "{metrics}"
     );
 
     let metrics = mxgate::metrics::render();
