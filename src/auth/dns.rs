@@ -11,15 +11,19 @@
 //! hickory's own cache is switched off: it keeps the whole parsed `Message` (authority
 //! section included, even for NXDOMAIN) bounded only by a count, and a 64 KB answer over
 //! TCP parses into much more than 64 KB, so no count bounds its bytes. Every positive
-//! answer mxgate uses is kept here anyway. The price: negative answers are kept only for
-//! the SPF evaluator's TXT look-ups (in its own cache); mail-auth hands only successful
-//! look-ups to `ResolverCache::insert`, so its NXDOMAINs go to the name server each time.
+//! answer mxgate uses is kept here anyway. The price: mail-auth hands only successful
+//! look-ups to `ResolverCache::insert`, so negative answers are kept only for the names
+//! mxgate looks up itself: the SPF evaluator's TXT (in its own cache), and DKIM and ARC
+//! keys and DMARC records (`prefetch`); mail-auth's other NXDOMAINs (iprev, DMARC's
+//! organisational domain) go to the name server each time. Parsed DKIM keys, which
+//! cannot be weighed, are kept only when `prefetch` fetched them, weighed by their record.
 
 use crate::config::DnsConfig;
 use crate::metrics::{LATENCY_BUCKETS, counter_vec, histogram_vec};
 use mail_auth::hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
+use mail_auth::hickory_resolver::net::NetError;
 use mail_auth::{MX, MessageAuthenticator, RecordSet, ResolverCache, Txt};
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use std::borrow::Borrow;
@@ -105,6 +109,25 @@ pub const MAX_ENTRY_BYTES: u32 = 16 * 1024;
 /// What an entry costs beyond its key and value: moka's node and hash-table slot, the
 /// timestamps, the `Timed` wrapper (measured roughly; an overestimate is safe).
 const ENTRY_OVERHEAD: usize = 160;
+
+/// What a value parsed from a record holds beyond the record's octets, at most: for a
+/// DKIM key, the `Arc` of `Txt::DomainKey`, the `DomainKey`, the boxed key and its
+/// vector's header (the key itself is the decoded `p=`, shorter than the record).
+const PARSED_OVERHEAD: usize = 128;
+
+/// How long a negative answer (NXDOMAIN, no data) is kept: the SOA minimum of the
+/// answer (RFC 2308 section 5), clamped to 30 s .. 1 h as hickory did when it kept them.
+pub fn negative_ttl(err: &NetError) -> Duration {
+    use mail_auth::hickory_resolver::net::{DnsError, NoRecords};
+    let ttl = match err {
+        NetError::Dns(DnsError::NoRecordsFound(NoRecords {
+            negative_ttl: Some(ttl),
+            ..
+        })) => u64::from(*ttl),
+        _ => 0,
+    };
+    Duration::from_secs(ttl.clamp(30, 3600))
+}
 
 /// Longest time any answer is kept, whatever its TTL says.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -445,13 +468,55 @@ where
     }
 
     /// The entry's weight, or why it is not kept.
-    fn weight(&self, key: &K, value: &V) -> Result<u32, &'static str> {
-        let (Some(key), Some(value)) = (key.weigh(), value.weigh()) else {
+    fn weight(&self, key: &K, value: Option<usize>) -> Result<u32, &'static str> {
+        let (Some(key), Some(value)) = (key.weigh(), value) else {
             return Err("unweighed");
         };
         match u32::try_from(ENTRY_OVERHEAD + key + value) {
             Ok(weight) if weight <= MAX_ENTRY_BYTES => Ok(weight.max(self.floor)),
             _ => Err("too_large"),
+        }
+    }
+
+    /// Keeps an answer that mxgate looked up itself, weighed by the `received` octets
+    /// of its records as well as by its heap when that can be told. A parsed DKIM key
+    /// cannot be weighed (mail-auth keeps it behind `Box<dyn VerifyingKey>`), but it
+    /// holds no more than the octets of its record plus a couple of small allocations
+    /// (the `Arc`, the box, the vector's header), which [`PARSED_OVERHEAD`] covers.
+    pub fn insert_received(&self, key: K, value: V, valid_until: Instant, received: usize) {
+        let parsed = size_of::<V>() + PARSED_OVERHEAD + received;
+        let weight = self.weight(&key, Some(value.weigh().unwrap_or(0).max(parsed)));
+        self.keep(key, value, valid_until, weight);
+    }
+
+    /// Counts the answer and keeps it if it could be weighed and is not too heavy.
+    fn keep(&self, key: K, value: V, valid_until: Instant, weight: Result<u32, &'static str>) {
+        self.answered
+            .get_or_init(|| LOOKUPS.with_label_values(&[self.kind, "answered"]))
+            .inc();
+        if let Some(started) = self.pending.remove(&key_hash(&key)) {
+            self.seconds
+                .get_or_init(|| LOOKUP_SECONDS.with_label_values(&[self.kind]))
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match weight {
+            Ok(weight) => {
+                self.entries.insert(
+                    key,
+                    Timed {
+                        value,
+                        valid_until,
+                        weight,
+                    },
+                );
+                self.bytes
+                    .set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
+            }
+            Err(reason) => {
+                // A stale answer under this name must not outlive the new one.
+                self.entries.invalidate(&key);
+                self.not_kept(reason);
+            }
         }
     }
 
@@ -503,33 +568,8 @@ where
     }
 
     fn insert(&self, key: K, value: V, valid_until: Instant) {
-        self.answered
-            .get_or_init(|| LOOKUPS.with_label_values(&[self.kind, "answered"]))
-            .inc();
-        if let Some(started) = self.pending.remove(&key_hash(&key)) {
-            self.seconds
-                .get_or_init(|| LOOKUP_SECONDS.with_label_values(&[self.kind]))
-                .observe(started.elapsed().as_secs_f64());
-        }
-        match self.weight(&key, &value) {
-            Ok(weight) => {
-                self.entries.insert(
-                    key,
-                    Timed {
-                        value,
-                        valid_until,
-                        weight,
-                    },
-                );
-                self.bytes
-                    .set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
-            }
-            Err(reason) => {
-                // A stale answer under this name must not outlive the new one.
-                self.entries.invalidate(&key);
-                self.not_kept(reason);
-            }
-        }
+        let weight = self.weight(&key, value.weigh());
+        self.keep(key, value, valid_until, weight);
     }
 }
 

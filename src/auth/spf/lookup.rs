@@ -108,20 +108,6 @@ fn cache_key(name: &str) -> Box<str> {
     key.into_boxed_str()
 }
 
-/// How long a negative answer is kept: the SOA minimum of the answer (RFC 2308),
-/// clamped to 30 s .. 1 h as hickory did when it kept them.
-fn negative_ttl(err: &NetError) -> std::time::Duration {
-    use mail_auth::hickory_resolver::net::{DnsError, NoRecords};
-    let ttl = match err {
-        NetError::Dns(DnsError::NoRecordsFound(NoRecords {
-            negative_ttl: Some(ttl),
-            ..
-        })) => u64::from(*ttl),
-        _ => 0,
-    };
-    std::time::Duration::from_secs(ttl.clamp(30, 3600))
-}
-
 fn failure(name: &str, err: NetError) -> Failure {
     if err.is_no_records_found() {
         Failure::Void
@@ -148,7 +134,7 @@ impl Dns<'_> {
             Ok(lookup) => lookup,
             Err(err) => {
                 if err.is_no_records_found() {
-                    let until = std::time::Instant::now() + negative_ttl(&err);
+                    let until = std::time::Instant::now() + crate::auth::dns::negative_ttl(&err);
                     self.caches.spf.insert(key, Arc::new([]), until);
                 }
                 return Err(failure(name, err));
