@@ -103,8 +103,7 @@ async fn answers_are_cached_for_their_ttl_positive_and_negative() {
         "a live answer must not"
     );
 
-    // SPF's negative answers are cached too (NXDOMAIN for the HELO name's TXT);
-    // mail-auth's are not (hickory's cache is off: it cannot be bounded in bytes).
+    // SPF's negative answers are cached too (NXDOMAIN for the HELO name's TXT).
     let reply = send("b@nodmarc.test", message("b@nodmarc.test")).await;
     assert_eq!(reply.code, 250, "{reply}");
     let nx_asked = dns.queries_for("client.test");
@@ -173,5 +172,130 @@ async fn answers_are_cached_for_their_ttl_positive_and_negative() {
         metrics.contains("mxgate_dns_lookup_duration_seconds_count{type=\"txt\"}"),
         "{metrics}"
     );
+    gw.stop().await;
+}
+
+/// DKIM and ARC keys are fetched by mxgate before mail-auth verifies, and kept weighed
+/// (mail-auth's own look-up gives a parsed key that cannot be weighed): a second message
+/// signed or sealed with the same keys asks nothing again, nor does a key that does not
+/// exist, nor a missing DMARC record; a key over the cap is asked each time.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_negative_answers_are_cached() {
+    use mxgate::keygen::KeyAlgorithm;
+    use support::backend::{Behaviour, FakeBackend};
+
+    let dns = TestDns::start().await;
+    dns.txt("sender.test", "v=spf1 ip4:127.0.0.0/8 -all");
+    dns.txt("_dmarc.sender.test", "v=DMARC1; p=none");
+    // No DMARC record here: NXDOMAIN for _dmarc.nodmarc.test.
+    dns.txt("nodmarc.test", "v=spf1 ip4:127.0.0.0/8 -all");
+    let key = DkimKey::rsa("sender.test", "k1", 2048);
+    key.publish(&dns);
+    // Signs, but its record was never published: NXDOMAIN.
+    let gone = DkimKey::rsa("sender.test", "gone", 2048);
+    // A valid key with 20 KiB of notes (n=): over the 16 KiB cap.
+    let huge = DkimKey::ed25519("sender.test", "huge");
+    dns.txt(
+        "huge._domainkey.sender.test",
+        &format!("{}; n={}", huge.dns_record(), "x".repeat(20 * 1024)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sealing = support::mail::sealing_key(
+        &dns,
+        dir.path(),
+        "edge.test",
+        "arc1",
+        KeyAlgorithm::Rsa,
+        true,
+    );
+    let backend = FakeBackend::start(Behaviour::default()).await;
+    let gw = Gateway::start(TestConfig {
+        backends: vec![backend.url()],
+        extra: format!(
+            "{}relay:\n  tls: off\narc:\n  domain: edge.test\n  selector: arc1\n  private_key: {}\n",
+            dns.config(),
+            sealing.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let send = |from: &'static str, data: String| {
+        let addr = gw.smtp;
+        async move {
+            let (mut client, _) = SmtpClient::connect(addr).await;
+            client.cmd("EHLO client.test").await;
+            client.send_mail(from, &["bob@example.test"], &data).await
+        }
+    };
+    let message = |from: &str, subject: &str| {
+        format!("From: {from}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n\r\nhello\r\n")
+    };
+    let k1 = "k1._domainkey.sender.test";
+
+    // DKIM: the second message signed with the same key asks nothing.
+    let reply = send("a@sender.test", key.sign(&message("a@sender.test", "one"))).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let asked = dns.queries_for(k1);
+    assert!(asked >= 1, "the key was never asked");
+    let reply = send("a@sender.test", key.sign(&message("a@sender.test", "two"))).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(dns.queries_for(k1), asked, "DKIM key re-asked");
+    let relayed = backend.messages()[1].text();
+    assert!(relayed.contains("dkim=pass"), "{relayed}");
+
+    // ARC: the message as sealed by this gateway (i=1, arc1._domainkey.edge.test),
+    // received back twice: the seal's key is asked once.
+    let sealed = backend.messages()[0].text();
+    assert!(sealed.starts_with("ARC-Seal: i=1;"), "{sealed}");
+    let arc1 = "arc1._domainkey.edge.test";
+    // (The gateway may have checked its own published key at start.)
+    let before = dns.queries_for(arc1);
+    let reply = send("a@sender.test", sealed.clone()).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    let arc_asked = dns.queries_for(arc1);
+    assert!(arc_asked > before, "the sealer's key was never asked");
+    let reply = send("a@sender.test", sealed).await;
+    assert_eq!(reply.code, 250, "{reply}");
+    assert_eq!(dns.queries_for(arc1), arc_asked, "ARC key re-asked");
+    assert_eq!(dns.queries_for(k1), asked, "DKIM key re-asked");
+    let resealed = backend.messages()[3].text();
+    assert!(resealed.starts_with("ARC-Seal: i=2;"), "{resealed}");
+    assert!(resealed.contains("arc=pass"), "{resealed}");
+
+    // A key that does not exist: its NXDOMAIN is kept.
+    let nx = "gone._domainkey.sender.test";
+    for subject in ["three", "four"] {
+        let reply = send(
+            "a@sender.test",
+            gone.sign(&message("a@sender.test", subject)),
+        )
+        .await;
+        assert_eq!(reply.code, 250, "{reply}");
+        assert_eq!(dns.queries_for(nx), 1, "missing key re-asked");
+    }
+
+    // A key over the cap is used (the signature passes) but asked for every message.
+    let big = "huge._domainkey.sender.test";
+    let mut asked = Vec::new();
+    for subject in ["five", "six"] {
+        let reply = send(
+            "a@sender.test",
+            huge.sign(&message("a@sender.test", subject)),
+        )
+        .await;
+        assert_eq!(reply.code, 250, "{reply}");
+        asked.push(dns.queries_for(big));
+    }
+    assert!(asked[0] >= 1 && asked[1] > asked[0], "queries {asked:?}");
+    let relayed = backend.messages().last().unwrap().text();
+    assert!(relayed.contains("dkim=pass"), "{relayed}");
+
+    // DMARC's negative answer is kept too.
+    let nodmarc = "_dmarc.nodmarc.test";
+    for subject in ["seven", "eight"] {
+        let reply = send("b@nodmarc.test", message("b@nodmarc.test", subject)).await;
+        assert_eq!(reply.code, 250, "{reply}");
+        assert_eq!(dns.queries_for(nodmarc), 1, "missing DMARC record re-asked");
+    }
     gw.stop().await;
 }
