@@ -681,4 +681,25 @@ mod tests {
         .unwrap();
         assert!(Txt::from(key).weigh().is_none());
     }
+
+    #[test]
+    fn a_key_is_kept_weighed_by_its_record() {
+        let caches = DnsCaches::new(32 * MIB, 50_000, Duration::from_secs(1));
+        let record = b"v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+        let key = || {
+            <mail_auth::common::verify::DomainKey as mail_auth::common::parse::TxtRecordParser>::parse(record)
+                .map(Txt::from)
+                .unwrap()
+        };
+        let name: Box<str> = "s._domainkey.example.com.".into();
+        caches
+            .txt
+            .insert_received(name.clone(), key(), later(), record.len());
+        assert!(matches!(caches.txt.get(&*name), Some(Txt::DomainKey(_))));
+        // Received over the cap: not kept, and a stale entry goes.
+        caches
+            .txt
+            .insert_received(name.clone(), key(), later(), 20 * 1024);
+        assert!(caches.txt.get(&*name).is_none());
+    }
 }
