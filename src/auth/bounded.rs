@@ -50,7 +50,48 @@ enum Field<'a, 'm> {
     Broken(&'a Header<'m, Error>),
 }
 
+/// The first `max` DKIM-Signature fields in the order of the header section, parsed or
+/// not, and how many were ignored.
+fn first_fields<'a, 'm>(
+    message: &'a AuthenticatedMessage<'m>,
+    max: usize,
+) -> (Vec<(usize, Field<'a, 'm>)>, usize) {
+    let base = message.raw_message.as_ptr() as usize;
+    let at = |value: &[u8]| (value.as_ptr() as usize).wrapping_sub(base);
+    let mut fields: Vec<(usize, Field<'_, 'm>)> = message
+        .dkim_headers
+        .iter()
+        .map(|h| (at(h.value), Field::Parsed(h)))
+        .chain(
+            message
+                .errors
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(b"DKIM-Signature"))
+                .map(|h| (at(h.value), Field::Broken(h))),
+        )
+        .collect();
+    fields.sort_by_key(|(offset, _)| *offset);
+    let ignored = fields.len().saturating_sub(max);
+    fields.truncate(max);
+    (fields, ignored)
+}
+
 impl Authenticator {
+    /// The key names of the signatures [`Authenticator::verify_dkim_bounded`] verifies
+    /// whose key mail-auth will look up, for `prefetch`.
+    pub(super) fn dkim_key_names(
+        &self,
+        message: &AuthenticatedMessage<'_>,
+        max: usize,
+    ) -> Vec<String> {
+        let (fields, _) = first_fields(message, max);
+        let signatures = fields.iter().filter_map(|(_, field)| match field {
+            Field::Parsed(h) => Some(&h.header),
+            Field::Broken(_) => None,
+        });
+        super::prefetch::dkim_key_names(message, signatures)
+    }
+
     /// DKIM for the first `max` DKIM-Signature fields, concurrently, under `deadline`.
     /// Returns the outputs and how many fields were ignored.
     pub(super) async fn verify_dkim_bounded<'m>(
@@ -59,23 +100,7 @@ impl Authenticator {
         max: usize,
         deadline: Instant,
     ) -> (Vec<DkimOutput<'m>>, usize) {
-        let base = message.raw_message.as_ptr() as usize;
-        let at = |value: &[u8]| (value.as_ptr() as usize).wrapping_sub(base);
-        let mut fields: Vec<(usize, Field<'_, 'm>)> = message
-            .dkim_headers
-            .iter()
-            .map(|h| (at(h.value), Field::Parsed(h)))
-            .chain(
-                message
-                    .errors
-                    .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case(b"DKIM-Signature"))
-                    .map(|h| (at(h.value), Field::Broken(h))),
-            )
-            .collect();
-        fields.sort_by_key(|(offset, _)| *offset);
-        let ignored = fields.len().saturating_sub(max);
-        fields.truncate(max);
+        let (fields, ignored) = first_fields(message, max);
         if let [(_, Field::Parsed(_))] = fields.as_slice()
             && message.dkim_headers.len() == 1
         {

@@ -8,6 +8,7 @@ mod bounded;
 mod dmarc;
 pub mod dns;
 pub mod metrics;
+mod prefetch;
 pub mod reading;
 pub mod resinfo;
 pub mod spf;
@@ -84,7 +85,11 @@ impl Authenticator {
         Ok((
             Authenticator {
                 resolver,
-                caches: DnsCaches::new(config.cache_entries.get(), config.timeout),
+                caches: DnsCaches::new(
+                    config.cache_max_bytes.get(),
+                    config.cache_entries.get(),
+                    config.timeout,
+                ),
                 host_domain: host_domain.to_string(),
                 dns_config: config.clone(),
                 spf_timeout_ms: std::sync::atomic::AtomicU64::new(
@@ -369,14 +374,22 @@ impl Authenticator {
         // of the budget early, so that DMARC (whose look-ups started with them) is not
         // always cut off when a signature's key never comes.
         let signatures_deadline = now + budget.end_of_data * 4 / 5;
-        let ((mut dkim_outputs, ignored), arc_output, ()) = tokio::join!(
-            self.verify_dkim_bounded(message, budget.max_dkim_signatures, signatures_deadline),
-            tokio::time::timeout_at(
-                signatures_deadline,
-                self.resolver.verify_arc(self.caches.parameters(message))
-            ),
-            self.prefetch_dmarc(&from, deadline),
-        );
+        // The keys are fetched first, all at once, so that mail-auth finds them in the
+        // cache (see `prefetch`): DKIM and ARC often share one.
+        let mut keys = self.dkim_key_names(message, budget.max_dkim_signatures);
+        keys.extend(prefetch::arc_key_names(message));
+        let signatures = async {
+            let _ = tokio::time::timeout_at(signatures_deadline, self.prefetch_keys(keys)).await;
+            tokio::join!(
+                self.verify_dkim_bounded(message, budget.max_dkim_signatures, signatures_deadline),
+                tokio::time::timeout_at(
+                    signatures_deadline,
+                    self.resolver.verify_arc(self.caches.parameters(message))
+                ),
+            )
+        };
+        let (((mut dkim_outputs, ignored), arc_output), ()) =
+            tokio::join!(signatures, self.prefetch_dmarc(&from, deadline));
         strict::refuse_rsa_sha1(&mut dkim_outputs, message);
         if ignored > 0 {
             metrics::dkim_signatures_ignored(ignored);
@@ -457,20 +470,6 @@ impl Authenticator {
             dmarc,
             from,
         }
-    }
-
-    /// Starts the DMARC record look-ups while DKIM runs, so that DMARC's evaluation
-    /// after DKIM finds them in the cache. Errors are left for that evaluation to see.
-    async fn prefetch_dmarc(&self, from: &FromHeader, deadline: tokio::time::Instant) {
-        let wanted = if from.too_many_domains() { 0 } else { 4 };
-        let lookups = from.domains.iter().take(wanted).map(|domain| {
-            self.resolver.txt_lookup::<mail_auth::dmarc::Dmarc>(
-                format!("_dmarc.{domain}."),
-                Some(&self.caches.txt),
-            )
-        });
-        let lookups: Vec<_> = lookups.collect();
-        let _ = tokio::time::timeout_at(deadline, bounded::join_all(lookups)).await;
     }
 }
 

@@ -408,6 +408,8 @@ pub struct DnsConfig {
     pub attempts: NonZeroUsize,
     /// DNS answers cached; default 50,000.
     pub cache_entries: NonZeroU64,
+    /// Heap bytes the cached DNS answers may hold together; default 32 MiB.
+    pub cache_max_bytes: NonZeroU64,
 }
 
 impl Default for DnsConfig {
@@ -417,6 +419,7 @@ impl Default for DnsConfig {
             timeout: Duration::from_secs(5),
             attempts: nonzero(2),
             cache_entries: NonZeroU64::new(50_000).expect("not 0"),
+            cache_max_bytes: NonZeroU64::new(32 * 1024 * 1024).expect("not 0"),
         }
     }
 }

@@ -9,6 +9,10 @@ use std::time::Duration;
 const MAX_RECIPIENT_TTL: Duration = Duration::from_secs(86_400);
 /// Most recipient answers kept (an entry is an address and a reply: a few hundred bytes).
 const MAX_RECIPIENT_ENTRIES: u64 = 10_000_000;
+/// `dns.cache_max_bytes`: below this a cache's share could not hold one answer of
+/// `auth::dns::MAX_ENTRY_BYTES`; above it the bound protects nothing.
+const MIN_DNS_CACHE_BYTES: u64 = 1024 * 1024;
+const MAX_DNS_CACHE_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 /// Every check, section by section in file order; errors keep that order.
 pub fn validate(loaded: &LoadedConfig) -> Vec<Diagnostic> {
@@ -154,6 +158,13 @@ fn check_dns(loaded: &LoadedConfig, dns: &YamlPath, out: &mut Vec<Diagnostic>) {
         out.push(loaded.error(
             &dns.key("nameservers"),
             "dns.nameservers is empty; remove the key to use the system resolver",
+        ));
+    }
+    let bytes = config.dns.cache_max_bytes.get();
+    if !(MIN_DNS_CACHE_BYTES..=MAX_DNS_CACHE_BYTES).contains(&bytes) {
+        out.push(loaded.error(
+            &dns.key("cache_max_bytes"),
+            format!("dns.cache_max_bytes: between {MIN_DNS_CACHE_BYTES} (1 MiB) and {MAX_DNS_CACHE_BYTES} (64 GiB), not {bytes}"),
         ));
     }
 }
@@ -325,6 +336,29 @@ mod tests {
             assert!(error.starts_with(want), "{want:?}: {errors:#?}");
         }
         load(&format!("{MINIMAL}policy:\n  reload_interval: 100ms\n")).unwrap();
+    }
+
+    #[test]
+    fn dns_cache_bytes_are_checked() {
+        for (bytes, ok) in [("1000", false), ("1048576", true), ("100000000000", false)] {
+            let text = format!("{MINIMAL}dns:\n  cache_max_bytes: {bytes}\n");
+            match load(&text) {
+                Ok(_) => assert!(ok, "{bytes} accepted"),
+                Err(errors) => {
+                    assert!(!ok, "{bytes}: {errors:#?}");
+                    assert!(
+                        errors[0].contains(": dns.cache_max_bytes: between 1048576 (1 MiB)"),
+                        "{errors:#?}"
+                    );
+                }
+            }
+        }
+        let (loaded, _) = load_source(SourceFile {
+            path: "mxgate.yaml".into(),
+            text: MINIMAL.to_string(),
+        })
+        .unwrap();
+        assert_eq!(loaded.config.dns.cache_max_bytes.get(), 32 * 1024 * 1024);
     }
 
     #[test]

@@ -75,6 +75,7 @@ async fn arc_result(dns: &TestDns, message: &[u8]) -> (String, u32, Option<Strin
         timeout: std::time::Duration::from_millis(500),
         attempts: std::num::NonZeroUsize::MIN,
         cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
+        ..Default::default()
     };
     let (auth, _) = mxgate::auth::Authenticator::new(&config, "verifier.test").unwrap();
     let parsed = mail_auth::AuthenticatedMessage::parse(message).unwrap();
@@ -898,6 +899,7 @@ async fn chains_stop_at_fifty_sets() {
         timeout: std::time::Duration::from_millis(500),
         attempts: std::num::NonZeroUsize::MIN,
         cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
+        ..Default::default()
     };
     let (resolver, _) = mxgate::auth::dns::resolver(&config).unwrap();
     let mut chain = support::crlf(&message("chain"));

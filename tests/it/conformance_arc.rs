@@ -169,6 +169,7 @@ async fn setup(txt: &[(String, String)]) -> (TestDns, Arc<Authenticator>) {
         timeout: Duration::from_millis(300),
         attempts: std::num::NonZeroUsize::MIN,
         cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
+        ..Default::default()
     };
     let (auth, _) = Authenticator::new(&config, "receiver.test").unwrap();
     (dns, Arc::new(auth))

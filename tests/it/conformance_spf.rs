@@ -283,6 +283,7 @@ async fn run_scenario(scenario: Scenario) -> Vec<Outcome> {
         timeout: Duration::from_millis(300),
         attempts: std::num::NonZeroUsize::MIN,
         cache_entries: std::num::NonZeroU64::new(1000).expect("not 0"),
+        ..Default::default()
     };
     let (auth, _) = Authenticator::new(&config, "receiver.test").unwrap();
     let auth = Arc::new(auth);

@@ -182,6 +182,7 @@ async fn internationalised_domains_are_looked_up_by_their_a_labels() {
         timeout: std::time::Duration::from_millis(500),
         attempts: std::num::NonZeroUsize::MIN,
         cache_entries: std::num::NonZeroU64::new(100).expect("not 0"),
+        ..Default::default()
     };
     let (auth, _) = mxgate::auth::Authenticator::new(&config, "mx.example.test").unwrap();
     let check = auth

@@ -3,7 +3,8 @@
 //! mail-auth's DKIM/DMARC/iprev see one cache. A/AAAA/MX/PTR answers go in the same
 //! caches mail-auth fills, under the keys mail-auth uses (lowercase, trailing dot); TXT
 //! answers for SPF are kept raw (every record, for the several-records rule) in their
-//! own cache.
+//! own cache, and so are their negative answers (no record: an empty list), since
+//! hickory's own cache is off (see [`crate::auth::dns`]).
 //!
 //! Names are put on the wire label by label, as octets: an expanded macro may hold
 //! bytes hickory's text parser refuses (`%`, spaces), and RFC 7208 still looks them up.
@@ -119,13 +120,26 @@ impl Dns<'_> {
     pub async fn txt(&self, name: &str) -> Result<TxtRecords, Failure> {
         let key = cache_key(name);
         if let Some(records) = self.caches.spf.get(&*key) {
-            return Ok(records);
+            return if records.is_empty() {
+                Err(Failure::Void)
+            } else {
+                Ok(records)
+            };
         }
-        let lookup = self
+        let lookup = match self
             .resolver
             .txt_lookup(wire_name(name, Source::Expanded)?)
             .await
-            .map_err(|e| failure(name, e))?;
+        {
+            Ok(lookup) => lookup,
+            Err(err) => {
+                if err.is_no_records_found() {
+                    let until = std::time::Instant::now() + crate::auth::dns::negative_ttl(&err);
+                    self.caches.spf.insert(key, Arc::new([]), until);
+                }
+                return Err(failure(name, err));
+            }
+        };
         let records: TxtRecords = lookup
             .answers()
             .iter()
@@ -134,12 +148,12 @@ impl Dns<'_> {
                 _ => None,
             })
             .collect();
-        if records.is_empty() {
-            return Err(Failure::Void);
-        }
         self.caches
             .spf
             .insert(key, records.clone(), lookup.valid_until());
+        if records.is_empty() {
+            return Err(Failure::Void);
+        }
         Ok(records)
     }
 
