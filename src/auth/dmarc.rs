@@ -191,8 +191,22 @@ async fn published_pct(
         if let Some(Txt::Dmarc(cached)) = auth.caches.txt.get(name.as_str())
             && Arc::ptr_eq(&cached, record)
         {
-            let raw = auth.resolver.txt_raw_lookup(name.as_str()).await.ok()?;
-            return parse_pct(&String::from_utf8_lossy(&raw));
+            // The raw records, from the weighed raw-TXT cache SPF keeps (hickory keeps
+            // none): mail-auth's parsed record no longer carries `pct`.
+            let dns = super::spf::Dns {
+                resolver: auth.resolver.resolver(),
+                caches: &auth.caches,
+            };
+            let records = dns.txt(name.trim_end_matches('.')).await.ok()?;
+            return records
+                .iter()
+                .map(|r| String::from_utf8_lossy(r))
+                .find(|r| {
+                    r.trim_start()
+                        .get(..8)
+                        .is_some_and(|v| v.eq_ignore_ascii_case("v=DMARC1"))
+                })
+                .and_then(|r| parse_pct(&r));
         }
         domain = domain.split_once('.')?.1;
         if !domain.contains('.') && domain.len() < 2 {

@@ -49,9 +49,14 @@ impl Authenticator {
         } else {
             DMARC_DOMAINS
         };
-        let lookups = from.domains.iter().take(wanted).map(|domain| {
-            self.prefetch_txt::<mail_auth::dmarc::Dmarc>(format!("_dmarc.{domain}."))
-        });
+        let mut names: Vec<String> = (from.domains.iter().take(wanted))
+            .flat_map(|domain| dmarc_walk(domain))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let lookups = names
+            .into_iter()
+            .map(|name| self.prefetch_txt::<mail_auth::dmarc::Dmarc>(name));
         let _ = tokio::time::timeout_at(deadline, join_all(lookups.collect())).await;
     }
 
@@ -97,6 +102,29 @@ impl Authenticator {
         }
         cache.insert_received(key, Txt::from(result), lookup.valid_until(), received);
     }
+}
+
+/// The names mail-auth 0.13's DMARC tree walk (RFC 9989 4.10.1, `dmarc_tree_walk`)
+/// asks for `domain`: the domain itself, then (from 8 labels, 7 first) one label fewer
+/// at a time down to the top-level domain. Most are absent; their negative answers are
+/// kept too, or every message would ask the name server for `_dmarc.<tld>`. (The walk
+/// stops early at a `psd=` record: a name past it is fetched for nothing.)
+fn dmarc_walk(domain: &str) -> Vec<String> {
+    let labels: Vec<&str> = domain.split('.').filter(|l| !l.is_empty()).collect();
+    let total = labels.len();
+    let mut names = Vec::new();
+    if total < 2 {
+        return names;
+    }
+    let mut count = total;
+    loop {
+        names.push(format!("_dmarc.{}.", labels[total - count..].join(".")));
+        if count == 1 {
+            break;
+        }
+        count = if count >= 8 { 7 } else { count - 1 };
+    }
+    names
 }
 
 /// Whether mail-auth looks up the key of a signature with these tags: it does not when
@@ -186,4 +214,28 @@ pub(super) fn arc_key_names(message: &AuthenticatedMessage<'_>) -> Vec<String> {
     std::iter::once(last.domain_key())
         .chain(message.as_headers.iter().map(|s| s.header.domain_key()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dmarc_walk;
+
+    #[test]
+    fn the_dmarc_walk_is_mail_auths() {
+        assert_eq!(dmarc_walk("s1.test"), ["_dmarc.s1.test.", "_dmarc.test."]);
+        assert_eq!(
+            dmarc_walk("a.b.example.com"),
+            [
+                "_dmarc.a.b.example.com.",
+                "_dmarc.b.example.com.",
+                "_dmarc.example.com.",
+                "_dmarc.com."
+            ]
+        );
+        let deep = dmarc_walk("1.2.3.4.5.6.7.8.9.example");
+        assert_eq!(deep[0], "_dmarc.1.2.3.4.5.6.7.8.9.example.");
+        assert_eq!(deep[1], "_dmarc.4.5.6.7.8.9.example.");
+        assert_eq!(deep.len(), 8);
+        assert!(dmarc_walk("localhost").is_empty());
+    }
 }

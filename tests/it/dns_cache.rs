@@ -189,6 +189,9 @@ async fn keys_and_negative_answers_are_cached() {
     dns.txt("_dmarc.sender.test", "v=DMARC1; p=none");
     // No DMARC record here: NXDOMAIN for _dmarc.nodmarc.test.
     dns.txt("nodmarc.test", "v=spf1 ip4:127.0.0.0/8 -all");
+    // DMARC fails here, and the policy's `pct` is read from the raw record.
+    dns.txt("pct.test", "v=spf1 -all");
+    dns.txt("_dmarc.pct.test", "v=DMARC1; p=quarantine; pct=100");
     let key = DkimKey::rsa("sender.test", "k1", 2048);
     key.publish(&dns);
     // Signs, but its record was never published: NXDOMAIN.
@@ -296,6 +299,31 @@ async fn keys_and_negative_answers_are_cached() {
         let reply = send("b@nodmarc.test", message("b@nodmarc.test", subject)).await;
         assert_eq!(reply.code, 250, "{reply}");
         assert_eq!(dns.queries_for(nodmarc), 1, "missing DMARC record re-asked");
+        // The tree walk's last step, the top-level domain (RFC 9989 4.10.1).
+        assert_eq!(dns.queries_for("_dmarc.test"), 1, "_dmarc.<tld> re-asked");
     }
+    // A failing message's `pct`: the raw record comes from the cache the second time.
+    // (The first message asks twice: the parsed record and the raw one, for `pct`, are
+    // kept in two caches.)
+    let mut asked = Vec::new();
+    for subject in ["nine", "ten"] {
+        let reply = send("c@pct.test", message("c@pct.test", subject)).await;
+        assert_eq!(reply.code, 250, "{reply}");
+        assert!(
+            backend
+                .messages()
+                .last()
+                .unwrap()
+                .text()
+                .contains("dmarc=fail"),
+            "{:?}",
+            backend.messages().last().map(|m| m.text())
+        );
+        asked.push(dns.queries_for("_dmarc.pct.test"));
+    }
+    assert!(
+        asked[0] >= 1 && asked[1] == asked[0],
+        "DMARC record re-asked: {asked:?}"
+    );
     gw.stop().await;
 }

@@ -15,8 +15,9 @@ pub mod record;
 
 use super::dns::DnsCaches;
 use crate::findings::AuthResult;
+pub(crate) use lookup::Dns;
 pub use lookup::TxtRecords;
-use lookup::{Dns, Failure, Source, query_name};
+use lookup::{Failure, Source, query_name};
 use macros::{Context, Values};
 use mail_auth::hickory_resolver::TokioResolver;
 use record::{DomainSpec, Mechanism, Qualifier, Record};
