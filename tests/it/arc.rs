@@ -437,6 +437,68 @@ async fn downstream_honours_only_a_trusted_intact_seal() {
     edge.stop().await;
 }
 
+/// A trusted sealer's chain that cannot be validated because its key does not answer
+/// is DNS trouble, not a "no": the p=reject failure it would have spared is deferred
+/// (`451 4.7.5`) and delivered once the key answers. A sealer we do not trust spares
+/// nothing, so there the answer stays `550`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_sealer_whose_key_does_not_answer_defers() {
+    let dns = TestDns::start().await;
+    let esp = zone(&dns);
+    let dir = tempfile::tempdir().unwrap();
+    let (edge, captured) = sealing_edge(&dns, dir.path(), KeyAlgorithm::Rsa).await;
+    let reply = send_from(
+        edge.smtp,
+        LEGIT_IP,
+        "bounce@sender.test",
+        &esp.sign(&message("relay")),
+    )
+    .await;
+    assert_eq!(reply.code, 250, "edge: {reply}");
+    let sealed = captured.messages()[0].text();
+    edge.stop().await;
+
+    let seal_key = "arc2026._domainkey.edge.test";
+    dns.timeout_type(seal_key, hickory_proto::rr::RecordType::TXT);
+    let downstream = |trusted: &'static str| {
+        Gateway::start(TestConfig {
+            hostname: "mx-b.example.test".into(),
+            extra: format!("{}arc:\n  trusted_sealers: [\"{trusted}\"]\n", dns.config()),
+            ..Default::default()
+        })
+    };
+    let b = downstream("edge.test").await;
+    let reply = send_from(b.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (451, "4.7.5"),
+        "trusted, key silent: {reply}"
+    );
+    assert!(
+        dns.queries_for(seal_key) >= 1,
+        "the sealer's key was not asked"
+    );
+    let untrusting = downstream("google.com").await;
+    let reply = send_from(untrusting.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(
+        (reply.code, reply.status()),
+        (550, "5.7.1"),
+        "untrusted, key silent: {reply}"
+    );
+    untrusting.stop().await;
+
+    // The key answers again: the retry is delivered, the override recorded.
+    dns.answer_again(seal_key);
+    let reply = send_from(b.smtp, "127.0.0.77", "bounce@sender.test", &sealed).await;
+    assert_eq!(reply.code, 250, "trusted, key back: {reply}");
+    assert!(
+        b.delivered()[0].contains("policy.arc-sealer=edge.test"),
+        "{}",
+        b.delivered()[0]
+    );
+    b.stop().await;
+}
+
 /// An attacker seals with his own key but names a trusted sealer's domain nowhere it
 /// counts: the newest seal's d= is his.
 #[tokio::test(flavor = "multi_thread")]

@@ -228,6 +228,15 @@ impl TestDns {
         self.timeout(name);
     }
 
+    /// `name` answers again: undoes `timeout`, `timeout_type` and `servfail`.
+    pub fn answer_again(&self, name: &str) {
+        self.with_entry(name, |e| {
+            e.timeout_other_types = false;
+            e.timeout_types.clear();
+            e.servfail = false;
+        });
+    }
+
     /// Queries for `name` of type `rtype` are never answered (other types are).
     pub fn timeout_type(&self, name: &str, rtype: RecordType) {
         self.with_entry(name, |e| e.timeout_types.push(rtype));
